@@ -219,6 +219,9 @@ class Var:
     op: str = ""                      # "", ":-", "-", ":+", "+"
     arg: Optional[list] = None        # the word after op, as parts
     index: Optional[str] = None       # None, "@", "*" or a decimal index
+    # Inside the same "…" as a "${ARR[@]}": bash drops this part's empty result when the array
+    # is empty ("$E${A[@]}" is no word at all, while "$E" alone is one empty word).
+    beside_at: bool = False
 
 
 @dataclass
@@ -359,6 +362,8 @@ class ShellParser:
             c = self.peek()
             if c in ("", "\n", ";", "#") or (in_group and c == "}" and self._after_separator()):
                 return out
+            if in_group and c == "}" and self.peek(1) in ("", " ", "\t", "\n"):
+                raise self.fail("'}' without a preceding ';' or newline", "write { VAR=value ; }")
             if c in "&|<>()":
                 if c == "(" and not out and not exporting:
                     raise self.fail("subshell ( … )")
@@ -421,6 +426,7 @@ class ShellParser:
         return Assignment(name, op == "+=", None, self.parse_word(assignment=True), line)
 
     def parse_array_words(self) -> List[list]:
+        start_line = self.line
         words: List[list] = []
         while True:
             c = self.peek()
@@ -434,7 +440,7 @@ class ShellParser:
                 self.advance()
                 return words
             elif c == "":
-                raise self.fail("unterminated array ( … )", "close it with ')'")
+                raise Unsupported("unterminated array ( … )", start_line, "close it with ')'")
             elif c in ";&|<>(":
                 raise self.fail(self.describe_operator() if c != ";" else "';' inside an array")
             else:
@@ -505,6 +511,10 @@ class ShellParser:
             if c == '"':
                 self.advance()
                 # "" is an empty word of its own; "${EMPTY_ARRAY[@]}" is no word at all.
+                if any(isinstance(p, Var) and p.index == "@" for p in parts):
+                    for p in parts:
+                        if isinstance(p, Var) and p.index != "@":
+                            p.beside_at = True
                 return parts or [Lit("", True)]
             if c == "\\":
                 nxt = self.peek(1)
@@ -674,9 +684,10 @@ class ShellState:
                         out.append(BREAK)
                     out.append((item, var.quoted, not var.quoted))
                 return out
-            if var.quoted and not items and var.index == "@":
+            if var.quoted and not items and (var.index == "@" or var.beside_at):
                 return []
             return [(" ".join(items), var.quoted, not var.quoted)]
+        quoted_null = [("", True, False)] if var.quoted and not var.beside_at else []
         scalar = self.element(value, var.index)
         if var.op:
             use_arg = {":-": not scalar, "-": scalar is None,
@@ -684,13 +695,13 @@ class ShellState:
             if use_arg:
                 segs = self.segments(var.arg or [], line, fields)
                 # An unquoted ${X:-a b} is split like any other unquoted expansion.
-                return [s if s is BREAK else (s[0], s[1], s[2] or not (var.quoted or s[1]))
-                        for s in segs]
+                return quoted_null + [s if s is BREAK else (s[0], s[1], s[2] or not (var.quoted or s[1]))
+                                      for s in segs]
             if var.op in (":+", "+"):
                 scalar = None
-        if scalar is None:
-            return [("", True, False)] if var.quoted else []
-        return [(scalar, var.quoted, not var.quoted)]
+        if not scalar:
+            return quoted_null
+        return [(scalar, var.quoted and not var.beside_at, not var.quoted)]
 
     @staticmethod
     def element(value: Optional[Value], index: Optional[str]) -> Optional[str]:
@@ -763,6 +774,7 @@ def load_config(files: Sequence[Path], environ: Dict[str, str], log: Log) -> Con
     secret_names: Set[str] = set()
     origin: Dict[str, Tuple[Path, int]] = {}
     known: Set[str] = set()
+    warned: Set[str] = set()
     for n, path in enumerate(files):
         try:
             text = path.read_text(encoding="utf-8")
@@ -780,9 +792,9 @@ def load_config(files: Sequence[Path], environ: Dict[str, str], log: Log) -> Con
                 secret_names.add(a.name)
             if n == 0:
                 known.add(a.name)
-            elif a.name not in known:
+            elif a.name not in known and a.name not in warned:
                 warn_unknown(a.name, known, path, a.line, log)
-                known.add(a.name)    # warn once per name
+                warned.add(a.name)
     config = Config(values, secret_names, list(files), origin)
     for secret in config.secret_values():
         log.add_secret(secret)
