@@ -1128,13 +1128,7 @@ def wf_dump(ctx: Context) -> int:
     return 0
 
 
-def duplicity_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("duplicity_args", nargs=argparse.REMAINDER, metavar="ARGS",
-                        help="arguments for duplicity")
-
-
-@workflow("duplicity", "run the bundled duplicity (or DUPLICITY_PROG) with ARGS",
-          arguments=duplicity_arguments)
+@workflow("duplicity", "run the bundled duplicity (or DUPLICITY_PROG) with ARGS")
 def wf_duplicity(ctx: Context) -> int:
     argv, env = duplicity_command(ctx.config)
     result = ctx.runner.run(argv + ctx.args.duplicity_args, env=env, capture=False, check=False,
@@ -1167,11 +1161,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="workflow", metavar="WORKFLOW", parser_class=ArgumentParser)
     sub.add_parser("help", help="show this help")
     for wf in WORKFLOWS.values():
-        wf_parser = sub.add_parser(wf.name, help=wf.summary, description=wf.summary,
-                                   add_help=wf.name != "duplicity")
+        wf_parser = sub.add_parser(wf.name, help=wf.summary, description=wf.summary)
         if wf.arguments:
             wf.arguments(wf_parser)
     return parser
+
+
+PASSTHROUGH = "duplicity"
+GLOBAL_OPTIONS_WITH_VALUE = ("-c", "-C")
+
+
+def split_passthrough(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """`rescue [options] duplicity ARGS…`: everything after the workflow name belongs to
+    duplicity, options included, which argparse cannot express."""
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in GLOBAL_OPTIONS_WITH_VALUE:
+            i += 2
+            continue
+        if token.startswith("-"):
+            i += 1
+            continue
+        if token == PASSTHROUGH:
+            return argv[:i + 1], argv[i + 1:]
+        break
+    return argv, []
 
 
 def open_log(config: Config, log: Log) -> None:
@@ -1209,7 +1224,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = "-d" in (sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        own, passed = split_passthrough(list(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(own)
+        args.duplicity_args = passed
         log.verbose, log.debug_enabled = args.verbose, args.debug
         return run_workflow(args, parser, log)
     except RescueError as exc:
