@@ -2068,9 +2068,9 @@ class LayoutTree:
 
     def render(self) -> str:
         lines: List[str] = []
-        members = {d for m in self.layout.md_arrays for d in m.devices + m.spares}
+        arrays = {m.id for m in self.layout.md_arrays}
         for disk in self.layout.disks:
-            if disk.id not in members and not any(disk.id == m.id for m in self.layout.md_arrays):
+            if disk.id not in arrays:          # a partitioned array shows below its members
                 lines.append(self.disk_label(disk))
                 self.children(disk.id, "", lines)
         lines += self.summary()
