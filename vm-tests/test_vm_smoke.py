@@ -5,7 +5,6 @@ The quick ones (not marked slow) are what CI runs on every change:
 """
 
 import json
-from pathlib import Path
 from typing import Dict, List
 
 import pytest

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -167,6 +167,7 @@ class Machine:
         elif firmware != "bios":
             raise HarnessError("firmware must be bios or uefi, not %r" % firmware)
         self._proc: Optional[subprocess.Popen] = None
+        self._ssh_master: Optional[subprocess.Popen] = None
         self._console = bytearray()
         self._console_cond = threading.Condition()
         self._reader: Optional[threading.Thread] = None
@@ -325,6 +326,8 @@ class Machine:
 
     def _reap(self) -> None:
         procs.forget(self._proc)
+        if self._ssh_master is not None:
+            procs.kill_group(self._ssh_master)
         if self._watchdog:
             self._watchdog.cancel()
         if self._reader:
@@ -412,11 +415,34 @@ class Machine:
         if not (self.ssh_key and self.ssh_port):
             raise HarnessError("%s: started without ssh (no key or no network)" % self.name)
         # -F /dev/null: neither ~/.ssh/config nor /etc/ssh/ssh_config can change behaviour.
+        # ControlPath: commands ride on the master connection if it is up (~0.1 s instead of
+        # ~0.9 s for a new handshake under TCG), else ssh connects directly.
         return ["-F", "/dev/null", "-i", str(self.ssh_key), "-o", "IdentitiesOnly=yes",
                 "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
                 "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5",
-                "-o", "ServerAliveCountMax=6"]
+                "-o", "ServerAliveCountMax=6", "-o", "ControlPath=%s" % self._ssh_mux,
+                "-o", "ControlMaster=no"]
+
+    @property
+    def _ssh_mux(self) -> Path:
+        return self._sockdir / "ssh.mux"
+
+    def _start_ssh_master(self) -> None:
+        """One long-lived ssh connection that later commands and copies multiplex over."""
+        # ssh uses the first value given for an option: ControlMaster=yes must precede ours.
+        argv = ["ssh", "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-p", str(self.ssh_port)
+                ] + self._ssh_options() + ["-N", "root@127.0.0.1"]
+        with open(self.workdir / "ssh-master.log", "ab") as err:
+            self._ssh_master = procs.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                           stderr=err, env=procs.base_env())
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and self._ssh_master.poll() is None:
+            if self._ssh_mux.exists():
+                return
+            time.sleep(0.05)
+        log.warning("%s: ssh master connection did not come up; using one connection per command",
+                    self.name)
 
     def run(self, command: Union[str, Sequence[str]], timeout: float = 120, check: bool = False,
             input: Optional[bytes] = None) -> GuestResult:
@@ -488,6 +514,7 @@ class Machine:
                 if subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20,
                                   env=procs.base_env()).returncode == 0:
                     self.timings["ssh_s"] = round(self.elapsed(), 1)
+                    self._start_ssh_master()
                     return self.timings["ssh_s"]
             except subprocess.TimeoutExpired:
                 pass

@@ -125,7 +125,10 @@ def spawn(argv: Argv, stdin, stdout, stderr, env: Dict[str, str]) -> subprocess.
 
 def kill_group(proc: subprocess.Popen, grace: float = 0.0) -> None:
     """SIGTERM (if grace) then SIGKILL the child's whole process group, and reap the child."""
-    if proc.poll() is None and grace > 0:
+    if proc.poll() is not None:  # already exited and reaped: its pid may belong to someone else
+        _LIVE.pop(proc.pid, None)
+        return
+    if grace > 0:
         _signal_group(proc.pid, signal.SIGTERM)
         try:
             proc.wait(grace)

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 from . import cache, install
 from .image import GuestImage, chroot_run, get_image
 from .machine import Disk, GuestError, Machine, create_disk_image
-from .procs import HarnessError, run
+from .procs import run
 from .spec import Spec, load_spec
 
 log = logging.getLogger("vmlib")

@@ -19,8 +19,6 @@ A missing "size" means "the rest" (last partition of a disk, last LV of a VG).
 
 import json
 import re
-import shlex
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
