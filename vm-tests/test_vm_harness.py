@@ -1,12 +1,16 @@
 """Harness paths the smoke tests do not cover: the helper VM (direct kernel+initramfs boot with
-a job disk) and booting from an ISO image with SeaBIOS and with OVMF."""
+a job disk), booting from an ISO image with SeaBIOS and with OVMF, and the guarantees that no
+QEMU outlives the test process."""
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from vmlib import Disk, GuestError, create_disk_image, run_helper
-from vmlib import cpio
+from vmlib import cpio, procs
 from vmlib.image import HOST_BUSYBOX, chroot_run
 
 
@@ -69,3 +73,41 @@ def test_boot_from_iso(firmware, test_iso, make_machine):
     machine.start()
     machine.wait_console(r"ISO-BOOT-OK firmware=%s" % firmware, timeout=180)
     assert machine.wait_exit(60) == 0
+
+
+IDLE_QEMU = ["qemu-system-x86_64", "-accel", "tcg", "-S", "-nodefaults", "-display", "none",
+             "-monitor", "none", "-serial", "none"]
+
+
+@pytest.mark.vm
+def test_session_sees_and_kills_its_qemu():
+    """The end-of-session check (conftest.no_qemu_survives) can actually see a leftover QEMU."""
+    proc = procs.spawn(IDLE_QEMU, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, env=procs.base_env())
+    try:
+        deadline = time.monotonic() + 10
+        while proc.pid not in procs.session_qemu_pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.pid in procs.session_qemu_pids()
+    finally:
+        procs.kill_group(proc)
+    assert proc.pid not in procs.session_qemu_pids()
+
+
+@pytest.mark.vm
+def test_qemu_dies_with_a_killed_test_process(tmp_path):
+    """PR_SET_PDEATHSIG: even a SIGKILLed pytest leaves no QEMU behind."""
+    script = ("import sys, time, subprocess; sys.path.insert(0, %r)\n"
+              "from vmlib import procs\n"
+              "p = procs.spawn(%r, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,"
+              " stderr=subprocess.DEVNULL, env=procs.base_env())\n"
+              "print(p.pid, flush=True)\ntime.sleep(60)\n") % (str(Path(__file__).parent), IDLE_QEMU)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    qemu_pid = int(parent.stdout.readline())
+    assert Path("/proc/%d" % qemu_pid).exists()
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while Path("/proc/%d" % qemu_pid).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path("/proc/%d" % qemu_pid).exists()

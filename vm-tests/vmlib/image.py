@@ -29,6 +29,8 @@ log = logging.getLogger("vmlib")
 
 SUITE = "bookworm"
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
+# The scripts that shape the image (provision-lib.sh only affects golden disks).
+IMAGE_SCRIPTS = ("customize.sh", "helper-init.sh")
 HOST_BUSYBOX = Path("/bin/busybox")
 # Enough to reach the tools disk; everything else is modprobe'd from the tools rootfs.
 HELPER_MODULES = ["virtio_pci", "virtio_blk"]
@@ -80,7 +82,7 @@ def packages() -> List[str]:
 
 
 def recipe_key() -> str:
-    scripts = {p.name: p.read_text() for p in sorted(GUEST_DIR.glob("*.sh"))}
+    scripts = {name: (GUEST_DIR / name).read_text() for name in IMAGE_SCRIPTS}
     return cache.digest(SUITE, packages(), scripts, Path(__file__).read_text())
 
 

@@ -130,8 +130,9 @@ def run_helper(image: GuestImage, workdir: Path, job_dir: Path, disks: List[Disk
     """Run job_dir/run.sh as root in the helper VM with `disks` attached; returns workdir.
 
     The script runs chrooted into a throw-away copy of the guest rootfs (every Debian tool, no
-    udev), finds its disks with `disk_by_serial NAME` (see guest/provision-lib.sh) and can
-    leave files in /job/out, which end up in workdir/out. Fails unless the script exits 0.
+    udev). A disk's virtio serial (/sys/block/vdX/serial) is its Disk.name; prepend
+    install.LIB_SCRIPT for disk_by_serial and the no-udev LVM settings. Files the script
+    leaves in /job/out end up in workdir/out. Fails unless the script exits 0.
     """
     job_img = workdir / "job.img"
     workdir.mkdir(parents=True, exist_ok=True)
