@@ -1345,8 +1345,13 @@ def encryption(config: Config, passphrase: str) -> Encryption:
     env = {"PASSPHRASE": passphrase}
     if sign_key:
         args += ["--sign-key", sign_key]
-        sign_passphrase = config.get("BACKUP_DUPLICITY_GPG_SIGN_PASSPHRASE")
-        env["SIGN_PASSPHRASE"] = sign_passphrase or passphrase
+        sign_passphrase = config.get("BACKUP_DUPLICITY_GPG_SIGN_PASSPHRASE") or passphrase
+        if not keys and not hidden and sign_passphrase != passphrase:
+            raise ConfigError("with symmetric encryption, duplicity signs only with a key whose passphrase "
+                              "is the encryption passphrase",
+                              "make BACKUP_DUPLICITY_GPG_SIGN_PASSPHRASE equal to the encryption passphrase, "
+                              "or encrypt to a public key (BACKUP_DUPLICITY_GPG_ENC_KEY)")
+        env["SIGN_PASSPHRASE"] = sign_passphrase
     return Encryption(args, env, keys + hidden + ([sign_key] if sign_key else []))
 
 
@@ -1748,7 +1753,7 @@ def prepare_target(ctx: "Context", url: str) -> None:
 
 def key_problem(kind: str, listing: str) -> Optional[Tuple[str, str]]:
     """What is wrong with a key for kind ("encrypt" or "sign"), from `gpg --with-colons`."""
-    pub = next((line.split(":") for line in listing.splitlines() if line.startswith("pub:")), None)
+    pub = next((line.split(":") for line in listing.splitlines() if line.startswith(("pub:", "sec:"))), None)
     if pub is None:
         return ("is not in the keyring",
                 "import it (gpg --import KEY.asc); rescue uses the keyring of $GNUPGHOME or ~/.gnupg")
@@ -1895,8 +1900,17 @@ def prometheus_text(record: Dict[str, object], host: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_in_place(path: Path, text: str) -> None:
+    """Rewrite an existing file without creating a new one, so its directory (which is backed
+    up, and compared by verify) keeps its mtime."""
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        stream.truncate()
+        stream.write(text)
+
+
 def save_backup_record(ctx: "Context", record: Dict[str, object]) -> None:
-    write_private(var_dir(ctx.config) / LAST_BACKUP_FILE, json.dumps(record, indent=2) + "\n")
+    write_in_place(var_dir(ctx.config) / LAST_BACKUP_FILE, json.dumps(record, indent=2) + "\n")
     directory = ctx.config.get("NODE_EXPORTER_TEXTFILE_DIR")
     if directory:
         text = prometheus_text(record, hostname(ctx.config))
@@ -2031,6 +2045,8 @@ def make_backup(ctx: "Context") -> int:
         ctx.log.info("Leaving out: " + ", ".join(f"{p} ({why})" for p, why in selection.excluded))
         run_retention(ctx, url, crypt, archive_dir)
         write_private(var_dir(config) / STORED_CONFIG_FILE, config_without_secrets(config))
+        if not (var_dir(config) / LAST_BACKUP_FILE).exists():
+            write_in_place(var_dir(config) / LAST_BACKUP_FILE, "{}\n")   # before the backup sees VAR_DIR
         counts = collect_metadata(selection.roots, in_scope + [p for p, _ in excluded],
                                   own_paths(config, archive_dir, workdir), var_dir(config) / METADATA_FILE)
         ctx.log.info(f"Recorded what duplicity does not keep: {counts}")
@@ -2174,7 +2190,7 @@ def fetch_layout(ctx: "Context", destination: Path, time_: Optional[str]) -> Non
 # -- status and verify ------------------------------------------------------------------------
 
 SET_LINE_RE = re.compile(r"^\s*(Full|Incremental)\s+(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\s+(\d+)\s*$")
-VERIFY_RE = re.compile(r"Verify complete: (\d+) files? compared, (\d+) differences? found")
+VERIFY_RE = re.compile(r"Verify complete: (\d+) files?(?:\(s\))? compared, (\d+) differences?(?:\(s\))? found")
 
 
 def ctime_to_iso(text: str) -> str:
