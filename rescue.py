@@ -1528,6 +1528,9 @@ class DuplicityOutput:
             self.progress(volume_done=True)
         elif "switching to full backup" in line or "Last full backup date: none" in line:
             self.full = True
+        elif line.startswith("RESTART:"):
+            self.clear_line()
+            self.log.say(f"Resuming the interrupted backup ({line[len('RESTART:'):].strip()})")
         elif line.startswith(("Warning", "Error ")) and self.warnings < 20:
             self.warnings += 1
             self.clear_line()
@@ -1557,7 +1560,7 @@ class DuplicityOutput:
 #
 # duplicity stores neither extended attributes (so no POSIX ACLs, SELinux labels or file
 # capabilities), nor hard links (each name becomes a copy), nor holes (sparse files come back
-# full). rescue walks the same filesystems before the backup, writes what duplicity would lose
+# full), and it does not restore the mtime of symbolic links. rescue walks the same filesystems before the backup, writes what duplicity would lose
 # to VAR_DIR/backup-metadata.jsonl.gz (inside the backup), and puts it back after a restore.
 
 def walk_filesystem(root: str, mountpoints: Set[str], skip: Sequence[str]) -> "Iterator[Tuple[str, os.stat_result]]":
@@ -1600,7 +1603,9 @@ def metadata_records(path: str, st: os.stat_result, links: Dict[Tuple[int, int],
             continue
     if attrs:
         records.append({"xattr": path, "attrs": attrs})
-    if stat.S_ISREG(st.st_mode):
+    if stat.S_ISLNK(st.st_mode):
+        records.append({"symlink": path, "mtime_ns": st.st_mtime_ns})
+    elif stat.S_ISREG(st.st_mode):
         if st.st_nlink > 1:
             links.setdefault((st.st_dev, st.st_ino), []).append(path)
         if st.st_size > 4096 and st.st_blocks * 512 < st.st_size:
@@ -1618,7 +1623,7 @@ def walk_roots(roots: Sequence[str], mountpoints: Sequence[str]) -> List[str]:
 def collect_metadata(roots: Sequence[str], mountpoints: Sequence[str], skip: Sequence[str],
                      out: Path) -> Dict[str, int]:
     """Write the xattrs, hard-link groups and sparse files under roots to out (gzip'd JSON lines)."""
-    counts = {"xattr": 0, "links": 0, "sparse": 0}
+    counts = {"xattr": 0, "links": 0, "sparse": 0, "symlink": 0}
     links: Dict[Tuple[int, int], List[str]] = {}
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
@@ -1648,8 +1653,13 @@ def below(target: Path, path: str) -> str:
 
 
 def apply_metadata(runner: Runner, target: Path, records: Sequence[dict]) -> Dict[str, int]:
-    """Holes first (punching one clears file capabilities), then xattrs, then hard links."""
-    done = {"sparse": 0, "xattr": 0, "links": 0, "failed": 0}
+    """Symlink times; holes before xattrs (punching one clears file capabilities); hard links."""
+    done = {"sparse": 0, "xattr": 0, "links": 0, "symlink": 0, "failed": 0}
+    for record in (r for r in records if "symlink" in r):
+        path = below(target, record["symlink"])
+        if os.path.islink(path):
+            os.utime(path, ns=(os.lstat(path).st_atime_ns, record["mtime_ns"]), follow_symlinks=False)
+            done["symlink"] += 1
     for record in (r for r in records if "sparse" in r):
         path = below(target, record["sparse"])
         if os.path.isfile(path) and not os.path.islink(path):
@@ -1681,7 +1691,10 @@ def relink(paths: Sequence[str]) -> int:
             continue
         times = os.lstat(parent)
         temporary = other + ".rescue-link"
-        os.link(first, temporary)
+        try:
+            os.link(first, temporary)      # fails across filesystems: then the copy stays
+        except OSError:
+            continue
         os.replace(temporary, other)
         os.utime(parent, ns=(times.st_atime_ns, times.st_mtime_ns))
     return 1

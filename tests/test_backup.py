@@ -432,7 +432,7 @@ def test_status_text_shows_chains_and_the_last_backup(site):
 
 def assert_clean_error(proc, *needles):
     assert proc.returncode != 0
-    assert proc.stderr.startswith("rescue: error: "), proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("rescue: error: ")], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     for needle in needles:
         assert needle in proc.stderr, proc.stderr
