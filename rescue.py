@@ -1133,11 +1133,6 @@ PROMETHEUS_FILE = "rescue_backup.prom"
 GPG_KEY_LABEL = "<GPG_KEY>"
 SSH_SCHEMES = ("rsync", "sftp", "scp", "ssh", "pexpect+sftp", "pexpect+scp", "paramiko+sftp",
                "paramiko+scp", "fish")
-NETWORK_FSTYPES = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "9p", "afs", "ceph", "glusterfs", "lustre",
-    "gfs2", "ocfs2", "davfs", "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.s3fs",
-    "fuse.rclone"})
-IMAGE_FSTYPES = frozenset({"squashfs", "iso9660", "udf", "erofs"})
 DURATION_RE = re.compile(r"(now|\d+|(\d+[smhDWMY])+|\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2})?[^ ]*)?)")
 
 
@@ -1145,8 +1140,8 @@ def var_dir(config: Config) -> Path:
     return Path(config.get("VAR_DIR") or DEFAULT_VAR_DIR)
 
 
-def hostname(config: Config) -> str:
-    return config.get("HOSTNAME") or socket.gethostname()
+def backup_host(config: Config) -> str:
+    return config.get("HOSTNAME") or hostname()
 
 
 def backup_url(config: Config) -> str:
@@ -1158,7 +1153,7 @@ def backup_url(config: Config) -> str:
     if "://" not in base:
         raise ConfigError(f"BACKUP_DUPLICITY_URL is not a URL: {base}",
                           "write it as scheme://…, e.g. file:///srv/backup or rsync://user@host//path")
-    return base.rstrip("/") + "/" + hostname(config)
+    return base.rstrip("/") + "/" + backup_host(config)
 
 
 def config_words(config: Config, name: str) -> List[str]:
@@ -1189,52 +1184,17 @@ def positive_count(name: str, value: str) -> str:
 
 # -- what is backed up ------------------------------------------------------------------------
 
-@dataclass
-class Mount:
-    target: str
-    source: str
-    fstype: str
-
-
-def parse_findmnt(text: str) -> List[Mount]:
-    """`findmnt -J -l -o TARGET,SOURCE,FSTYPE` -> mounts; a later mount on the same target
-    hides an earlier one, as in the kernel."""
-    by_target: Dict[str, Mount] = {}
-    for fs in json.loads(text).get("filesystems", []):
-        target = fs.get("target") or ""
-        by_target.pop(target, None)
-        by_target[target] = Mount(target, fs.get("source") or "", fs.get("fstype") or "")
-    return list(by_target.values())
-
-
-def exclusion_reason(mount: Mount, excluded_by_config: Sequence[str]) -> str:
-    """Why a mount is not backed up, or "" when it is a real disk filesystem in scope."""
-    if mount.target in excluded_by_config:
-        return "EXCLUDE_MOUNTPOINTS"
-    if mount.fstype in NETWORK_FSTYPES:
-        return f"network filesystem ({mount.fstype})"
-    if mount.fstype in IMAGE_FSTYPES:
-        return f"read-only image ({mount.fstype})"
-    if not mount.source.startswith("/dev/"):
-        return f"{mount.fstype or 'virtual'} filesystem, not on a disk"
-    inner = re.search(r"\[(.*)\]$", mount.source)
-    if inner and inner.group(1) != "/" and mount.fstype != "btrfs":
-        return f"bind mount of {mount.source}"
-    return ""
-
-
-def classify_mounts(mounts: Sequence[Mount], config: Config) -> Tuple[List[str], List[Tuple[str, str]]]:
-    """(in-scope mountpoints, [(excluded mountpoint, reason)])."""
-    excluded_by_config = config.get_list("EXCLUDE_MOUNTPOINTS")
-    in_scope: List[str] = []
-    excluded: List[Tuple[str, str]] = []
-    for mount in mounts:
-        reason = exclusion_reason(mount, excluded_by_config)
-        if reason:
-            excluded.append((mount.target, reason))
-        else:
-            in_scope.append(mount.target)
-    return in_scope, excluded
+def backup_scope(layout_mounts: Sequence[str], reasons: Dict[str, str],
+                 mounted: Sequence[Dict[str, object]]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """(in-scope mountpoints: the layout's; [(every other mountpoint now, why it is left out)])."""
+    in_scope = sorted(set(layout_mounts))
+    excluded: Dict[str, str] = {}
+    for entry in mounted:
+        target = str(entry.get("target") or "")
+        if target and target not in in_scope and target not in excluded:
+            fstype = entry.get("fstype") or "unknown"
+            excluded[target] = reasons.get(target) or f"{fstype} filesystem, not in the layout"
+    return in_scope, sorted(excluded.items())
 
 
 def is_under(path: str, parent: str) -> bool:
@@ -1289,7 +1249,8 @@ def backup_selection(in_scope: Sequence[str], excluded: Sequence[Tuple[str, str]
     args: List[str] = []
     for path in own_paths:
         args += ["--exclude", glob_escape(path)]
-    args += ["--include", glob_escape(str(var_dir(config)))]
+    for kept in sorted({str(var_dir(config)), str(layout_dir(config))}):
+        args += ["--include", glob_escape(kept)]
     args += [w for p in user_excludes for w in ("--exclude", p)]
     rules = mount_rules(in_scope, excluded)
     args += [glob_escape(w) if n % 2 else w for n, w in enumerate(rules)]
@@ -1301,7 +1262,7 @@ def backup_selection(in_scope: Sequence[str], excluded: Sequence[Tuple[str, str]
     left_out += [(p, why) for p, why in excluded if p in ruled]
     left_out += [(p, "BACKUP_DUPLICITY_EXCLUDE") for p in user_excludes]
     roots = [glob_prefix(p) for p in includes] if includes else list(in_scope)
-    return Selection("/", args, left_out, roots + [str(var_dir(config))])
+    return Selection("/", args, left_out, roots + [str(var_dir(config)), str(layout_dir(config))])
 
 
 def glob_escape(path: str) -> str:
@@ -1473,7 +1434,7 @@ def parse_backup_statistics(lines: Sequence[str]) -> Dict[str, float]:
     return stats
 
 
-def human_size(size: float) -> str:
+def size_text(size: float) -> str:
     for unit in ("bytes", "KB", "MB", "GB", "TB"):
         if abs(size) < 1024 or unit == "TB":
             return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
@@ -1486,10 +1447,10 @@ def describe_statistics(stats: Dict[str, float], kind: str) -> str:
     get = lambda name: stats.get(name, 0)    # noqa: E731
     elapsed = get("ElapsedTime") or 0.0
     rate = get("SourceFileSize") / elapsed / 1e6 if elapsed else 0.0
-    return (f"Backup done ({kind}): {get('SourceFiles'):.0f} files, {human_size(get('SourceFileSize'))} "
-            f"in scope; {get('NewFiles'):.0f} new ({human_size(get('NewFileSize'))}), "
-            f"{get('ChangedFiles'):.0f} changed ({human_size(get('ChangedFileSize'))}), "
-            f"{get('DeletedFiles'):.0f} deleted; {human_size(get('TotalDestinationSizeChange'))} "
+    return (f"Backup done ({kind}): {get('SourceFiles'):.0f} files, {size_text(get('SourceFileSize'))} "
+            f"in scope; {get('NewFiles'):.0f} new ({size_text(get('NewFileSize'))}), "
+            f"{get('ChangedFiles'):.0f} changed ({size_text(get('ChangedFileSize'))}), "
+            f"{get('DeletedFiles'):.0f} deleted; {size_text(get('TotalDestinationSizeChange'))} "
             f"stored in {elapsed:.1f} s ({rate:.1f} MB/s read); {get('Errors'):.0f} errors")
 
 
@@ -1702,15 +1663,24 @@ def relink(paths: Sequence[str]) -> int:
 
 # -- the edges: mounts, keys, target, state files ---------------------------------------------
 
-def list_mounts(runner: Runner) -> List[Mount]:
+def mounted_now(runner: Runner) -> List[Dict[str, object]]:
     result = runner.run(["findmnt", "-J", "-l", "-o", "TARGET,SOURCE,FSTYPE"], readonly=True)
     return parse_findmnt(result.stdout)
 
 
-def mounts_to_back_up(ctx: "Context") -> Tuple[List[str], List[Tuple[str, str]]]:
-    """The in-scope filesystems and the other mounts with why they are left out.
-    For now: the real disk filesystems mounted now; the layout will decide."""
-    return classify_mounts(list_mounts(ctx.runner), ctx.config)
+def mounts_to_back_up(ctx: "Context", layout: "Layout") -> Tuple[List[str], List[Tuple[str, str]]]:
+    """The layout's filesystems, and every other mount with why it is left out."""
+    reasons = {item.what: item.reason for item in layout.excluded if item.kind == "mount"}
+    return backup_scope([m.mountpoint for m in layout.mounts], reasons, mounted_now(ctx.runner))
+
+
+def saved_layout(config: Config) -> "Layout":
+    path = layout_dir(config) / "layout.json"
+    try:
+        return layout_from_json(path.read_text(), str(path))
+    except OSError as exc:
+        raise RescueError(f"no saved layout ({path}: {exc.strerror})",
+                          "run rescue mkbackuponly (or savelayout) first") from None
 
 
 def default_archive_dir() -> str:
@@ -1854,7 +1824,7 @@ def backup_encryption(ctx: "Context", purpose: str) -> Encryption:
 
 def config_without_secrets(config: Config) -> str:
     """The effective configuration as a file rescue can load again (-C), secrets left empty."""
-    lines = [f"# rescue {__version__}: the configuration of {hostname(config)} at backup time.",
+    lines = [f"# rescue {__version__}: the configuration of {backup_host(config)} at backup time.",
              "# Secret values are not stored: set them again before using this file."]
     for name in sorted(config.values):
         value = config.values[name]
@@ -1926,7 +1896,7 @@ def save_backup_record(ctx: "Context", record: Dict[str, object]) -> None:
     write_in_place(var_dir(ctx.config) / LAST_BACKUP_FILE, json.dumps(record, indent=2) + "\n")
     directory = ctx.config.get("NODE_EXPORTER_TEXTFILE_DIR")
     if directory:
-        text = prometheus_text(record, hostname(ctx.config))
+        text = prometheus_text(record, backup_host(ctx.config))
         path = Path(directory) / PROMETHEUS_FILE
         partial = path.with_name(path.name + ".partial")
         partial.write_text(text, encoding="utf-8")
@@ -1984,7 +1954,7 @@ def upload_layout(ctx: "Context", url: str, crypt: Encryption, archive_dir: str,
     """A full backup of the layout and the configuration (no secrets) to URL/layout."""
     staging = workdir / "layout-upload"
     staging.mkdir(mode=0o700)
-    layout = var_dir(ctx.config) / "layout"
+    layout = layout_dir(ctx.config)
     if layout.is_dir():
         shutil.copytree(str(layout), str(staging / "layout"), symlinks=True)
     write_private(staging / STORED_CONFIG_FILE, config_without_secrets(ctx.config))
@@ -2026,11 +1996,15 @@ def run_backup(ctx: "Context", url: str, crypt: Encryption, selection: Selection
     return 0
 
 
-def save_layout_for_backup(ctx: "Context") -> None:
-    """mkbackuponly starts with savelayout, so the backup carries the current layout."""
-    savelayout = WORKFLOWS.get("savelayout")
-    if savelayout is not None:
-        savelayout.func(ctx)
+def save_layout_for_backup(ctx: "Context") -> "Layout":
+    """savelayout, as the first step of every backup: the backup carries the current layout,
+    and the layout decides what is backed up."""
+    captured = capture_layout(Probe(ctx.runner), ctx.config, hostname())
+    for item in captured.layout.unsupported:
+        ctx.log.warn(f"{item.what}: {item.reason}")
+    save_layout_files(captured, layout_dir(ctx.config))
+    ctx.log.say(f"Saved the disk layout in {layout_dir(ctx.config)}")
+    return captured.layout
 
 
 @contextlib.contextmanager
@@ -2047,12 +2021,12 @@ def make_backup(ctx: "Context") -> int:
     url = backup_url(config)
     crypt = backup_encryption(ctx, "backup")
     check_gpg_keys(ctx)
-    save_layout_for_backup(ctx)
+    layout = save_layout_for_backup(ctx)
     ctx.log.say(f"Creating duplicity archives on '{ctx.log.redact(url)}'")
     prepare_target(ctx, url + "/" + LAYOUT_TARGET)
     archive_dir = default_archive_dir()
     with work_directory("rescue-backup-") as workdir:
-        in_scope, excluded = mounts_to_back_up(ctx)
+        in_scope, excluded = mounts_to_back_up(ctx, layout)
         selection = backup_selection(in_scope, excluded, config, own_paths(config, archive_dir, workdir))
         ctx.log.say("Backing up: " + ", ".join(in_scope))
         ctx.log.info("Leaving out: " + ", ".join(f"{p} ({why})" for p, why in selection.excluded))
@@ -2158,7 +2132,7 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
     url = backup_url(ctx.config)
     target.mkdir(parents=True, exist_ok=True)
     target = target.resolve()
-    redirected = redirected_names(str(target), [m.target for m in list_mounts(ctx.runner)])
+    redirected = redirected_names(str(target), [str(m["target"]) for m in mounted_now(ctx.runner)])
     clash = unexpected_entries(target_entries(target), redirected)
     if clash:
         raise RescueError(f"the restore target {target} is not empty: {', '.join(clash[:5])}",
@@ -2258,7 +2232,7 @@ def collection_status(ctx: "Context") -> Dict[str, object]:
     args = ["collection-status", "-v4"] + common_options(ctx.config, default_archive_dir()) + crypt.args
     output = run_checked(ctx, args + [url], crypt, "reading the collection status")
     status = parse_collection_status("\n".join(output.lines))
-    status.update(host=hostname(ctx.config), url=ctx.log.redact(url))
+    status.update(host=backup_host(ctx.config), url=ctx.log.redact(url))
     return status
 
 
@@ -2269,7 +2243,7 @@ def verify_backup(ctx: "Context", compare_data: bool, time_: Optional[str]) -> T
     crypt = backup_encryption(ctx, "verify")
     archive_dir = default_archive_dir()
     with work_directory("rescue-verify-") as workdir:
-        in_scope, excluded = mounts_to_back_up(ctx)
+        in_scope, excluded = mounts_to_back_up(ctx, saved_layout(config))
         selection = backup_selection(in_scope, excluded, config, own_paths(config, archive_dir, workdir))
         args = ["verify", "-v4"] + (["--compare-data"] if compare_data else [])
         args += (["--restore-time", time_] if time_ else []) + common_options(config, archive_dir, str(workdir))
