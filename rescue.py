@@ -10,10 +10,14 @@ Map of this file (sections in the order data flows):
   2. config           a parser for the safe subset of bash that ReaR configs use -> Config
   3. runner           the only code that starts processes; dry-run records instead
   4. tools            every external program named once, with the package that provides it
-  5. duplicity        where duplicity comes from (bundled in the zipapp, or the system's)
-  6. lock             one state-changing workflow at a time
-  7. backup           duplicity command lines (pure), backup, retention, statistics, restore
-  8. cli              argparse; each workflow is a short function composing the above
+  5. layout model     dataclasses for disks, partitions, RAID, LUKS, LVM, filesystems, mounts,
+                      boot; versioned, deterministic layout.json
+  6. capture          pure parsers of tool output -> the model; a Probe that runs the tools,
+                      records their outputs or replays a recording
+  7. duplicity        where duplicity comes from (bundled in the zipapp, or the system's)
+  8. lock             one state-changing workflow at a time
+  9. backup           duplicity command lines (pure), backup, retention, statistics, restore
+ 10. cli              argparse; each workflow is a short function composing the above
 
 Usage: rescue [-c CONFIG_DIR] [-C EXTRA_CONF]... [-v] [-d] [--non-interactive]
               [--expose-secrets] WORKFLOW [args]
@@ -23,6 +27,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import dataclasses
 import datetime
 import difflib
 import fcntl
@@ -597,12 +602,17 @@ IFS_WHITESPACE = " \t\n"
 GLOB_CHARS = "*?["
 
 
+def hostname() -> str:
+    """$HOSTNAME as bash sets it: from the environment, else the kernel's host name."""
+    return os.environ.get("HOSTNAME") or socket.gethostname()
+
+
 class ShellState:
     """Variables as bash would see them: the environment, HOSTNAME, then the config files."""
 
     def __init__(self, environ: Dict[str, str]) -> None:
         self.vars: Dict[str, Value] = {k: v for k, v in environ.items() if NAME_RE.fullmatch(k)}
-        self.vars.setdefault("HOSTNAME", socket.gethostname())
+        self.vars.setdefault("HOSTNAME", hostname())
 
     def lookup(self, name: str, line: int) -> Optional[Value]:
         if name == "UID":
@@ -1041,7 +1051,1211 @@ def missing_program(program: str) -> RescueError:
 
 
 # =============================================================================================
-# 5. duplicity
+# 5. layout model
+#
+# What a recovery needs to know about the machine's storage, as typed data with explicit
+# dependencies (a partition names its disk, a PV its device, an LV its VG, a filesystem its
+# device, a mount its filesystem and parent mount), saved as versioned, deterministic JSON.
+# The recreate plan is a topological order of this graph. Schema: docs/layout.md.
+# =============================================================================================
+
+LAYOUT_VERSION = 1
+
+
+@dataclass
+class PartitionTable:
+    label: str                        # "gpt" or "dos"
+    id: Optional[str] = None          # disk GUID or MBR disk identifier (0x…)
+    first_lba: Optional[int] = None
+    last_lba: Optional[int] = None
+    sector_size: int = 512
+
+
+@dataclass
+class Disk:
+    id: str                           # /dev/vda, /dev/nvme0n1, /dev/md127 (a partitioned array)
+    size: int                         # bytes
+    logical_sector_size: int = 512
+    physical_sector_size: int = 512
+    model: Optional[str] = None
+    serial: Optional[str] = None
+    wwn: Optional[str] = None
+    transport: Optional[str] = None
+    by_id: List[str] = field(default_factory=list)
+    partition_table: Optional[PartitionTable] = None
+
+
+@dataclass
+class Partition:
+    id: str                           # /dev/vda1
+    disk: str
+    number: int
+    start: int                        # in sectors of the table's sector size
+    size: int                         # in sectors
+    type: str                         # MBR id ("83") or GPT type GUID
+    role: str = "primary"             # primary | extended | logical (MBR); primary for GPT
+    uuid: Optional[str] = None        # PARTUUID of GPT partitions
+    name: Optional[str] = None        # GPT partition name
+    attrs: Optional[str] = None
+    bootable: bool = False
+
+
+@dataclass
+class MdArray:
+    id: str                           # /dev/md0
+    level: str
+    devices: List[str]
+    uuid: Optional[str] = None
+    name: Optional[str] = None
+    metadata: Optional[str] = None
+    raid_devices: Optional[int] = None
+    chunk_size: Optional[str] = None
+    layout: Optional[str] = None
+    spares: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Luks:
+    id: str                           # /dev/mapper/<name>
+    name: str
+    device: str
+    version: int
+    uuid: Optional[str] = None
+    cipher: Optional[str] = None
+    key_size: Optional[int] = None    # bits
+    hash: Optional[str] = None
+    pbkdf: Optional[str] = None
+    crypttab_options: Optional[str] = None
+
+
+@dataclass
+class PhysicalVolume:
+    device: str
+    uuid: str
+    vg: Optional[str]
+    size: int
+
+
+@dataclass
+class VolumeGroup:
+    name: str
+    uuid: str
+    extent_size: int                  # bytes
+    size: int
+    pvs: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LogicalVolume:
+    id: str                           # /dev/mapper/vg0-root
+    vg: str
+    name: str
+    uuid: str
+    size: int
+    segment_type: str = "linear"
+    stripes: int = 1
+    stripe_size: int = 0
+    data_copies: int = 1
+    pool: Optional[str] = None        # the thin pool of a thin volume
+    metadata_size: Optional[int] = None   # of a thin pool
+
+
+@dataclass
+class Filesystem:
+    device: str
+    type: str
+    uuid: Optional[str] = None
+    label: Optional[str] = None
+    size: Optional[int] = None
+    used: Optional[int] = None
+    options: Dict[str, object] = field(default_factory=dict)   # what mkfs needs to recreate it
+
+
+@dataclass
+class Swap:
+    device: str
+    uuid: Optional[str] = None
+    label: Optional[str] = None
+
+
+@dataclass
+class Mount:
+    mountpoint: str
+    device: str
+    type: str
+    options: str
+    parent: Optional[str] = None      # the mountpoint this one is mounted inside
+    subvolume: Optional[str] = None   # btrfs: the subvolume mounted here
+
+
+@dataclass
+class Exclusion:
+    what: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class Boot:
+    firmware: str                     # bios | uefi
+    distribution: Dict[str, str] = field(default_factory=dict)
+    family: str = "unknown"           # debian | rhel | suse | unknown
+    bootloader: Optional[str] = None  # grub2 | None
+    grub_disks: List[str] = field(default_factory=list)
+    esp: Optional[str] = None
+    efi_entries: List[Dict[str, str]] = field(default_factory=list)
+    tools: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Layout:
+    hostname: str
+    boot: Boot
+    disks: List[Disk] = field(default_factory=list)
+    partitions: List[Partition] = field(default_factory=list)
+    md_arrays: List[MdArray] = field(default_factory=list)
+    luks: List[Luks] = field(default_factory=list)
+    physical_volumes: List[PhysicalVolume] = field(default_factory=list)
+    volume_groups: List[VolumeGroup] = field(default_factory=list)
+    logical_volumes: List[LogicalVolume] = field(default_factory=list)
+    filesystems: List[Filesystem] = field(default_factory=list)
+    swaps: List[Swap] = field(default_factory=list)
+    mounts: List[Mount] = field(default_factory=list)
+    excluded: List[Exclusion] = field(default_factory=list)
+    unsupported: List[Exclusion] = field(default_factory=list)
+    version: int = LAYOUT_VERSION
+
+
+# How each list is ordered in layout.json, so that equal layouts are equal files.
+LAYOUT_SORT_KEYS = {
+    "disks": lambda d: d.id, "partitions": lambda p: (p.disk, p.number), "md_arrays": lambda m: m.id,
+    "luks": lambda x: x.id, "physical_volumes": lambda p: p.device, "volume_groups": lambda v: v.name,
+    "logical_volumes": lambda lv: (lv.vg, lv.name), "filesystems": lambda f: f.device,
+    "swaps": lambda s: s.device, "mounts": lambda m: m.mountpoint,
+    "excluded": lambda e: (e.kind, e.what), "unsupported": lambda e: (e.kind, e.what),
+}
+LAYOUT_ITEM_TYPES = {
+    "disks": Disk, "partitions": Partition, "md_arrays": MdArray, "luks": Luks,
+    "physical_volumes": PhysicalVolume, "volume_groups": VolumeGroup,
+    "logical_volumes": LogicalVolume, "filesystems": Filesystem, "swaps": Swap, "mounts": Mount,
+    "excluded": Exclusion, "unsupported": Exclusion,
+}
+
+
+def sort_layout(layout: Layout) -> Layout:
+    for name, key in LAYOUT_SORT_KEYS.items():
+        getattr(layout, name).sort(key=key)
+    return layout
+
+
+def layout_to_json(layout: Layout) -> str:
+    return json.dumps(dataclasses.asdict(sort_layout(layout)), indent=2, sort_keys=True) + "\n"
+
+
+def layout_from_json(text: str, source: str = "layout.json") -> Layout:
+    try:
+        data = json.loads(text)
+        if data.get("version") != LAYOUT_VERSION:
+            raise RescueError(f"{source} has layout version {data.get('version')!r}, this rescue "
+                              f"reads version {LAYOUT_VERSION}", "recreate it with rescue savelayout")
+        items = {name: [item_from_dict(cls, d) for d in data.get(name, [])]
+                 for name, cls in LAYOUT_ITEM_TYPES.items()}
+        boot = item_from_dict(Boot, data["boot"])
+        return Layout(hostname=data["hostname"], boot=boot, **items)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RescueError(f"{source} is not a valid layout: {exc}",
+                          "recreate it with rescue savelayout") from None
+
+
+def item_from_dict(cls, data: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in data.items() if k in names}     # ignore fields from newer versions
+    if cls is Disk and values.get("partition_table"):
+        values["partition_table"] = item_from_dict(PartitionTable, values["partition_table"])
+    return cls(**values)
+
+
+# =============================================================================================
+# 6. capture
+#
+# Facts come from tools that speak JSON where they can (lsblk, sfdisk, lvm, findmnt) and from
+# text otherwise (mdadm, cryptsetup, dumpe2fs, xfs_info, blkid, btrfs, efibootmgr, /proc).
+# Parsers are pure functions of text; a Probe runs the tools, and can record every output into
+# a directory (a support bundle) or replay one without running anything.
+# =============================================================================================
+
+LSBLK_COLUMNS = ("NAME,KNAME,PKNAME,MAJ:MIN,TYPE,SIZE,LOG-SEC,PHY-SEC,MODEL,SERIAL,WWN,TRAN,RM,"
+                 "FSTYPE,UUID,LABEL,PARTUUID,PARTLABEL,PARTTYPE,PARTFLAGS")
+FINDMNT_COLUMNS = "TARGET,SOURCE,MAJ:MIN,FSTYPE,OPTIONS,SIZE,USED,FSROOT"
+LVM_REPORT = ("--reportformat", "json", "--units", "b", "--nosuffix")
+PV_FIELDS = "pv_name,pv_uuid,pv_size,vg_name"
+VG_FIELDS = "vg_name,vg_uuid,vg_extent_size,vg_size"
+LV_FIELDS = ("lv_name,vg_name,lv_uuid,lv_size,segtype,stripes,stripe_size,data_copies,pool_lv,"
+             "lv_metadata_size,lv_attr")
+NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "ceph", "glusterfs",
+                        "fuse.sshfs", "fuse.glusterfs", "fuse.s3fs", "9p", "davfs", "fuse.rclone"})
+RUNTIME_TREES = ("/proc", "/sys", "/dev", "/run")
+SUPPORTED_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "vfat", "btrfs"})
+CONTAINER_FS = frozenset({"LVM2_member", "linux_raid_member", "crypto_LUKS"})
+UNSUPPORTED_FSTYPES = {"zfs_member": "ZFS pool member", "bcache": "bcache device",
+                       "drbd": "DRBD device", "ceph_bluestore": "Ceph OSD"}
+UNSUPPORTED_NODE_TYPES = {"mpath": "multipath map", "dmraid": "BIOS RAID (dmraid)",
+                          "dm": "device-mapper target", "bcache": "bcache device"}
+SUPPORTED_SEGTYPES = frozenset({"linear", "striped", "raid0", "raid0_meta", "raid1", "raid4",
+                                "raid5", "raid5_la", "raid5_ls", "raid5_ra", "raid5_rs", "raid5_n",
+                                "raid6", "raid6_zr", "raid6_nr", "raid6_nc", "raid10", "mirror",
+                                "thin-pool", "thin"})
+ESP_TYPES = frozenset({"c12a7328-f81f-11d2-ba4b-00a0c93ec93b", "ef", "0xef"})
+EXTENDED_TYPES = frozenset({"5", "f", "85", "0x5", "0xf", "0x85"})
+
+
+def loads_lenient(text: str):
+    """JSON as some sfdisk and lvm versions really print it: trailing commas are tolerated."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return json.loads(re.sub(r",(\s*[}\]])", r"\1", text))
+
+
+def to_int(value) -> Optional[int]:
+    if value in (None, "", "-"):
+        return None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+def to_bool(value) -> bool:
+    return value is True or str(value).strip().lower() in ("1", "true")
+
+
+@dataclass
+class BlockNode:
+    """One device as lsblk sees it, with every parent (a RAID or VG can have several)."""
+
+    name: str
+    kname: str
+    type: str
+    size: int
+    majmin: str = ""
+    log_sec: int = 512
+    phy_sec: int = 512
+    model: Optional[str] = None
+    serial: Optional[str] = None
+    wwn: Optional[str] = None
+    tran: Optional[str] = None
+    removable: bool = False
+    fstype: Optional[str] = None
+    uuid: Optional[str] = None
+    label: Optional[str] = None
+    parttype: Optional[str] = None
+    parents: List[str] = field(default_factory=list)
+    children: List[str] = field(default_factory=list)
+
+
+def parse_lsblk(text: str) -> Dict[str, BlockNode]:
+    """lsblk -J (tree or list form) -> nodes by NAME. Multi-parent devices appear once."""
+    nodes: Dict[str, BlockNode] = {}
+
+    def clean(value):
+        return value.strip() if isinstance(value, str) and value.strip() else None
+
+    def walk(entry: dict, parent: Optional[str]) -> None:
+        name = entry["name"]
+        node = nodes.get(name)
+        if node is None:
+            node = nodes[name] = BlockNode(
+                name=name, kname=entry.get("kname") or name, type=entry.get("type") or "",
+                size=to_int(entry.get("size")) or 0, majmin=entry.get("maj:min") or "",
+                log_sec=to_int(entry.get("log-sec")) or 512, phy_sec=to_int(entry.get("phy-sec")) or 512,
+                model=clean(entry.get("model")), serial=clean(entry.get("serial")),
+                wwn=clean(entry.get("wwn")), tran=clean(entry.get("tran")),
+                removable=to_bool(entry.get("rm")), fstype=clean(entry.get("fstype")),
+                uuid=clean(entry.get("uuid")), label=entry.get("label"),
+                parttype=clean(entry.get("parttype")))
+        parent = parent or entry.get("pkname")
+        if parent and parent not in node.parents:
+            node.parents.append(parent)
+        for child in entry.get("children") or []:
+            if child["name"] not in node.children:
+                node.children.append(child["name"])
+            walk(child, name)
+
+    for entry in loads_lenient(text).get("blockdevices", []):
+        walk(entry, None)
+    return nodes
+
+
+def partition_number(node: str) -> Optional[int]:
+    match = re.search(r"(\d+)$", node)
+    return int(match.group(1)) if match else None
+
+
+def partition_device(disk: str, number: int) -> str:
+    return f"{disk}{'p' if disk[-1].isdigit() else ''}{number}"
+
+
+def parse_sfdisk(text: str, disk: str) -> Tuple[PartitionTable, List[Partition]]:
+    """sfdisk -J DISK -> its table and partitions (node names may be paths, numbers or removed)."""
+    table = loads_lenient(text)["partitiontable"]
+    label = table.get("label", "")
+    pt = PartitionTable(label=label, id=table.get("id"), first_lba=to_int(table.get("firstlba")),
+                        last_lba=to_int(table.get("lastlba")),
+                        sector_size=to_int(table.get("sectorsize")) or 512)
+    parts = []
+    for entry in table.get("partitions", []):
+        number = partition_number(str(entry.get("node", "")))
+        if number is None:
+            continue
+        ptype = str(entry.get("type", "")).lower()
+        role = "primary"
+        if label == "dos":
+            role = "extended" if ptype in EXTENDED_TYPES else ("logical" if number > 4 else "primary")
+        parts.append(Partition(
+            id=partition_device(disk, number), disk=disk, number=number,
+            start=to_int(entry.get("start")) or 0, size=to_int(entry.get("size")) or 0,
+            type=ptype, role=role, uuid=entry.get("uuid"), name=entry.get("name"),
+            attrs=entry.get("attrs"), bootable=bool(entry.get("bootable"))))
+    return pt, parts
+
+
+def parse_lvm_report(text: str, kind: str) -> List[Dict[str, str]]:
+    rows: List[Dict[str, str]] = []
+    for report in loads_lenient(text).get("report", []):
+        rows.extend(report.get(kind, []))
+    return [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in rows]
+
+
+def dm_name(vg: str, lv: str) -> str:
+    """The device-mapper name LVM gives an LV: dashes inside names are doubled."""
+    return f"/dev/mapper/{vg.replace('-', '--')}-{lv.replace('-', '--')}"
+
+
+def parse_mdadm_detail(text: str, device: str) -> MdArray:
+    """mdadm --detail DEVICE (text) -> MdArray."""
+    fields: Dict[str, str] = {}
+    members: List[str] = []
+    spares: List[str] = []
+    for line in text.splitlines():
+        key, sep, value = line.partition(" : ")
+        if sep and not line.startswith("/dev/"):
+            fields[key.strip().lower()] = value.strip()
+            continue
+        cols = line.split()
+        if len(cols) >= 5 and (cols[0].isdigit() or cols[0] == "-") and cols[-1].startswith("/dev/"):
+            (spares if "spare" in cols else members).append(cols[-1])
+    return MdArray(
+        id=device, level=fields.get("raid level", "unknown"), devices=members,
+        uuid=fields.get("uuid"), name=(fields.get("name") or "").split(" ")[0] or None,
+        metadata=fields.get("version"), raid_devices=to_int(fields.get("raid devices")),
+        chunk_size=fields.get("chunk size"), layout=fields.get("layout"), spares=spares)
+
+
+def parse_luks_dump(text: str) -> Dict[str, object]:
+    """cryptsetup luksDump (LUKS1 or LUKS2) -> version, uuid, cipher, key size, hash, pbkdf.
+    Only these header fields are kept: never salts, digests or anything derived from keys."""
+    out: Dict[str, object] = {}
+    values: Dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            values.setdefault(key.strip().lower(), value.strip())
+    out["version"] = to_int(values.get("version")) or 1
+    out["uuid"] = values.get("uuid")
+    if out["version"] == 1:
+        name, mode = values.get("cipher name"), values.get("cipher mode")
+        out["cipher"] = f"{name}-{mode}" if name and mode else name
+        out["key_size"] = to_int(values.get("mk bits"))
+        out["hash"] = values.get("hash spec")
+        out["pbkdf"] = "pbkdf2"
+    else:
+        out["cipher"] = values.get("cipher")
+        key = re.search(r"^\s*Key:\s*(\d+) bits", text, re.M)
+        out["key_size"] = int(key.group(1)) if key else None
+        out["hash"] = values.get("hash")
+        out["pbkdf"] = values.get("pbkdf")
+    return out
+
+
+def parse_key_values(text: str, sep: str = ":") -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    for line in text.splitlines():
+        key, found, value = line.partition(sep)
+        if found:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def parse_dumpe2fs(text: str) -> Dict[str, object]:
+    """dumpe2fs -h -> what mkfs.ext4 needs to make the same filesystem again."""
+    v = parse_key_values(text)
+    block_size, blocks, inodes = (to_int(v.get(k)) for k in ("Block size", "Block count", "Inode count"))
+    return {
+        "block_size": block_size, "inode_size": to_int(v.get("Inode size")),
+        "inode_count": inodes, "block_count": blocks,
+        "reserved_blocks": to_int(v.get("Reserved block count")),
+        "bytes_per_inode": (blocks * block_size // inodes) if blocks and block_size and inodes else None,
+        "features": sorted((v.get("Filesystem features") or "").split()),
+        "revision": (v.get("Filesystem revision #") or "").split(" ")[0] or None,
+    }
+
+
+def parse_xfs_info(text: str) -> Dict[str, Dict[str, str]]:
+    """xfs_info -> {section: {key: value}}; a section's leading words (the device, "version 2",
+    "internal log") are kept as its "value"."""
+    sections: Dict[str, Dict[str, str]] = {}
+    current = ""
+    for line in text.splitlines():
+        head, sep, rest = line.partition("=")
+        if not sep:
+            continue
+        if head.strip():
+            current = head.strip()
+            words = []
+            for token in rest.split():
+                if "=" in token:
+                    break
+                words.append(token)
+            if words:
+                sections.setdefault(current, {})["value"] = " ".join(words)
+        section = sections.setdefault(current, {})
+        for key, value in re.findall(r"([a-z0-9_-]+)=([^\s,]+)", rest):
+            section[key] = value
+    return sections
+
+
+def parse_blkid_export(text: str) -> Dict[str, str]:
+    """blkid -o export: KEY=value lines, values backslash-escaped for the shell."""
+    return {k: re.sub(r"\\(.)", r"\1", v) for k, v in parse_key_values(text, "=").items()}
+
+
+def parse_btrfs_subvolumes(text: str) -> List[Dict[str, object]]:
+    """btrfs subvolume list -a -p MOUNTPOINT -> [{id, parent, path}]."""
+    out = []
+    for line in text.splitlines():
+        match = re.match(r"ID (\d+) gen \d+ parent (\d+) top level \d+ path (.*)$", line.strip())
+        if match:
+            path = re.sub(r"^<FS_TREE>/", "", match.group(3))
+            out.append({"id": int(match.group(1)), "parent": int(match.group(2)), "path": path})
+    return out
+
+
+def parse_btrfs_default(text: str) -> Optional[int]:
+    match = re.match(r"ID (\d+)", text.strip())
+    return int(match.group(1)) if match else None
+
+
+def parse_findmnt(text: str) -> List[Dict[str, object]]:
+    """findmnt -J (list or tree form) -> flat list of mounts."""
+    out: List[Dict[str, object]] = []
+
+    def walk(entries):
+        for entry in entries:
+            out.append(entry)
+            walk(entry.get("children") or [])
+
+    walk(loads_lenient(text).get("filesystems", []))
+    return out
+
+
+def parse_proc_swaps(text: str) -> List[Tuple[str, str]]:
+    """/proc/swaps -> [(path, type)] where type is partition or file."""
+    rows = []
+    for line in text.splitlines()[1:]:
+        cols = line.split()
+        if len(cols) >= 2:
+            rows.append((cols[0].replace("\\040", " "), cols[1]))
+    return rows
+
+
+def parse_os_release(text: str) -> Dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() in ("ID", "ID_LIKE", "VERSION_ID", "PRETTY_NAME"):
+            out[key.strip().lower()] = value.strip().strip('"\'')
+    return out
+
+
+def distribution_family(os_release: Dict[str, str]) -> str:
+    ids = {os_release.get("id", "")} | set(os_release.get("id_like", "").split())
+    for family, members in (("rhel", {"rhel", "fedora", "centos", "almalinux", "rocky", "ol"}),
+                            ("suse", {"suse", "sles", "opensuse", "opensuse-leap", "opensuse-tumbleweed"}),
+                            ("debian", {"debian", "ubuntu"})):
+        if ids & members:
+            return family
+    return "unknown"
+
+
+def parse_efibootmgr(text: str) -> List[Dict[str, str]]:
+    """efibootmgr -v -> [{num, label, path, active}] for each Boot#### entry."""
+    entries = []
+    for line in text.splitlines():
+        match = re.match(r"Boot([0-9A-Fa-f]{4})(\*?)\s+(.*)$", line)
+        if not match:
+            continue
+        label, _, path = match.group(3).partition("\t")
+        entries.append({"num": match.group(1).upper(), "active": "yes" if match.group(2) else "no",
+                        "label": label.strip(), "path": path.strip()})
+    return entries
+
+
+def parse_crypttab(text: str) -> Dict[str, Tuple[str, str]]:
+    """/etc/crypttab -> {name: (device, options)}; the key file field is not kept."""
+    out = {}
+    for line in text.splitlines():
+        cols = line.split()
+        if cols and not cols[0].startswith("#") and len(cols) >= 2:
+            out[cols[0]] = (cols[1], cols[3] if len(cols) >= 4 else "")
+    return out
+
+
+class Probe:
+    """Where capture gets its facts. Live: runs read-only tools through the Runner (and with
+    record_dir, keeps every output, one file per command, named after it). Replay: answers
+    from such a directory and runs nothing."""
+
+    MANIFEST = "manifest.json"
+
+    def __init__(self, runner: Optional[Runner] = None, record_dir: Optional[Path] = None,
+                 replay_dir: Optional[Path] = None) -> None:
+        self.runner = runner
+        self.record_dir = record_dir
+        self.replay_dir = replay_dir
+        self.manifest: Dict[str, dict] = {}
+        if replay_dir is not None:
+            try:
+                self.manifest = json.loads((replay_dir / self.MANIFEST).read_text())
+            except (OSError, ValueError) as exc:
+                raise RescueError(f"{replay_dir} is not a rescue recording: {exc}",
+                                  "make one with: rescue savelayout --record DIR") from None
+        elif record_dir is not None:
+            record_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- answers ------------------------------------------------------------------------------
+
+    def run(self, argv: Sequence[str], output_arg: Optional[int] = None) -> Optional[Result]:
+        """Run a read-only tool. None when the program is not installed. With output_arg, that
+        argument is a file the tool writes, and its content is the result's stdout."""
+        key = "run: " + " ".join(shlex.quote(a) for a in argv)
+        if self.replay_dir is not None:
+            entry = self._replayed(key)
+            if entry.get("missing"):
+                return None
+            return Result(list(argv), entry["returncode"], self._read_text(entry["file"]),
+                          self._read_text(entry["file"] + ".stderr"), 0.0)
+        if not self.which(argv[0]):
+            self._record(key, {"missing": True})
+            return None
+        result = self._run_live(list(argv), output_arg)
+        self._record(key, {"returncode": result.returncode}, result.stdout, result.stderr)
+        return result
+
+    def _run_live(self, argv: List[str], output_arg: Optional[int]) -> Result:
+        if output_arg is None:
+            return self.runner.run(argv, check=False, readonly=True, timeout=120)
+        with tempfile.TemporaryDirectory(prefix="rescue-probe-") as tmp:
+            out = Path(tmp) / "output"
+            argv[output_arg] = str(out)
+            result = self.runner.run(argv, check=False, readonly=True, timeout=120)
+            result.stdout = out.read_text(errors="surrogateescape") if out.exists() else ""
+            return result
+
+    def read(self, path: str, limit: Optional[int] = None) -> Optional[bytes]:
+        """A file's bytes (the first `limit`), or None when it cannot be read."""
+        key = f"read: {path}" + (f" [{limit}]" if limit else "")
+        if self.replay_dir is not None:
+            entry = self._replayed(key)
+            return None if entry.get("missing") else (self.replay_dir / entry["file"]).read_bytes()
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(limit) if limit else handle.read()
+        except OSError:
+            self._record(key, {"missing": True})
+            return None
+        self._record(key, {}, data)
+        return data
+
+    def read_text(self, path: str) -> Optional[str]:
+        data = self.read(path)
+        return None if data is None else data.decode("utf-8", "surrogateescape")
+
+    def exists(self, path: str) -> bool:
+        return bool(self._value(f"exists: {path}", lambda: os.path.exists(path)))
+
+    def which(self, program: str) -> Optional[str]:
+        return self._value(f"which: {program}", lambda: shutil_which(program))
+
+    def links(self, directory: str) -> Dict[str, str]:
+        """Symlinks in a directory (e.g. /dev/disk/by-id) -> {name: resolved target}."""
+        def live() -> Dict[str, str]:
+            try:
+                names = sorted(os.listdir(directory))
+            except OSError:
+                return {}
+            return {n: os.path.realpath(os.path.join(directory, n)) for n in names}
+        return self._value(f"links: {directory}", live) or {}
+
+    # -- recording ----------------------------------------------------------------------------
+
+    def _value(self, key: str, live):
+        if self.replay_dir is not None:
+            return self._replayed(key).get("value")
+        value = live()
+        self._record(key, {"value": value})
+        return value
+
+    def _replayed(self, key: str) -> dict:
+        try:
+            return self.manifest[key]
+        except KeyError:
+            raise RescueError(f"the recording in {self.replay_dir} has no answer for '{key}'",
+                              "record it again on the machine with this version of rescue") from None
+
+    def _read_text(self, name: str) -> str:
+        path = self.replay_dir / name
+        return path.read_text(errors="surrogateescape") if path.exists() else ""
+
+    def _record(self, key: str, entry: dict, stdout=None, stderr: str = "") -> None:
+        if self.record_dir is None:
+            return
+        if stdout is not None:
+            name = record_file_name(key, set(e.get("file") for e in self.manifest.values()))
+            data = stdout if isinstance(stdout, bytes) else stdout.encode("utf-8", "surrogateescape")
+            (self.record_dir / name).write_bytes(data)
+            if stderr:
+                (self.record_dir / (name + ".stderr")).write_text(stderr, errors="surrogateescape")
+            entry["file"] = name
+        self.manifest[key] = entry
+        (self.record_dir / self.MANIFEST).write_text(json.dumps(self.manifest, indent=1, sort_keys=True))
+
+
+def record_file_name(key: str, taken: Set[str]) -> str:
+    """A file name that reads like the command: 'run: sfdisk -J /dev/vda' -> sfdisk_-J_dev_vda."""
+    base = re.sub(r"[^A-Za-z0-9.+-]+", "_", key.split(": ", 1)[1]).strip("_")[:80] or "output"
+    if key.startswith("read: "):
+        base = "file_" + base
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}.{n}", n + 1
+    return name
+
+
+def shutil_which(program: str) -> Optional[str]:
+    return shutil.which(program, path=os.environ.get("PATH", DEFAULT_PATH) + ":" + DEFAULT_PATH)
+
+
+@dataclass
+class Captured:
+    layout: Layout
+    vgcfg: Dict[str, str]             # volume group -> its vgcfgbackup file
+
+
+def probe_output(probe: Probe, argv: Sequence[str], required: bool = False) -> Optional[str]:
+    """stdout of a read-only tool; None when it is missing or fails (unless required)."""
+    result = probe.run(argv)
+    if result is not None and result.returncode == 0:
+        return result.stdout
+    if required:
+        why = "is not installed" if result is None else f"failed: {result.stderr.strip()[-300:]}"
+        raise RescueError(f"cannot read the storage layout: {argv[0]} {why}",
+                          "install util-linux, or run savelayout on the machine itself")
+    return None
+
+
+class LayoutCapture:
+    """Turns probe answers into a Layout: which mounts are in scope, what they stand on."""
+
+    def __init__(self, probe: Probe, config: Config, hostname: str) -> None:
+        self.probe = probe
+        self.config = config
+        self.hostname = hostname
+        self.excluded: List[Exclusion] = []
+        self.unsupported: List[Exclusion] = []
+        self.nodes = parse_lsblk(probe_output(probe, ["lsblk", "-J", "-b", "-p", "-o", LSBLK_COLUMNS], True))
+        self.by_majmin = {n.majmin: n for n in self.nodes.values() if n.majmin}
+        self.by_kname = {n.kname: n for n in self.nodes.values()}
+        self.pvs, self.vgs, self.lvs = self.read_lvm()
+
+    def exclude(self, what: str, kind: str, reason: str) -> None:
+        self.excluded.append(Exclusion(what, kind, reason))
+
+    def unsupported_item(self, what: str, kind: str, reason: str) -> None:
+        if not any(u.what == what for u in self.unsupported):
+            self.unsupported.append(Exclusion(what, kind, reason))
+
+    # -- nodes and their ancestry --------------------------------------------------------------
+
+    def node_for(self, source: str, majmin: str) -> Optional[BlockNode]:
+        source = re.sub(r"\[.*\]$", "", source)
+        node = self.nodes.get(source) or self.by_kname.get(source)
+        if node is None and source.startswith("/dev/"):
+            node = self.nodes.get(os.path.realpath(source)) or self.by_kname.get(os.path.realpath(source))
+        return node or self.by_majmin.get(majmin)
+
+    def ancestors(self, node: BlockNode) -> List[BlockNode]:
+        """The node and everything it stands on; an LV brings its whole volume group."""
+        seen: Dict[str, BlockNode] = {}
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if current.name in seen:
+                continue
+            seen[current.name] = current
+            stack.extend(self.nodes[p] for p in current.parents if p in self.nodes)
+            vg = self.vg_of(current)
+            if vg:
+                stack.extend(self.nodes[pv.device] for pv in self.pvs if pv.vg == vg and pv.device in self.nodes)
+        return list(seen.values())
+
+    def vg_of(self, node: BlockNode) -> Optional[str]:
+        lv = next((lv for lv in self.lvs if lv.id == node.name), None)
+        return lv.vg if lv else None
+
+    def disk_of(self, nodes: List[BlockNode]) -> List[BlockNode]:
+        return [n for n in nodes if not n.parents]
+
+    # -- what is in scope ----------------------------------------------------------------------
+
+    def config_exclusion(self, chain: List[BlockNode]) -> Optional[str]:
+        disks = {n.name for n in self.disk_of(chain)} | {n.kname for n in self.disk_of(chain)}
+        excluded_disks = set(self.config.get_list("EXCLUDE_DISKS"))
+        hit = disks & (excluded_disks | {f"/dev/{d}" for d in excluded_disks})
+        if hit:
+            return f"on {sorted(hit)[0]}, excluded by EXCLUDE_DISKS"
+        vgs = {self.vg_of(n) for n in chain} - {None}
+        for vg in sorted(vgs):
+            if vg in self.config.get_list("EXCLUDE_VG"):
+                return f"in volume group {vg}, excluded by EXCLUDE_VG"
+            only = self.config.get_list("ONLY_INCLUDE_VG")
+            if only and vg not in only:
+                return f"in volume group {vg}, not in ONLY_INCLUDE_VG"
+        return None
+
+    def device_exclusion(self, chain: List[BlockNode]) -> Optional[str]:
+        for disk in self.disk_of(chain):
+            kind = virtual_disk_kind(disk)
+            if kind:
+                return f"on {disk.name}, {kind}"
+            if disk.tran == "usb" or disk.removable:
+                return f"on {disk.name}, removable/USB media"
+        return None
+
+    def backup_target_dir(self) -> Optional[str]:
+        url = self.config.get("BACKUP_DUPLICITY_URL")
+        return url[len("file://"):] if url.startswith("file://") else None
+
+    def select_mounts(self) -> List[Tuple[Mount, BlockNode]]:
+        text = probe_output(self.probe, ["findmnt", "-J", "-l", "-b", "-o", FINDMNT_COLUMNS], True)
+        entries = parse_findmnt(text)
+        target_dir = self.backup_target_dir()
+        target_mount = None
+        if target_dir:
+            candidates = [e["target"] for e in entries if path_within(target_dir, e["target"])]
+            target_mount = max(candidates, key=len) if candidates else None
+        chosen: Dict[str, Tuple[Mount, BlockNode]] = {}
+        for entry in entries:
+            picked = self.classify_mount(entry, target_mount)
+            if picked:
+                chosen.setdefault(picked[0].mountpoint, picked)
+        self.mount_sizes = {e["target"]: (to_int(e.get("size")), to_int(e.get("used"))) for e in entries}
+        mounts = sorted(chosen.values(), key=lambda mn: mn[0].mountpoint)
+        for mount, _ in mounts:
+            parents = [m.mountpoint for m, _ in mounts if m.mountpoint != mount.mountpoint
+                       and path_within(mount.mountpoint, m.mountpoint)]
+            mount.parent = max(parents, key=len) if parents else None
+        return mounts
+
+    def classify_mount(self, entry: dict, target_mount: Optional[str]) -> Optional[Tuple[Mount, BlockNode]]:
+        target, fstype = entry["target"], entry.get("fstype") or ""
+        source, fsroot = entry.get("source") or "", entry.get("fsroot") or "/"
+        if fstype in NETWORK_FS or fstype.startswith("nfs"):
+            return self.exclude(target, "mount", f"network filesystem ({fstype})")
+        node = self.node_for(source, entry.get("maj:min") or "")
+        if node is None:
+            if fstype == "tmpfs" and not any(path_within(target, t) for t in RUNTIME_TREES):
+                self.exclude(target, "mount", "tmpfs: its contents live in memory only")
+            return None
+        chain = self.ancestors(node)
+        reason = (self.device_exclusion(chain) or self.config_exclusion(chain)
+                  or ("excluded by EXCLUDE_MOUNTPOINTS" if target in self.config.get_list("EXCLUDE_MOUNTPOINTS") else None)
+                  or ("holds the backup target " + self.config.get("BACKUP_DUPLICITY_URL")
+                      if target == target_mount and target != "/" else None))
+        if reason is None and fsroot != "/" and fstype != "btrfs":
+            reason = f"bind mount of {node.name}{fsroot}"
+        if reason:
+            return self.exclude(target, "mount", reason)
+        subvolume = fsroot.lstrip("/") if fstype == "btrfs" and fsroot != "/" else None
+        return Mount(target, node.name, fstype, entry.get("options") or "", subvolume=subvolume), node
+
+    def select_swaps(self) -> List[BlockNode]:
+        out = []
+        for path, kind in parse_proc_swaps(self.probe.read_text("/proc/swaps") or ""):
+            node = self.node_for(path, "")
+            if kind != "partition" or node is None:
+                self.exclude(path, "swap", "swap file: restored with the filesystem that holds it")
+                continue
+            reason = self.device_exclusion(self.ancestors(node)) or self.config_exclusion(self.ancestors(node))
+            if reason:
+                self.exclude(path, "swap", reason)
+            else:
+                out.append(node)
+        return out
+
+    # -- components ----------------------------------------------------------------------------
+
+    def read_lvm(self) -> Tuple[List[PhysicalVolume], List[VolumeGroup], List[LogicalVolume]]:
+        if not self.probe.which("lvm"):
+            return [], [], []
+        reports = [probe_output(self.probe, ["lvm", cmd, *LVM_REPORT, "-o", fields])
+                   for cmd, fields in (("pvs", PV_FIELDS), ("vgs", VG_FIELDS), ("lvs", LV_FIELDS))]
+        if None in reports:
+            self.unsupported_item("lvm", "lvm", "the lvm reports could not be read; LVM will not be recreated")
+            return [], [], []
+        pvs = [PhysicalVolume(r["pv_name"], r["pv_uuid"], r.get("vg_name") or None, to_int(r["pv_size"]) or 0)
+               for r in parse_lvm_report(reports[0], "pv")]
+        vgs = [VolumeGroup(r["vg_name"], r["vg_uuid"], to_int(r["vg_extent_size"]) or 0, to_int(r["vg_size"]) or 0,
+                           sorted(pv.device for pv in pvs if pv.vg == r["vg_name"]))
+               for r in parse_lvm_report(reports[1], "vg")]
+        lvs = [self.logical_volume(r) for r in parse_lvm_report(reports[2], "lv")]
+        return pvs, vgs, lvs
+
+    def logical_volume(self, row: Dict[str, str]) -> LogicalVolume:
+        lv = LogicalVolume(
+            id=dm_name(row["vg_name"], row["lv_name"]), vg=row["vg_name"], name=row["lv_name"],
+            uuid=row["lv_uuid"], size=to_int(row["lv_size"]) or 0, segment_type=row.get("segtype") or "linear",
+            stripes=to_int(row.get("stripes")) or 1, stripe_size=to_int(row.get("stripe_size")) or 0,
+            data_copies=to_int(row.get("data_copies")) or 1, pool=row.get("pool_lv") or None,
+            metadata_size=to_int(row.get("lv_metadata_size")))
+        attr = row.get("lv_attr") or "-"
+        kind = {"s": "snapshot", "S": "snapshot", "C": "cache", "c": "cache pool", "v": "virtual LV",
+                "d": "VDO pool", "D": "VDO volume"}.get(attr[0])
+        if kind or lv.segment_type not in SUPPORTED_SEGTYPES:
+            what = kind or f"segment type {lv.segment_type}"
+            self.unsupported_item(f"{lv.vg}/{lv.name}", "lvm", f"LVM {what}: will not be recreated")
+        return lv
+
+    def partition_table(self, node: BlockNode) -> Tuple[Optional[PartitionTable], List[Partition]]:
+        if not any(self.nodes[c].type == "part" for c in node.children if c in self.nodes):
+            return None, []
+        text = probe_output(self.probe, ["sfdisk", "-J", node.name])
+        if text is None:
+            self.unsupported_item(node.name, "disk", "sfdisk could not read its partition table")
+            return None, []
+        return parse_sfdisk(text, node.name)
+
+    def disk(self, node: BlockNode, by_id: Dict[str, str]) -> Tuple[Disk, List[Partition]]:
+        table, parts = self.partition_table(node)
+        names = sorted(name for name, target in by_id.items() if target in (node.name, node.kname))
+        return Disk(node.name, node.size, node.log_sec, node.phy_sec, node.model, node.serial, node.wwn,
+                    node.tran, names, table), parts
+
+    def md_array(self, node: BlockNode) -> Optional[MdArray]:
+        text = probe_output(self.probe, ["mdadm", "--detail", node.name])
+        if text is None:
+            self.unsupported_item(node.name, "md", "mdadm --detail failed or mdadm is missing: not recreated")
+            return None
+        array = parse_mdadm_detail(text, node.name)
+        if array.metadata in ("imsm", "ddf"):
+            self.unsupported_item(node.name, "md", f"firmware RAID container ({array.metadata})")
+        return array
+
+    def luks(self, node: BlockNode, crypttab: Dict[str, Tuple[str, str]]) -> Optional[Luks]:
+        device = node.parents[0] if node.parents else ""
+        text = probe_output(self.probe, ["cryptsetup", "luksDump", device])
+        if text is None:
+            self.unsupported_item(node.name, "crypt", f"{device} is not LUKS or cryptsetup is missing")
+            return None
+        info = parse_luks_dump(text)
+        name = os.path.basename(node.name)
+        return Luks(node.name, name, device, int(info["version"]), info["uuid"], info["cipher"],
+                    info["key_size"], info["hash"], info["pbkdf"], crypttab.get(name, ("", None))[1])
+
+    def filesystem(self, node: BlockNode, mount: Optional[Mount]) -> Filesystem:
+        fstype = node.fstype or (mount.type if mount else "unknown")
+        size, used = self.mount_sizes.get(mount.mountpoint, (None, None)) if mount else (None, None)
+        fs = Filesystem(node.name, fstype, node.uuid, node.label or None, size, used)
+        where = mount.mountpoint if mount else node.name
+        if fstype.startswith("ext"):
+            fs.options = parse_dumpe2fs(probe_output(self.probe, ["dumpe2fs", "-h", node.name]) or "")
+        elif fstype == "xfs":
+            fs.options = parse_xfs_info(probe_output(self.probe, ["xfs_info", where]) or "")
+        elif fstype == "vfat":
+            info = parse_blkid_export(probe_output(self.probe, ["blkid", "-p", "-o", "export", node.name]) or "")
+            fs.options = {"fat_size": to_int((info.get("VERSION") or "").replace("FAT", "")),
+                          "volume_id": (node.uuid or "").replace("-", "") or None}
+        elif fstype == "btrfs":
+            fs.options = self.btrfs(where)
+        if fstype not in SUPPORTED_FS:
+            self.unsupported_item(node.name, "filesystem", f"{fstype} filesystems are not recreated")
+        return fs
+
+    def btrfs(self, mountpoint: str) -> Dict[str, object]:
+        listing = probe_output(self.probe, ["btrfs", "subvolume", "list", "-a", "-p", mountpoint]) or ""
+        default = probe_output(self.probe, ["btrfs", "subvolume", "get-default", mountpoint]) or ""
+        return {"subvolumes": parse_btrfs_subvolumes(listing), "default_subvolume": parse_btrfs_default(default)}
+
+    # -- the whole layout ----------------------------------------------------------------------
+
+    def fill_from_blkid(self, needed: Dict[str, BlockNode]) -> None:
+        """Without a udev database (rescue systems, containers) lsblk knows no UUIDs: ask blkid."""
+        for node in needed.values():
+            if node.fstype is None and node.uuid is None and not node.children:
+                info = parse_blkid_export(probe_output(self.probe, ["blkid", "-o", "export", node.name]) or "")
+                node.fstype = node.fstype or info.get("TYPE")
+                node.uuid = node.uuid or info.get("UUID")
+                node.label = node.label or info.get("LABEL")
+
+    def capture(self) -> Captured:
+        mounts = self.select_mounts()
+        swap_nodes = self.select_swaps()
+        needed: Dict[str, BlockNode] = {}
+        for node in [n for _, n in mounts] + swap_nodes:
+            needed.update((n.name, n) for n in self.ancestors(node))
+        self.fill_from_blkid(needed)
+        layout = Layout(hostname=self.hostname, boot=Boot(firmware="bios"))
+        layout.mounts = [m for m, _ in mounts]
+        self.components(layout, needed)
+        mounted = {m.device: m for m in layout.mounts}
+        for node in {n.name: n for _, n in mounts}.values():
+            layout.filesystems.append(self.filesystem(node, mounted.get(node.name)))
+        layout.swaps = [Swap(n.name, n.uuid, n.label or None) for n in swap_nodes]
+        for node in self.nodes.values():
+            if not node.parents and node.name not in needed:
+                self.exclude(node.name, "disk", self.device_exclusion([node]) or
+                             "not used by any filesystem or swap in scope")
+        layout.boot = self.boot(layout)
+        layout.excluded, layout.unsupported = self.excluded, self.unsupported
+        vgcfg = {vg.name: self.vgcfg(vg.name) for vg in layout.volume_groups}
+        return Captured(sort_layout(layout), {k: v for k, v in vgcfg.items() if v})
+
+    def components(self, layout: Layout, needed: Dict[str, BlockNode]) -> None:
+        by_id = self.probe.links("/dev/disk/by-id")
+        crypttab = parse_crypttab(self.probe.read_text("/etc/crypttab") or "")
+        vgs_needed = {self.vg_of(n) for n in needed.values()} - {None}
+        for node in sorted(needed.values(), key=lambda n: n.name):
+            if node.type in UNSUPPORTED_NODE_TYPES or node.fstype in UNSUPPORTED_FSTYPES:
+                what = UNSUPPORTED_NODE_TYPES.get(node.type) or UNSUPPORTED_FSTYPES[node.fstype]
+                self.unsupported_item(node.name, node.type, f"{what}: will not be recreated")
+            elif not node.parents or node.type.startswith("raid") or node.type == "md":
+                if node.type.startswith("raid") or node.type == "md":
+                    array = self.md_array(node)
+                    layout.md_arrays += [array] if array else []
+                    if not any(self.nodes[c].type == "part" for c in node.children if c in self.nodes):
+                        continue
+                disk, parts = self.disk(node, by_id)
+                layout.disks.append(disk)
+                layout.partitions.extend(parts)
+            elif node.type == "crypt":
+                luks = self.luks(node, crypttab)
+                layout.luks += [luks] if luks else []
+        layout.volume_groups = [vg for vg in self.vgs if vg.name in vgs_needed]
+        layout.physical_volumes = [pv for pv in self.pvs if pv.vg in vgs_needed]
+        layout.logical_volumes = [lv for lv in self.lvs if lv.vg in vgs_needed]
+        self.unsupported = [u for u in self.unsupported
+                            if u.kind != "lvm" or u.what.split("/")[0] in vgs_needed or u.what == "lvm"]
+
+    def vgcfg(self, vg: str) -> Optional[str]:
+        result = self.probe.run(["vgcfgbackup", "-f", "OUTPUT", vg], output_arg=2)
+        return result.stdout if result is not None and result.returncode == 0 else None
+
+    def boot(self, layout: Layout) -> Boot:
+        os_release = parse_os_release(self.probe.read_text("/etc/os-release") or "")
+        boot = Boot(firmware="uefi" if self.probe.exists("/sys/firmware/efi") else "bios",
+                    distribution=os_release, family=distribution_family(os_release))
+        for role, candidates in (("bootloader_install", ("grub2-install", "grub-install")),
+                                 ("bootloader_config", ("grub2-mkconfig", "grub-mkconfig")),
+                                 ("initramfs", ("dracut", "update-initramfs", "mkinitrd"))):
+            found = next((c for c in candidates if self.probe.which(c)), None)
+            if found:
+                boot.tools[role] = found
+        esp = [p for p in layout.partitions if p.type.lower() in ESP_TYPES]
+        mounted_esp = [p for p in esp if any(m.device == p.id for m in layout.mounts)]
+        boot.esp = (mounted_esp or esp or [None])[0] and (mounted_esp or esp)[0].id
+        if boot.firmware == "uefi":
+            boot.efi_entries = parse_efibootmgr(probe_output(self.probe, ["efibootmgr", "-v"]) or "")
+        boot.grub_disks = [d.id for d in layout.disks if b"GRUB" in (self.probe.read(d.id, 512) or b"")]
+        has_grub = boot.grub_disks or any(self.probe.exists(p) for p in ("/boot/grub/grub.cfg", "/boot/grub2/grub.cfg"))
+        boot.bootloader = "grub2" if has_grub else None
+        return boot
+
+
+def virtual_disk_kind(node: BlockNode) -> Optional[str]:
+    base = os.path.basename(node.name)
+    if node.type == "loop" or base.startswith("loop"):
+        return "a loop device"
+    if node.type == "rom" or base.startswith("sr"):
+        return "an optical drive"
+    if re.match(r"(z?ram|nbd)\d", base):
+        return "a RAM or network block device"
+    return None
+
+
+def path_within(path: str, directory: str) -> bool:
+    return directory == "/" or path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def capture_layout(probe: Probe, config: Config, hostname: str) -> Captured:
+    return LayoutCapture(probe, config, hostname).capture()
+
+
+def human_size(size: Optional[int]) -> str:
+    if size is None:
+        return "?"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if value == int(value) or unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+class LayoutTree:
+    """The readable view: disk -> partitions -> RAID/LUKS/PV -> VG -> LV -> filesystem -> mount."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.shown_vgs: Set[str] = set()
+
+    def render(self) -> str:
+        lines: List[str] = []
+        members = {d for m in self.layout.md_arrays for d in m.devices + m.spares}
+        for disk in self.layout.disks:
+            if disk.id not in members and not any(disk.id == m.id for m in self.layout.md_arrays):
+                lines.append(self.disk_label(disk))
+                self.children(disk.id, "", lines)
+        lines += self.summary()
+        return "\n".join(lines)
+
+    def children(self, device: str, indent: str, lines: List[str]) -> None:
+        kids = self.users(device)
+        for n, (label, child) in enumerate(kids):
+            last = n == len(kids) - 1
+            lines.append(f"{indent}{'└─' if last else '├─'} {label}")
+            if child:
+                self.children(child, indent + ("   " if last else "│  "), lines)
+
+    def users(self, device: str) -> List[Tuple[str, Optional[str]]]:
+        """(label, device whose users come next) for everything standing on `device`."""
+        out: List[Tuple[str, Optional[str]]] = []
+        lay = self.layout
+        for p in (p for p in lay.partitions if p.disk == device):
+            flags = " boot" if p.bootable else ""
+            name = f" '{p.name}'" if p.name else ""
+            out.append((f"{p.id}  {human_size(p.size * self.sector_size(device))}  #{p.number} {p.role} "
+                        f"type {p.type}{name}{flags}", p.id))
+        for md in (m for m in lay.md_arrays if device in m.devices + m.spares):
+            role = " (spare)" if device in md.spares else ""
+            out.append((f"{md.id}  {md.level}{role}, {len(md.devices)} devices, metadata {md.metadata}, "
+                        f"UUID {md.uuid}", md.id))
+        for lk in (x for x in lay.luks if x.device == device):
+            out.append((f"{lk.id}  LUKS{lk.version} {lk.cipher} {lk.key_size}-bit, UUID {lk.uuid}", lk.id))
+        for pv in (x for x in lay.physical_volumes if x.device == device):
+            out.append(self.pv_label(pv))
+        for lv in (x for x in lay.logical_volumes if x.vg == device):
+            out.append((f"{lv.vg}/{lv.name}  {human_size(lv.size)}  {lv.segment_type}", lv.id))
+        for fs in (f for f in lay.filesystems if f.device == device):
+            out.append((self.fs_label(fs), None))
+        for swap in (s for s in lay.swaps if s.device == device):
+            out.append((f"swap  UUID={swap.uuid}" + (f" LABEL={swap.label}" if swap.label else ""), None))
+        return out
+
+    def pv_label(self, pv: PhysicalVolume) -> Tuple[str, Optional[str]]:
+        vg = next((v for v in self.layout.volume_groups if v.name == pv.vg), None)
+        if vg is None or vg.name in self.shown_vgs:
+            return (f"LVM PV of {pv.vg} (shown above)", None)
+        self.shown_vgs.add(vg.name)
+        return (f"LVM PV -> VG {vg.name}  {human_size(vg.size)}, extents {human_size(vg.extent_size)}, "
+                f"{len(vg.pvs)} PV{'s' if len(vg.pvs) != 1 else ''}", vg.name)
+
+    def fs_label(self, fs: Filesystem) -> str:
+        label = f" LABEL={fs.label}" if fs.label else ""
+        mounts = [m for m in self.layout.mounts if m.device == fs.device]
+        where = ", ".join(m.mountpoint + (f" (subvolume {m.subvolume})" if m.subvolume else "") for m in mounts)
+        used = f"  {human_size(fs.used)} used of {human_size(fs.size)}" if fs.size else ""
+        return f"{fs.type}  UUID={fs.uuid}{label}" + (f"  -> {where}" if where else "") + used
+
+    def sector_size(self, device: str) -> int:
+        disk = next((d for d in self.layout.disks if d.id == device), None)
+        return disk.partition_table.sector_size if disk and disk.partition_table else 512
+
+    def disk_label(self, disk: Disk) -> str:
+        table = disk.partition_table
+        kind = f"{table.label} ({table.id})" if table else "no partition table"
+        extra = " ".join(x for x in (disk.transport, disk.model, f"serial {disk.serial}" if disk.serial else "") if x)
+        return f"{disk.id}  {human_size(disk.size)}  {kind}" + (f"  {extra}" if extra else "")
+
+    def summary(self) -> List[str]:
+        lay, boot = self.layout, self.layout.boot
+        lines = ["", f"Boot: {boot.firmware.upper()}, bootloader {boot.bootloader or 'none found'}"
+                 + (f" on {', '.join(boot.grub_disks)}" if boot.grub_disks else "")
+                 + (f", ESP {boot.esp}" if boot.esp else "")
+                 + f"; {boot.distribution.get('pretty_name', 'unknown distribution')} ({boot.family}; "
+                 + (", ".join(v for _, v in sorted(boot.tools.items())) or "no bootloader or initramfs tools found")
+                 + ")"]
+        for title, items in (("Excluded", lay.excluded), ("Not recreated (unsupported)", lay.unsupported)):
+            if items:
+                lines.append(f"{title}:")
+                lines += [f"  {e.what} ({e.kind}): {e.reason}" for e in items]
+        return lines
+
+
+def format_layout(layout: Layout) -> str:
+    return LayoutTree(layout).render()
+
+
+# Fields that change while a system runs and say nothing about how to recreate it.
+VOLATILE_FIELDS = {"filesystems": {"used"}}
+COMPARED = [("disks", "disk", lambda d: d.id), ("partitions", "partition", lambda p: p.id),
+            ("md_arrays", "RAID", lambda m: m.id), ("luks", "LUKS", lambda x: x.id),
+            ("physical_volumes", "PV", lambda p: p.device), ("volume_groups", "VG", lambda v: v.name),
+            ("logical_volumes", "LV", lambda lv: f"{lv.vg}/{lv.name}"),
+            ("filesystems", "filesystem", lambda f: f.device), ("swaps", "swap", lambda s: s.device),
+            ("mounts", "mount", lambda m: m.mountpoint), ("unsupported", "unsupported", lambda u: u.what)]
+
+
+def diff_layouts(old: Layout, new: Layout) -> List[str]:
+    """Readable differences: 'LV vg0/data added', '/ grew from 8 GiB to 10 GiB'."""
+    changes: List[str] = []
+    for attr, kind, key in COMPARED:
+        before = {key(x): dataclasses.asdict(x) for x in getattr(old, attr)}
+        after = {key(x): dataclasses.asdict(x) for x in getattr(new, attr)}
+        for name in sorted(set(before) | set(after)):
+            if name not in after:
+                changes.append(f"{kind} {name} removed")
+            elif name not in before:
+                changes.append(f"{kind} {name} added")
+            else:
+                changes += field_changes(kind, name, before[name], after[name],
+                                         VOLATILE_FIELDS.get(attr, set()), new)
+    for name in ("firmware", "bootloader", "esp", "grub_disks", "family", "tools"):
+        a, b = getattr(old.boot, name), getattr(new.boot, name)
+        if a != b:
+            changes.append(f"boot {name} changed from {a!r} to {b!r}")
+    return changes
+
+
+def field_changes(kind: str, name: str, a: dict, b: dict, ignore: Set[str], new: Layout) -> List[str]:
+    out = []
+    for fname in sorted(set(a) | set(b)):
+        if fname in ignore or a.get(fname) == b.get(fname):
+            continue
+        x, y = a.get(fname), b.get(fname)
+        if fname == "size" and isinstance(x, int) and isinstance(y, int):
+            subject = f"{kind} {name}"
+            if kind == "filesystem":
+                mount = next((m.mountpoint for m in new.mounts if m.device == name), None)
+                subject = mount or subject
+            units = (lambda v: f"{v} sectors") if kind == "partition" else human_size
+            out.append(f"{subject} {'grew' if y > x else 'shrank'} from {units(x)} to {units(y)}")
+        else:
+            out.append(f"{kind} {name}: {fname} changed from {x!r} to {y!r}")
+    return out
+
+
+# =============================================================================================
+# 7. duplicity
 #
 # dist/rescue.pyz carries duplicity (pure Python once, plus _librsync for CPython 3.9-3.13), so
 # one copied file works where duplicity is not installed. DUPLICITY_PROG selects another one.
@@ -1074,7 +2288,7 @@ def duplicity_command(config: Config) -> Tuple[List[str], Dict[str, str]]:
 
 
 # =============================================================================================
-# 6. lock
+# 8. lock
 # =============================================================================================
 
 class Lock:
@@ -1111,7 +2325,7 @@ class Lock:
 
 
 # =============================================================================================
-# 7. backup
+# 9. backup
 #
 # duplicity does the work; rescue decides what it is given. Pure builders turn the
 # configuration and the mounts into argv lists (selection, encryption, retention, backup,
@@ -2257,7 +3471,7 @@ def verify_backup(ctx: "Context", compare_data: bool, time_: Optional[str]) -> T
 
 
 # =============================================================================================
-# 8. cli
+# 10. cli
 # =============================================================================================
 
 @dataclass
@@ -2335,6 +3549,95 @@ def wf_duplicity(ctx: Context) -> int:
                             inherit_env=True)
     return result.returncode
 
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise RescueError(f"'rescue {what}' must run as root", f"run: sudo rescue {what}")
+
+
+def layout_dir(config: Config) -> Path:
+    return Path(config.get("LAYOUT_DIR") or "/var/lib/rescue/layout")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_layout_files(captured: Captured, directory: Path) -> None:
+    """layout.json plus one vgcfgbackup file per volume group (lvm/<vg>.vgcfg); stale ones go."""
+    lvm_dir = directory / "lvm"
+    lvm_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in captured.vgcfg.items():
+        write_atomically(lvm_dir / f"{name}.vgcfg", text)
+    for stale in lvm_dir.glob("*.vgcfg"):
+        if stale.stem not in captured.vgcfg:
+            stale.unlink()
+    write_atomically(directory / "layout.json", layout_to_json(captured.layout))
+
+
+def capture_for(ctx: Context, what: str) -> Captured:
+    """Capture the live system (root; --record keeps every tool output) or a --replay DIR."""
+    args = ctx.args
+    if args.replay:
+        probe = Probe(replay_dir=Path(args.replay))
+    else:
+        require_root(what)
+        probe = Probe(ctx.runner, record_dir=Path(args.record) if getattr(args, "record", None) else None)
+    captured = capture_layout(probe, ctx.config, hostname())
+    for item in captured.layout.unsupported:
+        ctx.log.warn(f"{item.what}: {item.reason}")
+    return captured
+
+
+def savelayout_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the layout as JSON instead of a tree")
+    parser.add_argument("--record", metavar="DIR", help="also keep every tool output in DIR (a support bundle)")
+    parser.add_argument("--replay", metavar="DIR", help="build the layout from a recording; runs nothing")
+    parser.add_argument("-o", "--output", metavar="DIR",
+                        help="write layout.json here (default LAYOUT_DIR; with --replay nothing is written unless given)")
+
+
+@workflow("savelayout", "record the storage layout into layout.json (and vgcfgbackup files)",
+          changes_state=True, arguments=savelayout_arguments)
+def wf_savelayout(ctx: Context) -> int:
+    captured = capture_for(ctx, "savelayout")
+    output = ctx.args.output or (None if ctx.args.replay else layout_dir(ctx.config))
+    if output:
+        save_layout_files(captured, Path(output))
+        ctx.log.info(f"Saved the layout in {output}/layout.json")
+    print(layout_to_json(captured.layout) if ctx.args.json else format_layout(captured.layout), end="\n")
+    return 0
+
+
+def checklayout_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--replay", metavar="DIR", help="compare a recording instead of the live system")
+
+
+@workflow("checklayout", "exit 0 if the storage equals the saved layout, 1 if it differs, 2 on error",
+          arguments=checklayout_arguments)
+def wf_checklayout(ctx: Context) -> int:
+    saved_path = layout_dir(ctx.config) / "layout.json"
+    try:
+        try:
+            saved = layout_from_json(saved_path.read_text(), str(saved_path))
+        except OSError as exc:
+            raise RescueError(f"no saved layout to compare with ({saved_path}: {exc.strerror})",
+                              "run rescue savelayout first") from None
+        current = capture_for(ctx, "checklayout").layout
+    except RescueError as exc:
+        exc.exit_code = 2
+        raise
+    changes = diff_layouts(saved, current)
+    if not changes:
+        ctx.log.say(f"The storage layout equals the saved one ({saved_path}).")
+        return 0
+    ctx.log.say(f"The storage layout differs from the saved one ({saved_path}):")
+    for change in changes:
+        ctx.log.say(f"  {change}")
+    ctx.log.say("Run 'rescue savelayout' (and make new rescue media and a backup) to record it.")
+    return 1
 
 @workflow("mkbackuponly", "save the layout, remove old backups as configured, back up with duplicity",
           needs_root=True, changes_state=True)
@@ -2455,7 +3758,7 @@ def split_passthrough(argv: List[str]) -> Tuple[List[str], List[str]]:
 
 
 def open_log(config: Config, log: Log) -> None:
-    path = Path(config.get("LOGFILE") or f"/var/log/rescue/rescue-{socket.gethostname()}.log")
+    path = Path(config.get("LOGFILE") or f"/var/log/rescue/rescue-{hostname()}.log")
     try:
         log.open_file(path)
     except OSError as exc:

@@ -31,29 +31,13 @@ def config(text="", **values):
 
 # -- selection --------------------------------------------------------------------------------
 
-MOUNTS = [rescue.Mount("/", "/dev/vda2", "xfs"), rescue.Mount("/proc", "proc", "proc"),
-          rescue.Mount("/sys", "sysfs", "sysfs"), rescue.Mount("/sys/fs/cgroup", "cgroup2", "cgroup2"),
-          rescue.Mount("/boot", "/dev/vda1", "xfs"), rescue.Mount("/home", "/dev/mapper/vg-home", "ext4"),
-          rescue.Mount("/mnt/nfs", "server:/export", "nfs4"), rescue.Mount("/run", "tmpfs", "tmpfs"),
-          rescue.Mount("/srv/bind", "/dev/vda2[/srv/data]", "xfs"),
-          rescue.Mount("/var/lib/snapd/snap/core", "/dev/loop0", "squashfs")]
-
-
-def test_classify_mounts_keeps_disk_filesystems_and_says_why_others_are_out():
-    in_scope, excluded = rescue.classify_mounts(MOUNTS, config(EXCLUDE_MOUNTPOINTS=["/home"]))
+def test_scope_is_the_layouts_mounts_and_every_other_mount_is_left_out_with_a_reason():
+    mounted = [{"target": "/", "fstype": "xfs"}, {"target": "/proc", "fstype": "proc"},
+               {"target": "/boot", "fstype": "xfs"}, {"target": "/mnt/nfs", "fstype": "nfs4"},
+               {"target": "/proc", "fstype": "proc"}]
+    in_scope, excluded = rescue.backup_scope(["/boot", "/"], {"/mnt/nfs": "network filesystem (nfs4)"}, mounted)
     assert in_scope == ["/", "/boot"]
-    reasons = dict(excluded)
-    assert reasons["/home"] == "EXCLUDE_MOUNTPOINTS"
-    assert reasons["/mnt/nfs"].startswith("network filesystem")
-    assert reasons["/run"] == "tmpfs filesystem, not on a disk"
-    assert reasons["/srv/bind"].startswith("bind mount")
-    assert reasons["/var/lib/snapd/snap/core"].startswith("read-only image")
-
-
-def test_parse_findmnt_lets_a_later_mount_hide_an_earlier_one():
-    text = json.dumps({"filesystems": [{"target": "/x", "source": "tmpfs", "fstype": "tmpfs"},
-                                       {"target": "/x", "source": "/dev/sdb1", "fstype": "ext4"}]})
-    assert rescue.parse_findmnt(text) == [rescue.Mount("/x", "/dev/sdb1", "ext4")]
+    assert excluded == [("/mnt/nfs", "network filesystem (nfs4)"), ("/proc", "proc filesystem, not in the layout")]
 
 
 def test_mount_rules_are_deepest_first_and_skip_nested_exclusions():
@@ -65,23 +49,24 @@ def test_mount_rules_are_deepest_first_and_skip_nested_exclusions():
 
 
 def test_selection_orders_own_files_layout_user_patterns_mounts_and_includes():
-    conf = config(BACKUP_DUPLICITY_EXCLUDE=["/tmp", "**/.cache"], VAR_DIR="/var/lib/rescue")
+    conf = config(BACKUP_DUPLICITY_EXCLUDE=["/tmp", "**/.cache"], VAR_DIR="/var/lib/rescue",
+                  LAYOUT_DIR="/var/lib/rescue/layout")
     selection = rescue.backup_selection(["/", "/bo*t"], [("/proc", "proc")], conf,
                                         ["/root/.cache/duplicity", "/srv/back[up]"])
     assert selection.source == "/"
     assert selection.args == [
         "--exclude", "/root/.cache/duplicity", "--exclude", "/srv/back[[]up]",
-        "--include", "/var/lib/rescue",
+        "--include", "/var/lib/rescue", "--include", "/var/lib/rescue/layout",
         "--exclude", "/tmp", "--exclude", "**/.cache",
         "--exclude", "/proc"]
     assert ("/proc", "proc") in selection.excluded
 
 
 def test_selection_with_includes_backs_up_only_them_and_the_layout():
-    conf = config(BACKUP_DUPLICITY_INCLUDE=["/etc", "/home/*/work"])
+    conf = config(BACKUP_DUPLICITY_INCLUDE=["/etc", "/home/*/work"], LAYOUT_DIR="/srv/layout")
     selection = rescue.backup_selection(["/"], [], conf, [])
     assert selection.args[-6:] == ["--include", "/etc", "--include", "/home/*/work", "--exclude", "**"]
-    assert selection.roots == ["/etc", "/home", "/var/lib/rescue"]
+    assert selection.roots == ["/etc", "/home", "/var/lib/rescue", "/srv/layout"]
 
 
 def test_glob_escape_matches_only_the_path_itself():
@@ -297,7 +282,8 @@ class Site:
         self.work = tmp_path / "work"         # TMPDIR: not a parent of src, whose mtimes verify compares
         self.work.mkdir()
         self.gnupghome = keys.home
-        self.settings = {"VAR_DIR": str(self.var), "BACKUP_DUPLICITY_URL": self.url,
+        self.layout = tmp_path / "var/layout"
+        self.settings = {"VAR_DIR": str(self.var), "LAYOUT_DIR": str(self.layout), "BACKUP_DUPLICITY_URL": self.url,
                          "BACKUP_DUPLICITY_INCLUDE": [str(self.src)]}
 
     def write_conf(self):
@@ -353,16 +339,16 @@ def test_backup_prints_statistics_keeps_json_and_prometheus_metrics(site):
 
 
 def test_layout_and_config_are_fetched_from_the_target_without_the_cache(site):
-    (site.var / "layout").mkdir(parents=True)
-    (site.var / "layout/layout.json").write_text('{"version": 1}')
     proc = site.run("mkbackuponly", **public_key(site))
     assert proc.returncode == 0, proc.stderr
+    assert "Saved the disk layout in" in proc.stdout
+    saved = json.loads((site.layout / "layout.json").read_text())
     site.home = site.tmp / "bare-home"          # a bare machine: no duplicity cache
     site.home.mkdir()
     fetched = site.tmp / "fetched"
     proc = site.run("restoreonly", "--layout-only", "--target", fetched)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((fetched / "layout/layout.json").read_text()) == {"version": 1}
+    assert json.loads((fetched / "layout/layout.json").read_text()) == saved
     stored = (fetched / "rescue.conf").read_text()
     assert f"BACKUP_DUPLICITY_URL={site.url}" in stored
     assert ENC_PASSPHRASE not in stored and "BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE=''" in stored
