@@ -326,6 +326,7 @@ def test_backup_prints_statistics_keeps_json_and_prometheus_metrics(site):
     proc = site.run("mkbackuponly", NODE_EXPORTER_TEXTFILE_DIR=str(metrics), **public_key(site))
     assert proc.returncode == 0, proc.stderr
     assert "Backup done (full):" in proc.stdout and "0 errors" in proc.stdout
+    assert re.search(r"^Backup: \d+ files, 1 volumes, \d+ s$", proc.stdout, re.M)     # progress
     assert "--encrypt-key <GPG_KEY>" in proc.stdout and site.keys.enc not in proc.stdout
     record = json.loads((site.var / "last-backup.json").read_text())
     assert record["success"] is True and record["kind"] == "full"
