@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -273,14 +274,15 @@ def compare(bench: Bench, size: int, changed: "callable") -> Dict[str, Dict[str,
 def candidates(bench: Bench, settings: Dict[str, List[str]]) -> Dict[str, Dict[str, float]]:
     """Plain duplicity full backup + restore with each candidate setting."""
     out = {}
-    for name, extra in settings.items():
+    for label, extra in settings.items():
+        name = re.sub(r"\W+", "-", label).strip("-")     # duplicity's rsync backend cannot quote
         clear_caches()
         backup = bench.rear_backup(name, extra)
         stored = stored_bytes(bench.work / f"target-{name}")
         clear_caches()
         restore = bench.rear_restore(name, extra)
-        out[name] = {"backup": backup, "restore": restore, "stored": stored}
-        print(f"  {name:<28} backup {backup:6.1f} s  restore {restore:6.1f} s  stored {stored / 1e6:7.1f} MB",
+        out[label] = {"backup": backup, "restore": restore, "stored": stored}
+        print(f"  {label:<28} backup {backup:6.1f} s  restore {restore:6.1f} s  stored {stored / 1e6:7.1f} MB",
               flush=True)
         shutil.rmtree(bench.work / f"target-{name}")
     return out
