@@ -3030,6 +3030,8 @@ def passphrase(ctx: "Context", purpose: str) -> str:
 
 
 def backup_encryption(ctx: "Context", purpose: str) -> Encryption:
+    if purpose == "backup" and ctx.config.is_true("BACKUP_DUPLICITY_ASK_PASSPHRASE"):
+        ctx.log.say("The duplicity passphrase will be asked for on restore (BACKUP_DUPLICITY_ASK_PASSPHRASE)")
     crypt = encryption(ctx.config, passphrase(ctx, purpose))
     for key in crypt.keys:
         ctx.log.add_secret(key, GPG_KEY_LABEL)

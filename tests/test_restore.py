@@ -98,8 +98,10 @@ def test_point_in_time_restore_across_full_and_incrementals(site):
         assert proc.returncode == 0, proc.stderr
         assert (restored(site, target) / "dir/random.bin").read_bytes() == versions[n]
     target = site.tmp / "latest"
-    assert site.run("restoreonly", "--target", target).returncode == 0
+    proc = site.run("restoreonly", "--target", target, BACKUP_DUPLICITY_TEMP_RAMDISK="true")
+    assert proc.returncode == 0, proc.stderr
     assert_same_tree(site.src, restored(site, target))
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith("rescue-restore-")]
 
 
 def test_asked_passphrase_wrong_or_empty_fails_truthfully(site):
