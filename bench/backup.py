@@ -342,11 +342,11 @@ def candidates(bench: Bench, settings: Dict[str, List[str]]) -> Dict[str, Dict[s
 CANDIDATES = {
     "duplicity defaults (ReaR)": [],
     "compress-level 1": ["--gpg-options=--compress-level 1"],
-    "compress-level 1 + zlib": ["--gpg-options=--compress-level 1 --compress-algo zlib"],
-    "volsize 50": ["--volsize", "50"],
     "volsize 1000": ["--volsize", "1000"],
     "concurrency 1": ["--concurrency", "1"],
-    "level 1 + concurrency 1": ["--gpg-options=--compress-level 1", "--concurrency", "1"],
+    "no-files-changed": ["--no-files-changed"],
+    "verbosity 4": ["-v4"],
+    "level 1 + no-files-changed": ["--gpg-options=--compress-level 1", "--no-files-changed"],
 }
 
 
