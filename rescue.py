@@ -16,32 +16,43 @@ Map of this file (sections in the order data flows):
                       records their outputs or replays a recording
   7. duplicity        where duplicity comes from (bundled in the zipapp, or the system's)
   8. lock             one state-changing workflow at a time
-  9. cli              argparse; each workflow is a short function composing the above
+  9. backup           duplicity command lines (pure), backup, retention, statistics, restore
+ 10. cli              argparse; each workflow is a short function composing the above
 
 Usage: rescue [-c CONFIG_DIR] [-C EXTRA_CONF]... [-v] [-d] [--non-interactive]
               [--expose-secrets] WORKFLOW [args]
 """
 
 import argparse
+import base64
+import collections
+import contextlib
 import dataclasses
+import datetime
 import difflib
 import fcntl
+import gzip
 import importlib.machinery
 import importlib.util
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
+import termios
+import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -83,18 +94,19 @@ class Log:
     def __init__(self, verbose: bool = False, debug: bool = False) -> None:
         self.verbose = verbose
         self.debug_enabled = debug
-        self.secrets: Set[str] = set()
+        self.secrets: Dict[str, str] = {}     # secret value -> what replaces it
         self.path: Optional[Path] = None
         self._file = None
 
-    def add_secret(self, value: str) -> None:
+    def add_secret(self, value: str, label: str = REDACTED) -> None:
+        """Hide value in every message from now on; label replaces it (e.g. <GPG_KEY>)."""
         if value:
-            self.secrets.add(value)
+            self.secrets[value] = label
 
     def redact(self, text: str) -> str:
         # Longest first, so a secret that contains another is replaced whole.
         for secret in sorted(self.secrets, key=len, reverse=True):
-            text = text.replace(secret, REDACTED)
+            text = text.replace(secret, self.secrets[secret])
         return text
 
     def open_file(self, path: Path) -> None:
@@ -857,6 +869,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # What a tool may need from the caller's environment; everything else is left behind.
 PASSED_ENV = ("PATH", "HOME", "TERM", "TMPDIR", "USER", "LOGNAME", "SSH_AUTH_SOCK", "GNUPGHOME", "TZ")
 STDERR_TAIL_LINES = 10
+STREAM_TAIL_LINES = 200
 
 
 @dataclass
@@ -908,8 +921,12 @@ class Runner:
     def run(self, argv: Sequence[str], *, env: Optional[Dict[str, str]] = None,
             input: Optional[str] = None, timeout: Optional[float] = None, check: bool = True,
             capture: bool = True, cwd: Optional[str] = None, readonly: bool = False,
-            inherit_env: bool = False) -> Result:
-        """Run argv. capture=False connects the command to our terminal (interactive tools)."""
+            inherit_env: bool = False, on_line: Optional[Callable[[str], None]] = None) -> Result:
+        """Run argv. capture=False connects the command to our terminal (interactive tools).
+
+        on_line: stream the output (stderr merged into stdout) to this callback, line by line
+        and redacted, as it comes; the Result then holds only the last STREAM_TAIL_LINES lines.
+        """
         argv = [str(a) for a in argv]
         full_env = self.environment(env, inherit_env)
         line = self.command_line(argv, env)
@@ -924,19 +941,51 @@ class Runner:
                 argv, env=full_env, cwd=cwd,
                 stdin=subprocess.PIPE if input is not None else (None if not capture else subprocess.DEVNULL),
                 stdout=subprocess.PIPE if capture else None,
-                stderr=subprocess.PIPE if capture else None,
+                stderr=(subprocess.STDOUT if on_line else subprocess.PIPE) if capture else None,
                 start_new_session=capture)     # own process group: a timeout kills all of it
         except FileNotFoundError as exc:
             raise missing_program(argv[0]) if exc.filename in (argv[0], None) else exc from None
         except PermissionError:
             raise RescueError(f"cannot execute {argv[0]}: permission denied",
                               "check that it is an executable file") from None
-        stdout, stderr = self._communicate(proc, input, timeout, line)
+        if on_line is not None:
+            stdout, stderr = self._stream(proc, on_line, timeout, line), ""
+        else:
+            stdout, stderr = self._communicate(proc, input, timeout, line)
         result = Result(argv, proc.returncode, stdout, stderr, time.monotonic() - started)
         self.log.debug(f"exit code {proc.returncode} after {result.duration:.2f}s")
         if check and proc.returncode != 0:
-            raise CommandError(line, proc.returncode, self.log.redact(stderr))
+            raise CommandError(line, proc.returncode, self.log.redact(stderr or stdout))
         return result
+
+    def _stream(self, proc: "subprocess.Popen", on_line: Callable[[str], None],
+                timeout: Optional[float], line: str) -> str:
+        tail: "collections.deque[str]" = collections.deque(maxlen=STREAM_TAIL_LINES)
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            stop_process(proc)
+
+        timer = threading.Timer(timeout, expire) if timeout else None
+        if timer:
+            timer.start()
+        try:
+            for raw in proc.stdout:
+                text = self.log.redact(raw.decode("utf-8", "surrogateescape").rstrip("\n"))
+                tail.append(text)
+                on_line(text)
+            proc.wait()
+        except BaseException:
+            stop_process(proc)     # Ctrl-C: never leave a half-finished tool running behind us
+            raise
+        finally:
+            if timer:
+                timer.cancel()
+        if expired.is_set():
+            raise RescueError(f"command timed out after {timeout:g}s and was stopped: {line}",
+                              "the device or server may hang; check it, or raise the timeout")
+        return "\n".join(tail)
 
     @staticmethod
     def _communicate(proc: "subprocess.Popen", input: Optional[str], timeout: Optional[float],
@@ -985,6 +1034,9 @@ TOOLS: Dict[str, Tuple[str, str, str]] = {
     "gpg":              ("gnupg",           "gnupg2",          "gpg2"),
     "rsync":            ("rsync",           "rsync",           "rsync"),
     "ssh":              ("openssh-client",  "openssh-clients", "openssh-clients"),
+    "gpgconf":          ("gpgconf",         "gnupg2",          "gpg2"),
+    "findmnt":          ("util-linux",      "util-linux",      "util-linux"),
+    "fallocate":        ("util-linux",      "util-linux",      "util-linux"),
 }
 
 
@@ -2273,7 +2325,1155 @@ class Lock:
 
 
 # =============================================================================================
-# 9. cli
+# 9. backup
+#
+# duplicity does the work; rescue decides what it is given. Pure builders turn the
+# configuration and the mounts into argv lists (selection, encryption, retention, backup,
+# restore); thin helpers below them run those through the Runner and read what duplicity
+# prints (progress, the "Backup Statistics" block, known failures).
+#
+# On the target, "$BACKUP_DUPLICITY_URL/$HOSTNAME" holds the duplicity chain (ReaR's place and
+# --name, so ReaR's chains stay usable) and ".../$HOSTNAME/layout" a second, tiny duplicity
+# chain: one full backup per run of the disk layout and the configuration without its
+# secrets, encrypted like the main chain, so a bare machine can fetch them before it restores.
+# =============================================================================================
+
+DEFAULT_VAR_DIR = "/var/lib/rescue"
+LAYOUT_TARGET = "layout"              # below the host's target URL
+METADATA_FILE = "backup-metadata.jsonl.gz"
+LAST_BACKUP_FILE = "last-backup.json"
+STORED_CONFIG_FILE = "rescue.conf"
+PROMETHEUS_FILE = "rescue_backup.prom"
+GPG_KEY_LABEL = "<GPG_KEY>"
+SSH_SCHEMES = ("rsync", "sftp", "scp", "ssh", "pexpect+sftp", "pexpect+scp", "paramiko+sftp",
+               "paramiko+scp", "fish")
+DURATION_RE = re.compile(r"(now|\d+|(\d+[smhDWMY])+|\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2})?[^ ]*)?)")
+
+
+def var_dir(config: Config) -> Path:
+    return Path(config.get("VAR_DIR") or DEFAULT_VAR_DIR)
+
+
+def backup_host(config: Config) -> str:
+    return config.get("HOSTNAME") or hostname()
+
+
+def backup_url(config: Config) -> str:
+    """Where this host's chain lives: $BACKUP_DUPLICITY_URL/$HOSTNAME, as ReaR does."""
+    base = config.get("BACKUP_DUPLICITY_URL")
+    if not base:
+        raise ConfigError("BACKUP_DUPLICITY_URL is not set",
+                          "set it in local.conf, e.g. BACKUP_DUPLICITY_URL=\"rsync://root@server//srv/backup\"")
+    if "://" not in base:
+        raise ConfigError(f"BACKUP_DUPLICITY_URL is not a URL: {base}",
+                          "write it as scheme://…, e.g. file:///srv/backup or rsync://user@host//path")
+    return base.rstrip("/") + "/" + backup_host(config)
+
+
+def config_words(config: Config, name: str) -> List[str]:
+    """An options variable: an array gives one argument per element; a string is split on
+    whitespace, as ReaR's unquoted $VAR is."""
+    value = config.values.get(name)
+    if isinstance(value, list):
+        return list(value)
+    return (value or "").split()
+
+
+def duplicity_time(config: Config, name: str, value: str) -> str:
+    """A duplicity time value, validated so that a typo fails before anything is removed."""
+    value = value.strip()
+    if value.startswith("--restore-time="):
+        value = value[len("--restore-time="):]
+    if not DURATION_RE.fullmatch(value):
+        raise ConfigError(f"{name}={value!r} is not a duplicity time",
+                          "use e.g. 30D, 6M, 1Y, 2h30m, 2026-01-05 or 2026-01-05T17:56:18")
+    return value
+
+
+def positive_count(name: str, value: str) -> str:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ConfigError(f"{name}={value!r} is not a positive whole number", f"set {name} to e.g. 3")
+    return value.strip()
+
+
+# -- what is backed up ------------------------------------------------------------------------
+
+def backup_scope(layout_mounts: Sequence[str], reasons: Dict[str, str],
+                 mounted: Sequence[Dict[str, object]]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """(in-scope mountpoints: the layout's; [(every other mountpoint now, why it is left out)])."""
+    in_scope = sorted(set(layout_mounts))
+    excluded: Dict[str, str] = {}
+    for entry in mounted:
+        target = str(entry.get("target") or "")
+        if target and target not in in_scope and target not in excluded:
+            fstype = entry.get("fstype") or "unknown"
+            excluded[target] = reasons.get(target) or f"{fstype} filesystem, not in the layout"
+    return in_scope, sorted(excluded.items())
+
+
+def is_under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def nearest_mount(path: str, mountpoints: Sequence[str]) -> Optional[str]:
+    """The deepest other mountpoint that contains path."""
+    parents = [m for m in mountpoints if m != path and is_under(path, m)]
+    return max(parents, key=len) if parents else None
+
+
+def mount_rules(in_scope: Sequence[str], excluded: Sequence[Tuple[str, str]]) -> List[str]:
+    """One-file-system semantics per mountpoint, as duplicity --include/--exclude (first match
+    wins, so the deepest rule comes first). An excluded mount inside another excluded one
+    needs no rule of its own; an in-scope one inside an excluded one needs an --include."""
+    excluded_paths = [path for path, _ in excluded]
+    everything = list(in_scope) + excluded_paths
+    rules: List[Tuple[str, str]] = []
+    for path in excluded_paths:
+        parent = nearest_mount(path, everything)
+        if parent is None or parent not in excluded_paths:
+            rules.append(("--exclude", path))
+    for path in in_scope:
+        parent = nearest_mount(path, everything)
+        if parent is not None and parent in excluded_paths:
+            rules.append(("--include", path))
+    rules.sort(key=lambda rule: (-rule[1].rstrip("/").count("/"), rule[1]))
+    return [word for rule in rules for word in rule]
+
+
+@dataclass
+class Selection:
+    source: str                          # duplicity's source directory
+    args: List[str]                      # --include/--exclude options, in order
+    excluded: List[Tuple[str, str]]      # what is left out and why, for the summary
+    roots: List[str]                     # where the files live (for rescue's own metadata walk)
+
+
+def backup_selection(in_scope: Sequence[str], excluded: Sequence[Tuple[str, str]],
+                     config: Config, own_paths: Sequence[str]) -> Selection:
+    """What duplicity backs up: / and every in-scope filesystem (each one by itself), without
+    other mounts, rescue's own files, the local backup target and BACKUP_DUPLICITY_EXCLUDE;
+    VAR_DIR (the layout) always; only BACKUP_DUPLICITY_INCLUDE when that is set.
+
+    Paths rescue computes are escaped (a mountpoint may contain '*'; duplicity's
+    --filter-literal cannot be used: it rejects every path when the source is /); the user's
+    patterns are duplicity glob patterns.
+    """
+    user_excludes = config.get_list("BACKUP_DUPLICITY_EXCLUDE")
+    includes = config.get_list("BACKUP_DUPLICITY_INCLUDE")
+    args: List[str] = []
+    for path in own_paths:
+        args += ["--exclude", glob_escape(path)]
+    for kept in sorted({str(var_dir(config)), str(layout_dir(config))}):
+        args += ["--include", glob_escape(kept)]
+    args += [w for p in user_excludes for w in ("--exclude", p)]
+    rules = mount_rules(in_scope, excluded)
+    args += [glob_escape(w) if n % 2 else w for n, w in enumerate(rules)]
+    args += [w for p in includes for w in ("--include", p)]
+    if includes or "/" not in in_scope:
+        args += ["--exclude", "**"]
+    ruled = set(rules[1::2])
+    left_out = [(p, "rescue's own files") for p in own_paths]
+    left_out += [(p, why) for p, why in excluded if p in ruled]
+    left_out += [(p, "BACKUP_DUPLICITY_EXCLUDE") for p in user_excludes]
+    roots = [glob_prefix(p) for p in includes] if includes else list(in_scope)
+    return Selection("/", args, left_out, roots + [str(var_dir(config)), str(layout_dir(config))])
+
+
+def glob_escape(path: str) -> str:
+    """A path as a duplicity glob pattern matching only itself ([*] is a literal *)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
+
+
+def glob_prefix(pattern: str) -> str:
+    """The directory part of a pattern before its first wildcard (where a walk must start)."""
+    cut = min([pattern.find(c) for c in "*?[" if c in pattern] or [len(pattern)])
+    head = pattern[:cut]
+    return head if cut == len(pattern) else (head.rsplit("/", 1)[0] or "/")
+
+
+# -- encryption -------------------------------------------------------------------------------
+
+@dataclass
+class Encryption:
+    args: List[str]                      # duplicity's gpg options
+    env: Dict[str, str]                  # PASSPHRASE / SIGN_PASSPHRASE: never on a command line
+    keys: List[str]                      # key ids to check, shown as <GPG_KEY> in logs
+
+
+def encryption(config: Config, passphrase: str) -> Encryption:
+    """Public-key (one or more --encrypt-key, optional --hidden-encrypt-key), symmetric
+    (passphrase only), optional signing (--sign-key with SIGN_PASSPHRASE)."""
+    keys = config.get("BACKUP_DUPLICITY_GPG_ENC_KEY").split()
+    hidden = config.get("BACKUP_DUPLICITY_GPG_HIDDEN_ENC_KEY").split()
+    sign_key = config.get("BACKUP_DUPLICITY_GPG_SIGN_KEY").strip()
+    if "--no-encryption" in config_words(config, "BACKUP_DUPLICITY_OPTIONS"):
+        return Encryption([], {}, [])
+    if not keys and not hidden and not passphrase:
+        raise ConfigError("no encryption is configured for the backup",
+                          "set BACKUP_DUPLICITY_GPG_ENC_KEY (public key) or "
+                          "BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE (symmetric); to store the backup "
+                          "unencrypted on purpose, add --no-encryption to BACKUP_DUPLICITY_OPTIONS")
+    args = [w for k in keys for w in ("--encrypt-key", k)]
+    args += [w for k in hidden for w in ("--hidden-encrypt-key", k)]
+    # Even a public-key backup reads PASSPHRASE (for the metadata of earlier backups): an
+    # empty one keeps duplicity from prompting where nobody can answer.
+    env = {"PASSPHRASE": passphrase}
+    if sign_key:
+        args += ["--sign-key", sign_key]
+        sign_passphrase = config.get("BACKUP_DUPLICITY_GPG_SIGN_PASSPHRASE") or passphrase
+        if not keys and not hidden and sign_passphrase != passphrase:
+            raise ConfigError("with symmetric encryption, duplicity signs only with a key whose passphrase "
+                              "is the encryption passphrase",
+                              "make BACKUP_DUPLICITY_GPG_SIGN_PASSPHRASE equal to the encryption passphrase, "
+                              "or encrypt to a public key (BACKUP_DUPLICITY_GPG_ENC_KEY)")
+        env["SIGN_PASSPHRASE"] = sign_passphrase
+    return Encryption(args, env, keys + hidden + ([sign_key] if sign_key else []))
+
+
+# -- command lines ----------------------------------------------------------------------------
+
+def common_options(config: Config, archive_dir: str, tempdir: Optional[str] = None,
+                   name_suffix: str = "") -> List[str]:
+    """Options every duplicity run of this host gets. The tuning comes before the user's own
+    options, so that BACKUP_DUPLICITY_OPTIONS wins where both set the same one."""
+    args = ["--name", (config.get("BACKUP_DUPLICITY_NAME") or "rear-backup") + name_suffix,
+            "--archive-dir", archive_dir]
+    if tempdir:
+        args += ["--tempdir", tempdir]
+    ssh_options = config.get("BACKUP_DUPLICITY_SSH_OPTIONS")
+    if ssh_options:
+        args.append(f"--ssh-options={ssh_options}")
+    args += config_words(config, "BACKUP_DUPLICITY_TUNING")
+    return args + config_words(config, "BACKUP_DUPLICITY_OPTIONS")
+
+
+def retention_commands(config: Config) -> List[List[str]]:
+    """The remove-* actions configured, in ReaR's order of strictness (each with --force)."""
+    commands = []
+    value = config.get("BACKUP_DUPLICITY_MAX_SETS")
+    if value:
+        commands.append(["remove-all-but-n-full", positive_count("BACKUP_DUPLICITY_MAX_SETS", value)])
+    value = config.get("BACKUP_DUPLICITY_MAX_SETS_KEEP_FULL")
+    if value:
+        commands.append(["remove-all-inc-of-but-n-full",
+                         positive_count("BACKUP_DUPLICITY_MAX_SETS_KEEP_FULL", value)])
+    value = config.get("BACKUP_DUPLICITY_MAX_TIME")
+    if value:
+        commands.append(["remove-older-than", duplicity_time(config, "BACKUP_DUPLICITY_MAX_TIME", value)])
+    return [action + ["--force"] for action in commands]
+
+
+def backup_command(config: Config, selection: Selection, crypt: Encryption, url: str,
+                   archive_dir: str, tempdir: str) -> List[str]:
+    """duplicity's arguments for the backup (full or incremental, as duplicity decides)."""
+    args = ["-v5"] + common_options(config, archive_dir, tempdir) + crypt.args
+    full_if_older = config.get("BACKUP_DUPLICITY_FULL_IF_OLDER_THAN")
+    if full_if_older:
+        args += ["--full-if-older-than",
+                 duplicity_time(config, "BACKUP_DUPLICITY_FULL_IF_OLDER_THAN", full_if_older)]
+    return args + selection.args + [selection.source, url]
+
+
+def restore_time(config: Config, override: Optional[str]) -> Optional[str]:
+    value = override or config.get("BACKUP_DUPLICITY_RESTORE_TIME")
+    if not value:
+        return None
+    name = "--restore-time" if override else "BACKUP_DUPLICITY_RESTORE_TIME"
+    return duplicity_time(config, name, value)
+
+
+def restore_command(config: Config, crypt: Encryption, url: str, target: str, archive_dir: str,
+                    tempdir: str, time_: Optional[str], renames: Sequence[Tuple[str, str]]) -> List[str]:
+    """duplicity's arguments to restore the whole backup into target. --numeric-owner: the
+    rescue system's /etc/passwd is not the original's, so names would map to wrong ids."""
+    args = ["restore", "-v5", "--force", "--numeric-owner"]
+    args += common_options(config, archive_dir, tempdir) + crypt.args
+    if time_:
+        args += ["--restore-time", time_]
+    for old, new in renames:
+        args += ["--rename", old, new]
+    return args + [url, target]
+
+
+# -- reading duplicity's output ---------------------------------------------------------------
+
+STATISTICS_RE = re.compile(r"^(\w+) (-?[0-9.]+)(?: \(.*\))?$")
+# What a failure looks like in duplicity's output, and what to do about it.
+KNOWN_FAILURES = (
+    ("There is no assurance this key belongs", "gpg does not trust the encryption key (ReaR issue #1668)",
+     "trust it once: gpg --edit-key KEY trust (answer 5 for your own key), or "
+     "echo 'FINGERPRINT:6:' | gpg --import-ownertrust"),
+    ("Unusable public key", "gpg cannot use the encryption key (untrusted, expired, revoked, or "
+     "without an encryption subkey)", "check it with: gpg --list-keys KEY"),
+    ("No public key", "the encryption key is not in the keyring",
+     "import it: gpg --import KEY.asc (rescue uses the keyring of $GNUPGHOME or ~/.gnupg)"),
+    ("No secret key", "the secret key needed to decrypt the backup is not in the keyring",
+     "import it: gpg --import SECRET-KEY.asc"),
+    ("Bad session key", "wrong passphrase", "check BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE or the answer typed"),
+    ("Bad passphrase", "wrong passphrase", "check BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE or the answer typed"),
+    ("decryption failed", "gpg could not decrypt the backup (wrong passphrase or key)",
+     "check the passphrase and that the secret key is in the keyring"),
+    ("No space left on device", "a disk is full (the backup target or the temporary directory)",
+     "free space on the target, or keep fewer backups (BACKUP_DUPLICITY_MAX_SETS)"),
+    ("Connection refused", "the backup server refused the connection", "check that sshd runs there and the port"),
+    ("Could not resolve hostname", "the backup server's name does not resolve", "check the host in BACKUP_DUPLICITY_URL"),
+    ("Permission denied", "permission denied (ssh login or a file)", "check the ssh key and the target's permissions"),
+    ("Another duplicity instance is already running", "another duplicity is using this archive directory",
+     "wait for it to finish"),
+)
+
+
+def diagnose(output: str) -> Optional[Tuple[str, str]]:
+    """(what went wrong, what to do) for failures we recognise in duplicity's output."""
+    for needle, what, fix in KNOWN_FAILURES:
+        if needle in output:
+            return what, fix
+    return None
+
+
+def parse_backup_statistics(lines: Sequence[str]) -> Dict[str, float]:
+    """duplicity's "--------------[ Backup Statistics ]--------------" block -> {name: number}."""
+    stats: Dict[str, float] = {}
+    inside = False
+    for line in lines:
+        if "[ Backup Statistics ]" in line:
+            inside, stats = True, {}
+        elif inside and line.startswith("-----"):
+            inside = False
+        elif inside:
+            match = STATISTICS_RE.match(line.strip())
+            if match:
+                number = float(match.group(2))
+                stats[match.group(1)] = int(number) if number.is_integer() and "." not in match.group(2) else number
+    return stats
+
+
+def size_text(size: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if abs(size) < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""
+
+
+def describe_statistics(stats: Dict[str, float], kind: str) -> str:
+    """One readable paragraph of duplicity's statistics."""
+    get = lambda name: stats.get(name, 0)    # noqa: E731
+    elapsed = get("ElapsedTime") or 0.0
+    rate = get("SourceFileSize") / elapsed / 1e6 if elapsed else 0.0
+    return (f"Backup done ({kind}): {get('SourceFiles'):.0f} files, {size_text(get('SourceFileSize'))} "
+            f"in scope; {get('NewFiles'):.0f} new ({size_text(get('NewFileSize'))}), "
+            f"{get('ChangedFiles'):.0f} changed ({size_text(get('ChangedFileSize'))}), "
+            f"{get('DeletedFiles'):.0f} deleted; {size_text(get('TotalDestinationSizeChange'))} "
+            f"stored in {elapsed:.1f} s ({rate:.1f} MB/s read); {get('Errors'):.0f} errors")
+
+
+class DuplicityOutput:
+    """Reads duplicity -v5 output as it comes: everything goes to the log; the console gets
+    progress (one updating line on a terminal, else a line per volume) and warnings."""
+
+    FILE_LINE = re.compile(r"^[AMD] ")
+    VOLUME_LINE = re.compile(r"^Processed volume (\d+)")
+    RESTORE_LINE = re.compile(r"^Writing .* of type ")
+
+    def __init__(self, log: Log, what: str, ansi: bool, interval: float) -> None:
+        self.log, self.what, self.ansi, self.interval = log, what, ansi, interval
+        self.lines: List[str] = []           # the statistics block and warnings, not every file
+        self.files = 0
+        self.volumes = 0
+        self.full = False
+        self.started = time.monotonic()
+        self.shown = 0.0
+        self.warnings = 0
+
+    def __call__(self, line: str) -> None:
+        if self.FILE_LINE.match(line) or self.RESTORE_LINE.match(line):
+            self.files += 1
+            self.log.debug(line)
+        else:
+            self.log.info(line)
+            self.lines.append(line)
+            self.note(line)
+        self.progress()
+
+    def note(self, line: str) -> None:
+        match = self.VOLUME_LINE.match(line)
+        if match:
+            self.volumes = int(match.group(1))
+            self.progress(volume_done=True)
+        elif "switching to full backup" in line or "Last full backup date: none" in line:
+            self.full = True
+        elif line.startswith("RESTART:"):
+            self.clear_line()
+            self.log.say(f"Resuming the interrupted backup ({line[len('RESTART:'):].strip()})")
+        elif line.startswith(("Warning", "Error ")) and self.warnings < 20:
+            self.warnings += 1
+            self.clear_line()
+            self.log.warn(f"duplicity: {line}")
+
+    def progress(self, volume_done: bool = False) -> None:
+        now = time.monotonic()
+        elapsed = now - self.started
+        text = f"{self.what}: {self.files} files, {self.volumes} volumes, {elapsed:.0f} s"
+        if self.ansi and now - self.shown >= self.interval:
+            self.shown = now
+            sys.stdout.write("\r\033[K" + text)
+            sys.stdout.flush()
+        elif volume_done and not self.ansi:
+            print(text, flush=True)
+
+    def clear_line(self) -> None:
+        if self.ansi:
+            sys.stdout.write("\r\033[K")
+            sys.stdout.flush()
+
+    def tail(self, count: int = 15) -> str:
+        return "\n".join(self.lines[-count:])
+
+
+# -- rescue's own record of what duplicity does not keep --------------------------------------
+#
+# duplicity stores neither extended attributes (so no POSIX ACLs, SELinux labels or file
+# capabilities), nor hard links (each name becomes a copy), nor holes (sparse files come back
+# full), and it does not restore the mtime of symbolic links. rescue walks the same filesystems before the backup, writes what duplicity would lose
+# to VAR_DIR/backup-metadata.jsonl.gz (inside the backup), and puts it back after a restore.
+
+def walk_filesystem(root: str, mountpoints: Set[str], skip: Sequence[str]) -> "Iterator[Tuple[str, os.stat_result]]":
+    """root and everything below it, not descending into other mountpoints or skipped paths."""
+    try:
+        yield root, os.lstat(root)
+    except OSError:
+        return
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            path = entry.path
+            if path in mountpoints or any(is_under(path, s) for s in skip):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            yield path, st
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(path)
+
+
+def metadata_records(path: str, st: os.stat_result, links: Dict[Tuple[int, int], List[str]]) -> List[dict]:
+    records = []
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        names = []
+    attrs = {}
+    for name in names:
+        try:
+            attrs[name] = base64.b64encode(os.getxattr(path, name, follow_symlinks=False)).decode()
+        except OSError:
+            continue
+    if attrs:
+        records.append({"xattr": path, "attrs": attrs})
+    if stat.S_ISLNK(st.st_mode):
+        records.append({"symlink": path, "mtime_ns": st.st_mtime_ns})
+    elif stat.S_ISREG(st.st_mode):
+        if st.st_nlink > 1:
+            links.setdefault((st.st_dev, st.st_ino), []).append(path)
+        if st.st_size > 4096 and st.st_blocks * 512 < st.st_size:
+            records.append({"sparse": path, "mtime_ns": st.st_mtime_ns})
+    return records
+
+
+def walk_roots(roots: Sequence[str], mountpoints: Sequence[str]) -> List[str]:
+    """The roots to walk: each mountpoint, and each other root not inside another root."""
+    unique = sorted(set(roots))
+    return [r for r in unique
+            if r in mountpoints or not any(o != r and is_under(r, o) for o in unique)]
+
+
+def collect_metadata(roots: Sequence[str], mountpoints: Sequence[str], skip: Sequence[str],
+                     out: Path) -> Dict[str, int]:
+    """Write the xattrs, hard-link groups and sparse files under roots to out (gzip'd JSON lines)."""
+    counts = {"xattr": 0, "links": 0, "sparse": 0, "symlink": 0}
+    links: Dict[Tuple[int, int], List[str]] = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    with gzip.open(str(partial), "wt", encoding="ascii", compresslevel=6) as stream:
+        for root in walk_roots(roots, mountpoints):
+            others = set(mountpoints) - {root}
+            for path, st in walk_filesystem(root, others, skip):
+                for record in metadata_records(path, st, links):
+                    counts[next(iter(record))] += 1
+                    stream.write(json.dumps(record) + "\n")
+        for paths in links.values():
+            if len(paths) > 1:
+                counts["links"] += 1
+                stream.write(json.dumps({"links": sorted(paths)}) + "\n")
+    os.chmod(str(partial), 0o600)
+    os.replace(str(partial), str(out))
+    return counts
+
+
+def read_metadata(path: Path) -> List[dict]:
+    with gzip.open(str(path), "rt", encoding="ascii") as stream:
+        return [json.loads(line) for line in stream if line.strip()]
+
+
+def below(target: Path, path: str) -> str:
+    return os.path.join(str(target), path.lstrip("/"))
+
+
+def apply_metadata(runner: Runner, target: Path, records: Sequence[dict]) -> Dict[str, int]:
+    """Symlink times; holes before xattrs (punching one clears file capabilities); hard links."""
+    done = {"sparse": 0, "xattr": 0, "links": 0, "symlink": 0, "failed": 0}
+    for record in (r for r in records if "symlink" in r):
+        path = below(target, record["symlink"])
+        if os.path.islink(path):
+            os.utime(path, ns=(os.lstat(path).st_atime_ns, record["mtime_ns"]), follow_symlinks=False)
+            done["symlink"] += 1
+    for record in (r for r in records if "sparse" in r):
+        path = below(target, record["sparse"])
+        if os.path.isfile(path) and not os.path.islink(path):
+            runner.run(["fallocate", "--dig-holes", path])
+            os.utime(path, ns=(os.lstat(path).st_atime_ns, record["mtime_ns"]), follow_symlinks=False)
+            done["sparse"] += 1
+    for record in (r for r in records if "xattr" in r):
+        path = below(target, record["xattr"])
+        for name, value in record["attrs"].items():
+            try:
+                os.setxattr(path, name, base64.b64decode(value), follow_symlinks=False)
+                done["xattr"] += 1
+            except OSError as exc:
+                done["failed"] += 1
+                runner.log.debug(f"cannot set {name} on {path}: {exc.strerror}")
+    for record in (r for r in records if "links" in r):
+        done["links"] += relink([below(target, p) for p in record["links"]])
+    return done
+
+
+def relink(paths: Sequence[str]) -> int:
+    """Make paths[1:] hard links of paths[0] again, keeping their directories' times."""
+    first = paths[0]
+    if not os.path.isfile(first) or os.path.islink(first):
+        return 0
+    for other in paths[1:]:
+        parent = os.path.dirname(other)
+        if not os.path.lexists(other) or os.path.samefile(first, other):
+            continue
+        times = os.lstat(parent)
+        temporary = other + ".rescue-link"
+        try:
+            os.link(first, temporary)      # fails across filesystems: then the copy stays
+        except OSError:
+            continue
+        os.replace(temporary, other)
+        os.utime(parent, ns=(times.st_atime_ns, times.st_mtime_ns))
+    return 1
+
+
+# -- the edges: mounts, keys, target, state files ---------------------------------------------
+
+def mounted_now(runner: Runner) -> List[Dict[str, object]]:
+    result = runner.run(["findmnt", "-J", "-l", "-o", "TARGET,SOURCE,FSTYPE"], readonly=True)
+    return parse_findmnt(result.stdout)
+
+
+def mounts_to_back_up(ctx: "Context", layout: "Layout") -> Tuple[List[str], List[Tuple[str, str]]]:
+    """The layout's filesystems, and every other mount with why it is left out."""
+    reasons = {item.what: item.reason for item in layout.excluded if item.kind == "mount"}
+    return backup_scope([m.mountpoint for m in layout.mounts], reasons, mounted_now(ctx.runner))
+
+
+def saved_layout(config: Config) -> "Layout":
+    path = layout_dir(config) / "layout.json"
+    try:
+        return layout_from_json(path.read_text(), str(path))
+    except OSError as exc:
+        raise RescueError(f"no saved layout ({path}: {exc.strerror})",
+                          "run rescue mkbackuponly (or savelayout) first") from None
+
+
+def default_archive_dir() -> str:
+    """duplicity's own default (its cache of the chain's metadata), made explicit so that it
+    can be excluded from the backup."""
+    return str(Path(os.environ.get("HOME") or "/root") / ".cache" / "duplicity")
+
+
+def local_target(url: str) -> Optional[str]:
+    """The directory of a file:// URL (it must not back itself up)."""
+    if not url.startswith("file://"):
+        return None
+    return os.path.abspath(urllib.parse.unquote(url[len("file://"):]))
+
+
+def ssh_mkdir_command(url: str, ssh_options: str) -> Optional[List[str]]:
+    """`ssh … mkdir -p PATH` for a target reached over ssh, from the URL itself (duplicity
+    fails when the directory is missing). None for other URLs and rsync daemon modules."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in SSH_SCHEMES or "::" in url or not parsed.hostname:
+        return None
+    path = parsed.path
+    path = "/" + path.lstrip("/") if path.startswith("//") else path.lstrip("/")
+    if not path:
+        return None
+    login = f"{parsed.username}@{parsed.hostname}" if parsed.username else parsed.hostname
+    port = ["-p", str(parsed.port)] if parsed.port else []
+    return ["ssh", "-oBatchMode=yes"] + port + shlex.split(ssh_options) + [
+        login, "mkdir -p -- " + shlex.quote(urllib.parse.unquote(path))]
+
+
+def prepare_target(ctx: "Context", url: str) -> None:
+    """Create the target directory (ReaR: "Checking backup-path at server ...")."""
+    path = local_target(url)
+    if path:
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise RescueError(f"cannot create the backup directory {path}: {exc.strerror}",
+                              "check BACKUP_DUPLICITY_URL and the permissions there") from None
+        return
+    argv = ssh_mkdir_command(url, ctx.config.get("BACKUP_DUPLICITY_SSH_OPTIONS"))
+    if argv:
+        ctx.log.info(f"Checking the backup directory at {urllib.parse.urlsplit(url).hostname}")
+        result = ctx.runner.run(argv, check=False, timeout=120)
+        if result.returncode != 0:
+            found = diagnose(result.stderr)
+            raise RescueError(f"cannot create the backup directory on the server: "
+                              f"{found[0] if found else 'ssh exited with ' + str(result.returncode)}",
+                              (found[1] + "; " if found else "") + "ssh said: " +
+                              " ".join(result.stderr.strip().splitlines()[-2:]))
+
+
+def key_problem(kind: str, listing: str) -> Optional[Tuple[str, str]]:
+    """What is wrong with a key for kind ("encrypt" or "sign"), from `gpg --with-colons`."""
+    pub = next((line.split(":") for line in listing.splitlines() if line.startswith(("pub:", "sec:"))), None)
+    if pub is None:
+        return ("is not in the keyring",
+                "import it (gpg --import KEY.asc); rescue uses the keyring of $GNUPGHOME or ~/.gnupg")
+    validity, capabilities = pub[1], pub[11] if len(pub) > 11 else ""
+    if validity in ("e", "r", "d"):
+        return ({"e": "has expired", "r": "is revoked", "d": "is disabled"}[validity],
+                "use another key, or extend it: gpg --quick-set-expire FINGERPRINT 1y")
+    if ("E" if kind == "encrypt" else "S") not in capabilities:
+        return (f"cannot {kind} (it has no usable {kind}ion subkey)",
+                f"add one: gpg --quick-add-key FINGERPRINT default {'encr' if kind == 'encrypt' else 'sign'}")
+    if validity not in ("u", "f"):
+        return ("is not trusted by gpg, which then refuses to use it (ReaR issue #1668)",
+                "if it is yours, trust it: gpg --edit-key KEY trust, answer 5, quit; or "
+                "echo FINGERPRINT:6: | gpg --import-ownertrust")
+    return None
+
+
+def check_gpg_keys(ctx: "Context") -> None:
+    """Fail before anything is removed or sent when a configured key cannot be used."""
+    config = ctx.config
+    wanted = [("BACKUP_DUPLICITY_GPG_ENC_KEY", "encrypt", k) for k in config.get("BACKUP_DUPLICITY_GPG_ENC_KEY").split()]
+    wanted += [("BACKUP_DUPLICITY_GPG_HIDDEN_ENC_KEY", "encrypt", k)
+               for k in config.get("BACKUP_DUPLICITY_GPG_HIDDEN_ENC_KEY").split()]
+    wanted += [("BACKUP_DUPLICITY_GPG_SIGN_KEY", "sign", k) for k in config.get("BACKUP_DUPLICITY_GPG_SIGN_KEY").split()]
+    for variable, kind, key in wanted:
+        listing = "--list-secret-keys" if kind == "sign" else "--list-keys"
+        result = ctx.runner.run(["gpg", "--batch", "--with-colons", listing, "--", key],
+                                check=False, readonly=True)
+        problem = key_problem(kind, result.stdout)
+        if problem:
+            raise RescueError(f"the GPG key in {variable} ({key}) {problem[0]}", problem[1])
+
+
+def ask_secret(prompt: str, timeout: float) -> str:
+    """Read one line without echo (on a terminal), giving up after timeout seconds."""
+    stream = sys.stdin
+    old = termios.tcgetattr(stream.fileno()) if stream.isatty() else None
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    try:
+        if old is not None:
+            quiet = list(old)
+            quiet[3] &= ~termios.ECHO
+            termios.tcsetattr(stream.fileno(), termios.TCSADRAIN, quiet)
+        ready, _, _ = select.select([stream], [], [], timeout)
+        answer = stream.readline() if ready else None
+    finally:
+        if old is not None:
+            termios.tcsetattr(stream.fileno(), termios.TCSADRAIN, old)
+        sys.stderr.write("\n")
+    if answer is None:
+        raise RescueError(f"no answer within {timeout:g} seconds", "run again and type the passphrase")
+    return answer.rstrip("\n")
+
+
+def passphrase(ctx: "Context", purpose: str) -> str:
+    """The configured passphrase, or (BACKUP_DUPLICITY_ASK_PASSPHRASE on restore, or none
+    configured where one is needed) the one typed in."""
+    config = ctx.config
+    configured = config.get("BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE")
+    symmetric = not (config.get("BACKUP_DUPLICITY_GPG_ENC_KEY") or config.get("BACKUP_DUPLICITY_GPG_HIDDEN_ENC_KEY"))
+    asking = (purpose == "restore" and config.is_true("BACKUP_DUPLICITY_ASK_PASSPHRASE")) or (
+        symmetric and not configured)
+    if not asking or "--no-encryption" in config_words(config, "BACKUP_DUPLICITY_OPTIONS"):
+        return configured
+    if ctx.args.non_interactive:
+        if configured:
+            return configured
+        raise RescueError(f"the duplicity passphrase is needed for the {purpose}, and --non-interactive forbids asking",
+                          "set BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE, or run without --non-interactive")
+    timeout = float(config.get("USER_INPUT_TIMEOUT") or 300)
+    answer = ask_secret(f"Enter the duplicity passphrase for the {purpose} [{timeout:g} secs]: ", timeout)
+    if not answer:
+        raise RescueError(f"no passphrase given: the {purpose} is aborted", "run again and type the passphrase")
+    ctx.log.add_secret(answer)
+    return answer
+
+
+def backup_encryption(ctx: "Context", purpose: str) -> Encryption:
+    if purpose == "backup" and ctx.config.is_true("BACKUP_DUPLICITY_ASK_PASSPHRASE"):
+        ctx.log.say("The duplicity passphrase will be asked for on restore (BACKUP_DUPLICITY_ASK_PASSPHRASE)")
+    crypt = encryption(ctx.config, passphrase(ctx, purpose))
+    for key in crypt.keys:
+        ctx.log.add_secret(key, GPG_KEY_LABEL)
+    return crypt
+
+
+def config_without_secrets(config: Config) -> str:
+    """The effective configuration as a file rescue can load again (-C), secrets left empty."""
+    lines = [f"# rescue {__version__}: the configuration of {backup_host(config)} at backup time.",
+             "# Secret values are not stored: set them again before using this file."]
+    for name in sorted(config.values):
+        value = config.values[name]
+        if config.is_secret(name) and value:
+            lines.append(f"{name}=''    # secret, not stored")
+        else:
+            lines.append(f"{name}={format_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file readable by root only, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(str(partial), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        stream.write(text)
+    os.replace(str(partial), str(path))
+
+
+# -- statistics and metrics -------------------------------------------------------------------
+
+def backup_record(stats: Dict[str, float], kind: str, url: str, started: float, ended: float,
+                  returncode: int, previous: Dict[str, object]) -> Dict[str, object]:
+    """What /var/lib/rescue/last-backup.json keeps about the last run."""
+    success = returncode == 0
+    return {
+        "success": success, "exit_code": returncode, "kind": kind, "url": url,
+        "start_time": started, "end_time": ended, "duration": round(ended - started, 3),
+        "last_success_time": ended if success else previous.get("last_success_time"),
+        "statistics": stats,
+    }
+
+
+def prometheus_text(record: Dict[str, object], host: str) -> str:
+    """node_exporter textfile metrics of the last backup."""
+    stats = record.get("statistics") or {}
+    label = '{host="%s"}' % host.replace("\\", "\\\\").replace('"', '\\"')
+    metrics = [
+        ("rescue_backup_last_run_timestamp_seconds", "End of the last backup run.", record["end_time"]),
+        ("rescue_backup_last_run_success", "1 if the last backup run succeeded.", int(bool(record["success"]))),
+        ("rescue_backup_last_success_timestamp_seconds", "End of the last successful backup.",
+         record.get("last_success_time") or 0),
+        ("rescue_backup_duration_seconds", "Duration of the last backup run.", record["duration"]),
+        ("rescue_backup_source_files", "Files in scope of the last backup.", stats.get("SourceFiles", 0)),
+        ("rescue_backup_source_bytes", "Bytes in scope of the last backup.", stats.get("SourceFileSize", 0)),
+        ("rescue_backup_new_bytes", "Bytes of new files in the last backup.", stats.get("NewFileSize", 0)),
+        ("rescue_backup_changed_bytes", "Bytes of changed files in the last backup.", stats.get("ChangedFileSize", 0)),
+        ("rescue_backup_stored_bytes", "Bytes the last backup added to the target.",
+         stats.get("TotalDestinationSizeChange", 0)),
+        ("rescue_backup_errors", "Errors duplicity reported in the last backup.", stats.get("Errors", 0)),
+    ]
+    lines = []
+    for name, help_text, value in metrics:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name}{label} {value}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_in_place(path: Path, text: str) -> None:
+    """Rewrite an existing file without creating a new one, so its directory (which is backed
+    up, and compared by verify) keeps its mtime."""
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        stream.truncate()
+        stream.write(text)
+
+
+def save_backup_record(ctx: "Context", record: Dict[str, object]) -> None:
+    write_in_place(var_dir(ctx.config) / LAST_BACKUP_FILE, json.dumps(record, indent=2) + "\n")
+    directory = ctx.config.get("NODE_EXPORTER_TEXTFILE_DIR")
+    if directory:
+        text = prometheus_text(record, backup_host(ctx.config))
+        path = Path(directory) / PROMETHEUS_FILE
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        os.chmod(str(partial), 0o644)
+        os.replace(str(partial), str(path))
+
+
+def previous_record(config: Config) -> Dict[str, object]:
+    try:
+        return json.loads((var_dir(config) / LAST_BACKUP_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+# -- running duplicity ------------------------------------------------------------------------
+
+def duplicity_run(ctx: "Context", args: Sequence[str], crypt: Encryption, what: str,
+                  env: Optional[Dict[str, str]] = None) -> Tuple[int, DuplicityOutput]:
+    """Run duplicity, streaming its output to the log and progress to the console."""
+    prefix, base_env = duplicity_command(ctx.config)
+    full_env = dict(base_env, **crypt.env, **(env or {}))
+    ansi = sys.stdout.isatty() and ctx.config.get("PROGRESS_MODE", "ANSI").upper() == "ANSI"
+    interval = float(ctx.config.get("PROGRESS_WAIT_SECONDS") or 1)
+    output = DuplicityOutput(ctx.log, what, ansi, interval)
+    result = ctx.runner.run(prefix + list(args), env=full_env, check=False, on_line=output)
+    output.clear_line()
+    return result.returncode, output
+
+
+def duplicity_failure(what: str, returncode: int, output: DuplicityOutput, log: Log) -> RescueError:
+    found = diagnose("\n".join(output.lines))
+    cause = f": {found[0]}" if found else ""
+    hint = (found[1] + "\n" if found else "") + "duplicity's last output:\n" + output.tail()
+    if log.path:
+        hint += f"\nthe whole output is in {log.path}"
+    return RescueError(f"{what} failed (duplicity exit code {returncode}){cause}", hint)
+
+
+def run_checked(ctx: "Context", args: Sequence[str], crypt: Encryption, what: str,
+                env: Optional[Dict[str, str]] = None) -> DuplicityOutput:
+    returncode, output = duplicity_run(ctx, args, crypt, what, env)
+    if returncode != 0:
+        raise duplicity_failure(what[0].lower() + what[1:], returncode, output, ctx.log)
+    return output
+
+
+def run_retention(ctx: "Context", url: str, crypt: Encryption, archive_dir: str) -> None:
+    for action in retention_commands(ctx.config):
+        ctx.log.say(f"Removing old backups: {' '.join(action[:2])}")
+        run_checked(ctx, action + ["-v4"] + common_options(ctx.config, archive_dir) + crypt.args + [url],
+                    crypt, "removing old backups")
+
+
+def upload_layout(ctx: "Context", url: str, crypt: Encryption, archive_dir: str, workdir: Path) -> None:
+    """A full backup of the layout and the configuration (no secrets) to URL/layout."""
+    staging = workdir / "layout-upload"
+    staging.mkdir(mode=0o700)
+    layout = layout_dir(ctx.config)
+    if layout.is_dir():
+        shutil.copytree(str(layout), str(staging / "layout"), symlinks=True)
+    write_private(staging / STORED_CONFIG_FILE, config_without_secrets(ctx.config))
+    ctx.log.say(f"Storing the layout and configuration in {url}/{LAYOUT_TARGET}")
+    args = ["full", "-v4", "--allow-source-mismatch"]
+    args += common_options(ctx.config, archive_dir, str(workdir), name_suffix="-layout") + crypt.args
+    run_checked(ctx, args + [str(staging), f"{url}/{LAYOUT_TARGET}"], crypt, "storing the layout")
+    max_time = ctx.config.get("BACKUP_DUPLICITY_MAX_TIME")
+    if max_time:
+        args = ["remove-older-than", duplicity_time(ctx.config, "BACKUP_DUPLICITY_MAX_TIME", max_time),
+                "--force", "-v4"] + common_options(ctx.config, archive_dir, name_suffix="-layout")
+        run_checked(ctx, args + crypt.args + [f"{url}/{LAYOUT_TARGET}"], crypt, "removing old layouts")
+
+
+def own_paths(config: Config, archive_dir: str, workdir: Path) -> List[str]:
+    """rescue's and duplicity's own files, never backed up."""
+    paths = [archive_dir, str(workdir), str(var_dir(config) / LAST_BACKUP_FILE)]
+    target = local_target(config.get("BACKUP_DUPLICITY_URL"))
+    return paths + ([target] if target else [])
+
+
+def run_backup(ctx: "Context", url: str, crypt: Encryption, selection: Selection, archive_dir: str,
+               workdir: Path) -> int:
+    args = backup_command(ctx.config, selection, crypt, url, archive_dir, str(workdir / "tmp"))
+    (workdir / "tmp").mkdir()
+    ctx.log.say("Running: duplicity " + ctx.log.redact(" ".join(shlex.quote(a) for a in args)))
+    previous = previous_record(ctx.config)
+    started = time.time()
+    returncode, output = duplicity_run(ctx, args, crypt, "Backup")
+    stats = parse_backup_statistics(output.lines)
+    kind = "full" if output.full else ("incremental" if stats else "unknown")
+    record = backup_record(stats, kind, ctx.log.redact(url), started, time.time(), returncode, previous)
+    save_backup_record(ctx, record)
+    if returncode != 0:
+        raise duplicity_failure("the backup", returncode, output, ctx.log)
+    ctx.log.say(describe_statistics(stats, kind) if stats else "Backup done (duplicity printed no statistics)")
+    if stats.get("Errors"):
+        ctx.log.warn(f"duplicity reported {stats['Errors']:.0f} errors (files it could not read); see {ctx.log.path}")
+    return 0
+
+
+def save_layout_for_backup(ctx: "Context") -> "Layout":
+    """savelayout, as the first step of every backup: the backup carries the current layout,
+    and the layout decides what is backed up."""
+    captured = capture_layout(Probe(ctx.runner), ctx.config, hostname())
+    for item in captured.layout.unsupported:
+        ctx.log.warn(f"{item.what}: {item.reason}")
+    save_layout_files(captured, layout_dir(ctx.config))
+    ctx.log.say(f"Saved the disk layout in {layout_dir(ctx.config)}")
+    return captured.layout
+
+
+@contextlib.contextmanager
+def work_directory(prefix: str, parent: Optional[str] = None) -> "Iterator[Path]":
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(str(path), ignore_errors=True)
+
+
+def make_backup(ctx: "Context") -> int:
+    config = ctx.config
+    url = backup_url(config)
+    crypt = backup_encryption(ctx, "backup")
+    check_gpg_keys(ctx)
+    layout = save_layout_for_backup(ctx)
+    ctx.log.say(f"Creating duplicity archives on '{ctx.log.redact(url)}'")
+    prepare_target(ctx, url + "/" + LAYOUT_TARGET)
+    archive_dir = default_archive_dir()
+    with work_directory("rescue-backup-") as workdir:
+        in_scope, excluded = mounts_to_back_up(ctx, layout)
+        selection = backup_selection(in_scope, excluded, config, own_paths(config, archive_dir, workdir))
+        ctx.log.say("Backing up: " + ", ".join(in_scope))
+        ctx.log.info("Leaving out: " + ", ".join(f"{p} ({why})" for p, why in selection.excluded))
+        run_retention(ctx, url, crypt, archive_dir)
+        write_private(var_dir(config) / STORED_CONFIG_FILE, config_without_secrets(config))
+        if not (var_dir(config) / LAST_BACKUP_FILE).exists():
+            write_in_place(var_dir(config) / LAST_BACKUP_FILE, "{}\n")   # before the backup sees VAR_DIR
+        counts = collect_metadata(selection.roots, in_scope + [p for p, _ in excluded],
+                                  own_paths(config, archive_dir, workdir), var_dir(config) / METADATA_FILE)
+        ctx.log.info(f"Recorded what duplicity does not keep: {counts}")
+        upload_layout(ctx, url, crypt, archive_dir, workdir)
+        return run_backup(ctx, url, crypt, selection, archive_dir, workdir)
+
+
+# -- restore ----------------------------------------------------------------------------------
+#
+# duplicity 3.x refuses to restore into a directory that is not empty, even with --force, and
+# recovery restores into /mnt/local where the child filesystems (/boot, /home, …) are already
+# mounted. So duplicity restores into an empty staging directory on the target's root
+# filesystem, with --rename sending each top-level name that holds a mountpoint (boot, home,
+# var, …) through "../NAME" into the real tree: every byte is written once, onto the
+# filesystem it belongs to. Afterwards the other top-level names are renamed from the staging
+# directory into place (same filesystem: no copying) and the root's own attributes copied.
+
+def redirected_names(target: str, mountpoints: Sequence[str]) -> List[str]:
+    """Top-level names under target that are, or contain, a mountpoint."""
+    names = set()
+    for mount in mountpoints:
+        if mount != target and is_under(mount, target):
+            names.add(mount[len(target.rstrip("/")) + 1:].split("/")[0])
+    return sorted(names)
+
+
+def unexpected_entries(entries: Dict[str, bool], redirected: Sequence[str]) -> List[str]:
+    """Names in the target (name -> is an empty directory) that a restore would collide with."""
+    return sorted(name for name, empty_dir in entries.items()
+                  if name not in redirected and not empty_dir and not name.startswith(".rescue-"))
+
+
+def target_entries(target: Path) -> Dict[str, bool]:
+    entries = {}
+    for entry in os.scandir(str(target)):
+        empty = entry.is_dir(follow_symlinks=False) and not any(os.scandir(entry.path))
+        entries[entry.name] = empty
+    return entries
+
+
+def move_into_place(staging: Path, target: Path) -> None:
+    """Rename what duplicity restored into staging up into target (the same filesystem)."""
+    for entry in os.scandir(str(staging)):
+        destination = target / entry.name
+        if os.path.lexists(str(destination)):
+            if destination.is_dir() and not destination.is_symlink() and not any(os.scandir(str(destination))):
+                destination.rmdir()
+            else:
+                raise RescueError(f"cannot put the restored {entry.name} into {target}: it exists there",
+                                  "restore into an empty directory or freshly made filesystems")
+        os.rename(entry.path, str(destination))
+
+
+def copy_root_attributes(source: os.stat_result, target: Path) -> None:
+    os.chown(str(target), source.st_uid, source.st_gid)
+    os.chmod(str(target), stat.S_IMODE(source.st_mode))
+    os.utime(str(target), ns=(source.st_atime_ns, source.st_mtime_ns))
+
+
+@contextlib.contextmanager
+def private_gnupg_home(runner: Runner) -> "Iterator[Dict[str, str]]":
+    """HOME and GNUPGHOME pointing at a temporary copy of the keyring, outside the target:
+    gpg writes into its home (trustdb, agent sockets), which may be read-only in the rescue
+    system, and nothing of it must be left on the restored disk."""
+    home = Path(tempfile.mkdtemp(prefix="rescue-home-", dir="/run" if os.access("/run", os.W_OK) else None))
+    gnupg = home / ".gnupg"
+    source = Path(os.environ.get("GNUPGHOME") or Path(os.environ.get("HOME") or "/root") / ".gnupg")
+    if source.is_dir():
+        shutil.copytree(str(source), str(gnupg), symlinks=True,
+                        ignore=shutil.ignore_patterns("S.*", "*.lock", ".#*", "random_seed"))
+    else:
+        gnupg.mkdir()
+    os.chmod(str(gnupg), 0o700)
+    env = {"HOME": str(home), "GNUPGHOME": str(gnupg)}
+    try:
+        yield env
+    finally:
+        try:
+            runner.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False, timeout=30)
+        except RescueError as exc:
+            runner.log.debug(f"could not stop the temporary gpg-agent: {exc.message}")
+        shutil.rmtree(str(home), ignore_errors=True)
+
+
+def restore_workspace(config: Config, target: Path) -> "contextlib.AbstractContextManager[Path]":
+    """duplicity's temporary files: on a tmpfs with BACKUP_DUPLICITY_TEMP_RAMDISK, else on the
+    target's filesystem (where there is room for a volume)."""
+    if config.is_true("BACKUP_DUPLICITY_TEMP_RAMDISK"):
+        return work_directory("rescue-restore-", "/dev/shm" if os.path.isdir("/dev/shm") else None)
+    return work_directory(".rescue-tmp-", str(target))
+
+
+def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
+    """Restore the backup (latest, or as of time_) into target, which may be a tree of
+    mountpoints; then put back what duplicity does not keep. Returns the files written."""
+    url = backup_url(ctx.config)
+    target.mkdir(parents=True, exist_ok=True)
+    target = target.resolve()
+    redirected = redirected_names(str(target), [str(m["target"]) for m in mounted_now(ctx.runner)])
+    clash = unexpected_entries(target_entries(target), redirected)
+    if clash:
+        raise RescueError(f"the restore target {target} is not empty: {', '.join(clash[:5])}",
+                          "restore into an empty directory, or a tree of freshly made filesystems")
+    crypt = backup_encryption(ctx, "restore")
+    with private_gnupg_home(ctx.runner) as home, restore_workspace(ctx.config, target) as work:
+        staging = Path(tempfile.mkdtemp(prefix=".rescue-restore-", dir=str(target)))
+        try:
+            args = restore_command(ctx.config, crypt, url, str(staging), str(work / "archive"),
+                                   str(work), time_, [(n, "../" + n) for n in redirected])
+            ctx.log.say(f"Restoring from '{ctx.log.redact(url)}' into {target}"
+                        + (f" as of {time_}" if time_ else ""))
+            output = run_checked(ctx, args, crypt, "Restore", env=home)
+            move_into_place(staging, target)
+            root = os.lstat(str(staging))
+        finally:
+            shutil.rmtree(str(staging), ignore_errors=True)
+    sidecar = Path(below(target, str(var_dir(ctx.config) / METADATA_FILE)))
+    if sidecar.is_file():
+        done = apply_metadata(ctx.runner, target, read_metadata(sidecar))
+        ctx.log.info(f"Restored what duplicity does not keep: {done}")
+        if done["failed"]:
+            ctx.log.warn(f"{done['failed']} extended attributes could not be set (see the log)")
+    copy_root_attributes(root, target)
+    return output.files
+
+
+def fetch_layout(ctx: "Context", destination: Path, time_: Optional[str]) -> None:
+    """Get the layout and configuration stored beside the backup (for a bare machine)."""
+    url = backup_url(ctx.config) + "/" + LAYOUT_TARGET
+    crypt = backup_encryption(ctx, "restore")
+    destination.mkdir(parents=True, exist_ok=True)
+    if any(os.scandir(str(destination))):
+        raise RescueError(f"{destination} is not empty", "give an empty or new directory")
+    with private_gnupg_home(ctx.runner) as home, work_directory("rescue-layout-") as work:
+        args = ["restore", "-v4", "--force"] + common_options(ctx.config, str(work / "archive"), str(work),
+                                                              name_suffix="-layout")
+        args += crypt.args + (["--restore-time", time_] if time_ else [])
+        run_checked(ctx, args + [url, str(destination)], crypt, "fetching the layout", env=home)
+
+
+# -- status and verify ------------------------------------------------------------------------
+
+SET_LINE_RE = re.compile(r"^\s*(Full|Incremental)\s+(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\s+(\d+)\s*$")
+VERIFY_RE = re.compile(r"Verify complete: (\d+) files?(?:\(s\))? compared, (\d+) differences?(?:\(s\))? found")
+
+
+def ctime_to_iso(text: str) -> str:
+    """duplicity's local ctime() text ("Sun Nov 29 00:43:55 2026") -> ISO 8601 with offset."""
+    stamp = time.mktime(time.strptime(" ".join(text.split()), "%a %b %d %H:%M:%S %Y"))
+    return datetime.datetime.fromtimestamp(stamp).astimezone().isoformat()
+
+
+def parse_collection_status(text: str) -> Dict[str, object]:
+    """`duplicity collection-status` -> {"chains": [...], "orphaned_or_incomplete": bool}."""
+    chains: List[Dict[str, object]] = []
+    for line in text.splitlines():
+        if line.startswith("Found primary backup chain") or line.startswith("Secondary chain"):
+            chains.append({"primary": line.startswith("Found primary"), "sets": []})
+            continue
+        match = SET_LINE_RE.match(line)
+        if match and chains:
+            chains[-1]["sets"].append({"type": match.group(1).lower(), "time": ctime_to_iso(match.group(2)),
+                                       "volumes": int(match.group(3))})
+    for chain in chains:
+        sets = chain["sets"]
+        chain["start"] = sets[0]["time"] if sets else None
+        chain["end"] = sets[-1]["time"] if sets else None
+    chains.sort(key=lambda c: c["start"] or "")
+    clean = "No orphaned or incomplete backup sets found." in text
+    return {"chains": chains, "orphaned_or_incomplete": not clean}
+
+
+def describe_status(status: Dict[str, object], last: Dict[str, object]) -> str:
+    lines = [f"Backups of {status['host']} at {status['url']}:"]
+    if not status["chains"]:
+        lines.append("  none yet")
+    for n, chain in enumerate(status["chains"], 1):
+        kind = "primary" if chain["primary"] else "older"
+        lines.append(f"  chain {n} ({kind}): {len(chain['sets'])} sets, {chain['start']} … {chain['end']}")
+        for backup_set in chain["sets"]:
+            lines.append(f"    {backup_set['type']:<12} {backup_set['time']}  {backup_set['volumes']} volumes")
+    if status["orphaned_or_incomplete"]:
+        lines.append("  warning: there are orphaned or incomplete backup sets (a backup was interrupted)")
+    if last:
+        result = "succeeded" if last.get("success") else f"FAILED (exit code {last.get('exit_code')})"
+        lines.append(f"Last backup from this machine: {last.get('kind')}, {result}, "
+                     f"{last.get('duration')} s")
+        if last.get("statistics"):
+            lines.append("  " + describe_statistics(last["statistics"], str(last.get("kind"))))
+    return "\n".join(lines)
+
+
+def collection_status(ctx: "Context") -> Dict[str, object]:
+    url = backup_url(ctx.config)
+    crypt = backup_encryption(ctx, "status")
+    args = ["collection-status", "-v4"] + common_options(ctx.config, default_archive_dir()) + crypt.args
+    output = run_checked(ctx, args + [url], crypt, "reading the collection status")
+    status = parse_collection_status("\n".join(output.lines))
+    status.update(host=backup_host(ctx.config), url=ctx.log.redact(url))
+    return status
+
+
+def verify_backup(ctx: "Context", compare_data: bool, time_: Optional[str]) -> Tuple[int, int, List[str]]:
+    """(files compared, differences, difference lines) of the backup against the live system."""
+    config = ctx.config
+    url = backup_url(config)
+    crypt = backup_encryption(ctx, "verify")
+    archive_dir = default_archive_dir()
+    with work_directory("rescue-verify-") as workdir:
+        in_scope, excluded = mounts_to_back_up(ctx, saved_layout(config))
+        selection = backup_selection(in_scope, excluded, config, own_paths(config, archive_dir, workdir))
+        args = ["verify", "-v4"] + (["--compare-data"] if compare_data else [])
+        args += (["--restore-time", time_] if time_ else []) + common_options(config, archive_dir, str(workdir))
+        args += crypt.args + selection.args + [url, selection.source]
+        returncode, output = duplicity_run(ctx, args, crypt, "Verify")
+    match = VERIFY_RE.search("\n".join(output.lines))
+    if match is None or returncode not in (0, 1):
+        raise duplicity_failure("the verify", returncode, output, ctx.log)
+    differences = [line for line in output.lines if line.startswith("Difference found")]
+    return int(match.group(1)), int(match.group(2)), differences
+
+
+# =============================================================================================
+# 10. cli
 # =============================================================================================
 
 @dataclass
@@ -2440,6 +3640,70 @@ def wf_checklayout(ctx: Context) -> int:
         ctx.log.say(f"  {change}")
     ctx.log.say("Run 'rescue savelayout' (and make new rescue media and a backup) to record it.")
     return 1
+
+@workflow("mkbackuponly", "save the layout, remove old backups as configured, back up with duplicity",
+          needs_root=True, changes_state=True)
+def wf_mkbackuponly(ctx: Context) -> int:
+    return make_backup(ctx)
+
+
+def status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+@workflow("status", "show the backup chains on the target and the last backup's statistics",
+          arguments=status_arguments)
+def wf_status(ctx: Context) -> int:
+    status = collection_status(ctx)
+    last = previous_record(ctx.config)
+    if ctx.args.json:
+        print(ctx.log.redact(json.dumps(dict(status, last_backup=last or None), indent=2)))
+    else:
+        print(ctx.log.redact(describe_status(status, last)))
+    return 0
+
+
+def verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compare-data", action="store_true",
+                        help="compare file contents too, not only metadata and checksums")
+    parser.add_argument("--time", metavar="TIME", help="verify the backup as of TIME (default: the latest)")
+
+
+@workflow("verify", "compare the latest (or --time) backup with the live system; exit 1 on differences",
+          needs_root=True, arguments=verify_arguments)
+def wf_verify(ctx: Context) -> int:
+    time_ = duplicity_time(ctx.config, "--time", ctx.args.time) if ctx.args.time else None
+    compared, differences, lines = verify_backup(ctx, ctx.args.compare_data, time_)
+    for line in lines[:50]:
+        ctx.log.say("  " + line)
+    if len(lines) > 50:
+        ctx.log.say(f"  … and {len(lines) - 50} more (see the log)")
+    ctx.log.say(f"Verify: {compared} files compared, {differences} differences found")
+    return 1 if differences else 0
+
+
+def restore_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", metavar="DIR", required=True,
+                        help="restore into DIR: empty, or freshly made filesystems mounted there")
+    parser.add_argument("--restore-time", metavar="TIME",
+                        help="restore the backup as of TIME (default: BACKUP_DUPLICITY_RESTORE_TIME, else the latest)")
+    parser.add_argument("--layout-only", action="store_true",
+                        help="only fetch the layout and configuration stored beside the backup")
+
+
+@workflow("restoreonly", "restore the backup into --target DIR (may hold mounted filesystems)",
+          needs_root=True, changes_state=True, arguments=restore_arguments)
+def wf_restoreonly(ctx: Context) -> int:
+    time_ = restore_time(ctx.config, ctx.args.restore_time)
+    target = Path(ctx.args.target)
+    if ctx.args.layout_only:
+        fetch_layout(ctx, target, time_)
+        ctx.log.say(f"Layout and configuration stored in {target}")
+        return 0
+    started = time.monotonic()
+    files = restore_backup(ctx, target, time_)
+    ctx.log.say(f"Restore done: {files} files into {target} in {time.monotonic() - started:.1f} s")
+    return 0
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -36,3 +36,6 @@ def pyenv_python(minor):
     candidates = sorted(Path("/root/.pyenv/versions").glob(f"3.{minor}.*/bin/python3.{minor}"))
     candidates += [Path(p) for p in (f"/usr/bin/python3.{minor}", f"/usr/local/bin/python3.{minor}")]
     return next((str(p) for p in candidates if p.is_file()), None)
+
+# The backup tests' real gpg keys and sshd (session-wide).
+from backup_fixtures import gnupg_keys, sshd_server  # noqa: E402,F401

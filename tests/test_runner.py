@@ -137,3 +137,25 @@ def test_lock_names_the_pid_that_holds_it(tmp_path):
         holder.wait()
     with rescue.Lock(path, "savelayout"):      # released by the kernel when the holder died
         assert path.read_text() == f"{os.getpid()} savelayout\n"
+
+
+def test_streamed_output_comes_line_by_line_merged_and_redacted(log):
+    log.add_secret("CANARY-stream-77")
+    log.add_secret("KEYID1234", "<GPG_KEY>")
+    lines = []
+    script = "import sys,time; print('one CANARY-stream-77', flush=True); time.sleep(0.2); " \
+             "print('two KEYID1234', file=sys.stderr, flush=True); print('three')"
+    result = rescue.Runner(log).run([sys.executable, "-c", script], on_line=lines.append)
+    assert lines == ["one ***", "two <GPG_KEY>", "three"]
+    assert result.stdout == "one ***\ntwo <GPG_KEY>\nthree" and result.returncode == 0
+
+
+def test_streamed_command_that_fails_reports_the_tail_and_one_that_hangs_is_stopped(log):
+    with pytest.raises(rescue.CommandError) as failed:
+        rescue.Runner(log).run([sys.executable, "-c", "print('last words'); raise SystemExit(3)"],
+                               on_line=lambda line: None)
+    assert failed.value.returncode == 3 and "last words" in failed.value.hint
+    started = time.monotonic()
+    with pytest.raises(rescue.RescueError, match="timed out after 1s"):
+        rescue.Runner(log).run(["sleep", "30"], on_line=lambda line: None, timeout=1)
+    assert time.monotonic() - started < 10

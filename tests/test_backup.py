@@ -1,0 +1,532 @@
+"""Backups with the real duplicity, gpg, rsync and an sshd of our own: the pure command
+builders without processes first, then mkbackuponly / status / verify end to end."""
+
+import fcntl
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import rescue
+from backup_fixtures import ENC_PASSPHRASE, SIGN_PASSPHRASE, make_tree
+from conftest import run_rescue
+
+HOST = socket.gethostname()
+
+
+def config(text="", **values):
+    """A Config as load_config would give, from KEY=value pairs (lists stay arrays)."""
+    merged = {"BACKUP_DUPLICITY_NAME": "rear-backup", "VAR_DIR": "/var/lib/rescue"}
+    merged.update(values)
+    return rescue.Config(merged, set(), [])
+
+
+# -- selection --------------------------------------------------------------------------------
+
+def test_scope_is_the_layouts_mounts_and_every_other_mount_is_left_out_with_a_reason():
+    mounted = [{"target": "/", "fstype": "xfs"}, {"target": "/proc", "fstype": "proc"},
+               {"target": "/boot", "fstype": "xfs"}, {"target": "/mnt/nfs", "fstype": "nfs4"},
+               {"target": "/proc", "fstype": "proc"}]
+    in_scope, excluded = rescue.backup_scope(["/boot", "/"], {"/mnt/nfs": "network filesystem (nfs4)"}, mounted)
+    assert in_scope == ["/", "/boot"]
+    assert excluded == [("/mnt/nfs", "network filesystem (nfs4)"), ("/proc", "proc filesystem, not in the layout")]
+
+
+def test_mount_rules_are_deepest_first_and_skip_nested_exclusions():
+    rules = rescue.mount_rules(["/", "/srv/data", "/boot"],
+                               [("/proc", "proc"), ("/sys", "sysfs"), ("/sys/fs/cgroup", "cgroup"),
+                                ("/srv", "nfs"), ("/srv/data/tmp", "tmpfs")])
+    assert rules == ["--exclude", "/srv/data/tmp", "--include", "/srv/data",
+                     "--exclude", "/proc", "--exclude", "/srv", "--exclude", "/sys"]
+
+
+def test_selection_orders_own_files_layout_user_patterns_mounts_and_includes():
+    conf = config(BACKUP_DUPLICITY_EXCLUDE=["/tmp", "**/.cache"], VAR_DIR="/var/lib/rescue",
+                  LAYOUT_DIR="/var/lib/rescue/layout")
+    selection = rescue.backup_selection(["/", "/bo*t"], [("/proc", "proc")], conf,
+                                        ["/root/.cache/duplicity", "/srv/back[up]"])
+    assert selection.source == "/"
+    assert selection.args == [
+        "--exclude", "/root/.cache/duplicity", "--exclude", "/srv/back[[]up]",
+        "--include", "/var/lib/rescue", "--include", "/var/lib/rescue/layout",
+        "--exclude", "/tmp", "--exclude", "**/.cache",
+        "--exclude", "/proc"]
+    assert ("/proc", "proc") in selection.excluded
+
+
+def test_selection_with_includes_backs_up_only_them_and_the_layout():
+    conf = config(BACKUP_DUPLICITY_INCLUDE=["/etc", "/home/*/work"], LAYOUT_DIR="/srv/layout")
+    selection = rescue.backup_selection(["/"], [], conf, [])
+    assert selection.args[-6:] == ["--include", "/etc", "--include", "/home/*/work", "--exclude", "**"]
+    assert selection.roots == ["/etc", "/home", "/var/lib/rescue", "/srv/layout"]
+
+
+def test_glob_escape_matches_only_the_path_itself():
+    assert rescue.glob_escape("/mnt/a*b?[c]") == "/mnt/a[*]b[?][[]c]"
+
+
+# -- encryption, retention, command lines -----------------------------------------------------
+
+def test_public_key_encryption_with_several_keys_hidden_key_and_signing():
+    conf = config(BACKUP_DUPLICITY_GPG_ENC_KEY="AAAA BBBB", BACKUP_DUPLICITY_GPG_HIDDEN_ENC_KEY="CCCC",
+                  BACKUP_DUPLICITY_GPG_SIGN_KEY="DDDD", BACKUP_DUPLICITY_GPG_SIGN_PASSPHRASE="s3")
+    crypt = rescue.encryption(conf, "p1")
+    assert crypt.args == ["--encrypt-key", "AAAA", "--encrypt-key", "BBBB",
+                          "--hidden-encrypt-key", "CCCC", "--sign-key", "DDDD"]
+    assert crypt.env == {"PASSPHRASE": "p1", "SIGN_PASSPHRASE": "s3"}
+    assert "p1" not in crypt.args and "s3" not in crypt.args
+
+
+def test_symmetric_encryption_has_no_key_options_and_nothing_configured_is_refused():
+    assert rescue.encryption(config(), "pw").args == []
+    with pytest.raises(rescue.ConfigError, match="no encryption is configured"):
+        rescue.encryption(config(), "")
+    unencrypted = rescue.encryption(config(BACKUP_DUPLICITY_OPTIONS="--no-encryption"), "")
+    assert unencrypted.args == [] and unencrypted.env == {}
+
+
+def test_symmetric_signing_needs_the_same_passphrase_as_duplicity_demands():
+    conf = config(BACKUP_DUPLICITY_GPG_SIGN_KEY="DDDD", BACKUP_DUPLICITY_GPG_SIGN_PASSPHRASE="other")
+    with pytest.raises(rescue.ConfigError, match="symmetric encryption"):
+        rescue.encryption(conf, "pw")
+    assert rescue.encryption(config(BACKUP_DUPLICITY_GPG_SIGN_KEY="DDDD"), "pw").env["SIGN_PASSPHRASE"] == "pw"
+
+
+def test_retention_commands_in_order_each_only_when_set():
+    assert rescue.retention_commands(config()) == []
+    conf = config(BACKUP_DUPLICITY_MAX_SETS="4", BACKUP_DUPLICITY_MAX_SETS_KEEP_FULL="3",
+                  BACKUP_DUPLICITY_MAX_TIME="1Y")
+    assert rescue.retention_commands(conf) == [
+        ["remove-all-but-n-full", "4", "--force"], ["remove-all-inc-of-but-n-full", "3", "--force"],
+        ["remove-older-than", "1Y", "--force"]]
+
+
+@pytest.mark.parametrize("name,value", [("BACKUP_DUPLICITY_MAX_SETS", "three"),
+                                        ("BACKUP_DUPLICITY_MAX_SETS_KEEP_FULL", "0"),
+                                        ("BACKUP_DUPLICITY_MAX_TIME", "1 year")])
+def test_bad_retention_values_are_refused_naming_the_variable(name, value):
+    with pytest.raises(rescue.ConfigError, match=name):
+        rescue.retention_commands(config(**{name: value}))
+
+
+def test_restore_time_accepts_rears_form_and_duplicity_times():
+    assert rescue.restore_time(config(BACKUP_DUPLICITY_RESTORE_TIME="--restore-time=1D"), None) == "1D"
+    assert rescue.restore_time(config(), "2026-01-05T17:56:18+01:00") == "2026-01-05T17:56:18+01:00"
+    assert rescue.restore_time(config(), None) is None
+
+
+def test_backup_command_matches_rears_shape_with_tuning_before_user_options():
+    conf = config(BACKUP_DUPLICITY_TUNING="--volsize 200", BACKUP_DUPLICITY_OPTIONS="--volsize 50",
+                  BACKUP_DUPLICITY_FULL_IF_OLDER_THAN="1M", BACKUP_DUPLICITY_SSH_OPTIONS="-p 22 -i /k")
+    selection = rescue.Selection("/", ["--exclude", "/proc"], [], ["/"])
+    crypt = rescue.Encryption(["--encrypt-key", "KEY"], {"PASSPHRASE": "x"}, ["KEY"])
+    argv = rescue.backup_command(conf, selection, crypt, "rsync://u@h//b/host", "/a", "/t")
+    assert argv == ["-v5", "--name", "rear-backup", "--archive-dir", "/a", "--tempdir", "/t",
+                    "--ssh-options=-p 22 -i /k", "--volsize", "200", "--volsize", "50",
+                    "--encrypt-key", "KEY", "--full-if-older-than", "1M",
+                    "--exclude", "/proc", "/", "rsync://u@h//b/host"]
+
+
+def test_options_as_an_array_keep_spaces_inside_one_option():
+    conf = config(BACKUP_DUPLICITY_OPTIONS=["--ssh-options=-i /root/my key", "--num-retries=2"])
+    assert rescue.config_words(conf, "BACKUP_DUPLICITY_OPTIONS") == ["--ssh-options=-i /root/my key",
+                                                                     "--num-retries=2"]
+
+
+def test_restore_command_forces_numeric_owners_and_renames_mountpoints():
+    crypt = rescue.Encryption([], {"PASSPHRASE": "x"}, [])
+    argv = rescue.restore_command(config(), crypt, "file:///b/h", "/mnt/local/.s", "/w/a", "/w", "1D",
+                                  [("boot", "../boot")])
+    assert argv[:4] == ["restore", "-v5", "--force", "--numeric-owner"]
+    assert argv[-7:] == ["--restore-time", "1D", "--rename", "boot", "../boot", "file:///b/h", "/mnt/local/.s"]
+
+
+def test_ssh_mkdir_uses_the_url_itself():
+    assert rescue.ssh_mkdir_command("rsync://root@192.168.122.1//apps/export/ReaR/alma", "") == [
+        "ssh", "-oBatchMode=yes", "root@192.168.122.1", "mkdir -p -- /apps/export/ReaR/alma"]
+    assert rescue.ssh_mkdir_command("sftp://bk@host:2222/rel dir/x", "-F /c") == [
+        "ssh", "-oBatchMode=yes", "-p", "2222", "-F", "/c", "bk@host", "mkdir -p -- 'rel dir/x'"]
+    assert rescue.ssh_mkdir_command("rsync://host::module/x", "") is None
+    assert rescue.ssh_mkdir_command("s3://bucket/x", "") is None
+
+
+def test_backup_url_is_per_host_and_must_be_set():
+    assert rescue.backup_url(config(BACKUP_DUPLICITY_URL="file:///b/", HOSTNAME="alma")) == "file:///b/alma"
+    with pytest.raises(rescue.ConfigError, match="BACKUP_DUPLICITY_URL is not set"):
+        rescue.backup_url(config())
+
+
+# -- reading duplicity and gpg ----------------------------------------------------------------
+
+SEED_STATISTICS = """\
+--------------[ Backup Statistics ]--------------
+StartTime 1767632242.98 (Mon Jan  5 17:57:22 2026)
+EndTime 1767632257.14 (Mon Jan  5 17:57:37 2026)
+ElapsedTime 14.17 (14.17 seconds)
+SourceFiles 47785
+SourceFileSize 2340805120 (2.18 GB)
+NewFiles 613
+TotalDestinationSizeChange 134573979 (128 MB)
+Errors 0
+-------------------------------------------------
+"""
+
+
+def test_statistics_block_of_the_seed_is_parsed_and_described():
+    stats = rescue.parse_backup_statistics(SEED_STATISTICS.splitlines())
+    assert stats["SourceFiles"] == 47785 and stats["ElapsedTime"] == 14.17
+    assert stats["TotalDestinationSizeChange"] == 134573979 and stats["Errors"] == 0
+    text = rescue.describe_statistics(stats, "incremental")
+    assert "47785 files, 2.2 GB in scope" in text and "128.3 MB stored in 14.2 s" in text
+
+
+COLLECTION_STATUS = """\
+Last full backup date: Sun Nov 29 00:43:55 2026
+Collection Status
+-----------------
+Found 1 secondary backup chain(s).
+Secondary chain 1 of 1:
+-------------------------
+Chain start time: Sat Nov 28 10:00:00 2026
+ Type of backup set:                            Time:      Num volumes:
+                Full         Sat Nov 28 10:00:00 2026                 3
+-------------------------
+
+Found primary backup chain with matching signature chain:
+-------------------------
+ Type of backup set:                            Time:      Num volumes:
+                Full         Sun Nov 29 00:43:55 2026                 1
+         Incremental         Sun Nov 29 00:43:57 2026                 1
+-------------------------
+No orphaned or incomplete backup sets found.
+"""
+
+
+def test_collection_status_is_parsed_into_chains_in_time_order():
+    status = rescue.parse_collection_status(COLLECTION_STATUS)
+    assert [c["primary"] for c in status["chains"]] == [False, True]
+    assert [s["type"] for s in status["chains"][1]["sets"]] == ["full", "incremental"]
+    assert status["chains"][0]["sets"][0]["volumes"] == 3
+    assert status["chains"][1]["end"].startswith("2026-11-29T00:43:57")
+    assert status["orphaned_or_incomplete"] is False
+
+
+def colons(validity="u", capabilities="scESC"):
+    return f"pub:{validity}:255:22:ABCD:1700000000:::u:::{capabilities}::::::ed25519:::0:\n"
+
+
+def test_key_problems_are_explained_with_the_fix():
+    assert rescue.key_problem("encrypt", colons()) is None
+    assert "not in the keyring" in rescue.key_problem("encrypt", "")[0]
+    what, fix = rescue.key_problem("encrypt", colons(validity="-"))
+    assert "not trusted" in what and "#1668" in what and "--import-ownertrust" in fix
+    assert "expired" in rescue.key_problem("encrypt", colons(validity="e"))[0]
+    assert "no usable encryption subkey" in rescue.key_problem("encrypt", colons(capabilities="scSC"))[0]
+
+
+def test_known_duplicity_failures_are_diagnosed():
+    assert "wrong passphrase" in rescue.diagnose("gpg: decryption failed: Bad session key")[0]
+    assert "full" in rescue.diagnose("OSError: [Errno 28] No space left on device")[0]
+    assert rescue.diagnose("all fine") is None
+
+
+def test_prometheus_metrics_keep_the_last_success_after_a_failure():
+    stats = rescue.parse_backup_statistics(SEED_STATISTICS.splitlines())
+    ok = rescue.backup_record(stats, "full", "file:///b", 100.0, 160.0, 0, {})
+    failed = rescue.backup_record({}, "unknown", "file:///b", 200.0, 210.0, 23, ok)
+    text = rescue.prometheus_text(failed, 'al"ma')
+    assert 'rescue_backup_last_run_success{host="al\\"ma"} 0' in text
+    assert 'rescue_backup_last_success_timestamp_seconds{host="al\\"ma"} 160.0' in text
+    assert "# TYPE rescue_backup_duration_seconds gauge" in text
+
+
+def test_stored_configuration_has_no_secrets_and_loads_again(tmp_path):
+    conf = rescue.Config({"BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE": "CANARY-x1", "SSH_ROOT_PASSWORD": "pw",
+                          "BACKUP_DUPLICITY_EXCLUDE": ["/a b", "/c"], "BACKUP": "DUPLICITY"}, set(), [])
+    text = rescue.config_without_secrets(conf)
+    assert "CANARY-x1" not in text and "pw'" not in text
+    path = tmp_path / "rescue.conf"
+    path.write_text(text)
+    loaded = rescue.load_config([rescue.DEFAULT_CONF, path], {}, rescue.Log())
+    assert loaded.values["BACKUP_DUPLICITY_EXCLUDE"] == ["/a b", "/c"]
+    assert loaded.values["BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE"] == ""
+
+
+def test_restore_redirects_only_names_that_hold_mountpoints():
+    mounts = ["/", "/mnt/local", "/mnt/local/boot", "/mnt/local/boot/efi", "/mnt/local/var/log", "/proc"]
+    assert rescue.redirected_names("/mnt/local", mounts) == ["boot", "var"]
+    entries = {"boot": False, "var": False, "lost+found": True, "etc": False, ".rescue-tmp-x": False}
+    assert rescue.unexpected_entries(entries, ["boot", "var"]) == ["etc"]
+
+
+# -- end to end -------------------------------------------------------------------------------
+
+class Site:
+    """One machine's view for a test: its config dir, HOME (duplicity's cache), GNUPGHOME."""
+
+    def __init__(self, tmp_path, conf_dir, keys, url=None):
+        self.tmp, self.conf_dir, self.keys = tmp_path, conf_dir, keys
+        self.src = make_tree(tmp_path / "src")
+        self.var = tmp_path / "var"
+        self.url = url or f"file://{tmp_path}/target"
+        self.home = tmp_path / "home"
+        self.home.mkdir()
+        self.work = tmp_path / "work"         # TMPDIR: not a parent of src, whose mtimes verify compares
+        self.work.mkdir()
+        self.gnupghome = keys.home
+        self.layout = tmp_path / "var/layout"
+        self.settings = {"VAR_DIR": str(self.var), "LAYOUT_DIR": str(self.layout), "BACKUP_DUPLICITY_URL": self.url,
+                         "BACKUP_DUPLICITY_INCLUDE": [str(self.src)]}
+
+    def write_conf(self):
+        lines = []
+        for name, value in self.settings.items():
+            if isinstance(value, list):
+                lines.append(f"{name}=( " + " ".join(f"'{v}'" for v in value) + " )")
+            else:
+                lines.append(f"{name}='{value}'")
+        (self.conf_dir / "site.conf").write_text("\n".join(lines) + "\n")
+
+    def run(self, *args, input=None, timeout=180, **settings):
+        self.settings.update(settings)
+        self.write_conf()
+        env = {"HOME": str(self.home), "GNUPGHOME": str(self.gnupghome), "TMPDIR": str(self.work)}
+        return run_rescue("-c", self.conf_dir, *args, env=env, input=input, timeout=timeout)
+
+    def target_dir(self):
+        return Path(self.url[len("file://"):]) / HOST
+
+    def status(self):
+        proc = self.run("status", "--json")
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+
+def public_key(site):
+    return {"BACKUP_DUPLICITY_GPG_ENC_KEY": site.keys.enc,
+            "BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE": ENC_PASSPHRASE}
+
+
+@pytest.fixture
+def site(tmp_path, conf_dir, gnupg_keys):
+    return Site(tmp_path, conf_dir, gnupg_keys)
+
+
+def test_backup_prints_statistics_keeps_json_and_prometheus_metrics(site):
+    metrics = site.tmp / "textfile"
+    metrics.mkdir()
+    proc = site.run("mkbackuponly", NODE_EXPORTER_TEXTFILE_DIR=str(metrics), **public_key(site))
+    assert proc.returncode == 0, proc.stderr
+    assert "Backup done (full):" in proc.stdout and "0 errors" in proc.stdout
+    assert re.search(r"^Backup: \d+ files, 1 volumes, \d+ s$", proc.stdout, re.M)     # progress
+    assert "--encrypt-key <GPG_KEY>" in proc.stdout and site.keys.enc not in proc.stdout
+    record = json.loads((site.var / "last-backup.json").read_text())
+    assert record["success"] is True and record["kind"] == "full"
+    assert record["statistics"]["SourceFiles"] > 10
+    prom = (metrics / "rescue_backup.prom").read_text()
+    assert 'rescue_backup_last_run_success{host="%s"}' % HOST + ' 1' in prom
+    names = sorted(p.name for p in site.target_dir().iterdir())
+    assert "layout" in names and any(n.startswith("duplicity-full.") and n.endswith(".gpg") for n in names)
+    proc = site.run("mkbackuponly")
+    assert "Backup done (incremental)" in proc.stdout
+
+
+def test_layout_and_config_are_fetched_from_the_target_without_the_cache(site):
+    proc = site.run("mkbackuponly", **public_key(site))
+    assert proc.returncode == 0, proc.stderr
+    assert "Saved the disk layout in" in proc.stdout
+    saved = json.loads((site.layout / "layout.json").read_text())
+    site.home = site.tmp / "bare-home"          # a bare machine: no duplicity cache
+    site.home.mkdir()
+    fetched = site.tmp / "fetched"
+    proc = site.run("restoreonly", "--layout-only", "--target", fetched)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((fetched / "layout/layout.json").read_text()) == saved
+    stored = (fetched / "rescue.conf").read_text()
+    assert f"BACKUP_DUPLICITY_URL={site.url}" in stored
+    assert ENC_PASSPHRASE not in stored and "BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE=''" in stored
+
+
+def test_rsync_over_our_sshd_with_a_real_signature_by_its_own_key(tmp_path, conf_dir, gnupg_keys,
+                                                                   sshd_server):
+    remote = tmp_path / "server" / "backups"
+    site = Site(tmp_path, conf_dir, gnupg_keys, url=sshd_server.url(str(remote)))
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_SSH_OPTIONS=sshd_server.ssh_options,
+                    BACKUP_DUPLICITY_GPG_SIGN_KEY=gnupg_keys.sign,
+                    BACKUP_DUPLICITY_GPG_SIGN_PASSPHRASE=SIGN_PASSPHRASE, **public_key(site))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    manifest = next((remote / HOST).glob("duplicity-full.*.manifest.gpg"))
+    decrypted = subprocess.run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase-fd", "0",
+                                "--decrypt", str(manifest)], input=ENC_PASSPHRASE.encode() + b"\n",
+                               capture_output=True, env=dict(os.environ, GNUPGHOME=str(gnupg_keys.home)))
+    assert b'Good signature from "rescue sign <sign@test>"' in decrypted.stderr
+    assert (remote / HOST / "layout").is_dir()
+
+
+def test_verify_reports_no_differences_then_the_changed_file(site):
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    proc = site.run("verify", "--compare-data")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert re.search(r"Verify: \d+ files compared, 0 differences found", proc.stdout)
+    (site.src / "owned").write_text("changed")
+    proc = site.run("verify", "--compare-data")
+    assert proc.returncode == 1
+    assert "src/owned" in proc.stdout and "1 differences found" in proc.stdout
+
+
+def set_times(status):
+    return [[s["time"] for s in chain["sets"]] for chain in status["chains"]]
+
+
+def test_retention_rules_each_do_what_they_say(site):
+    for _ in range(2):                              # chain 1: full + incremental
+        assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+        time.sleep(1.1)
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_FULL_IF_OLDER_THAN="1s").returncode == 0
+    time.sleep(1.1)
+    assert [len(c) for c in set_times(site.status())] == [2, 1]
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_FULL_IF_OLDER_THAN="", BACKUP_DUPLICITY_MAX_SETS_KEEP_FULL="1")
+    assert "remove-all-inc-of-but-n-full 1" in proc.stdout
+    assert [len(c) for c in set_times(site.status())] == [1, 2]      # chain 1 lost its incremental
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_MAX_SETS_KEEP_FULL="", BACKUP_DUPLICITY_MAX_SETS="1")
+    assert [len(c) for c in set_times(site.status())] == [3]         # chain 1 is gone
+    time.sleep(1.1)
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_MAX_SETS="", BACKUP_DUPLICITY_FULL_IF_OLDER_THAN="1s").returncode == 0
+    newest_full = set_times(site.status())[-1][0]
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_FULL_IF_OLDER_THAN="", BACKUP_DUPLICITY_MAX_TIME=newest_full)
+    assert proc.returncode == 0, proc.stderr
+    chains = set_times(site.status())
+    assert len(chains) == 1 and chains[0][0] == newest_full
+
+
+def test_status_text_shows_chains_and_the_last_backup(site):
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    proc = site.run("status")
+    assert proc.returncode == 0, proc.stderr
+    assert "chain 1 (primary): 1 sets" in proc.stdout and "full" in proc.stdout
+    assert "Last backup from this machine: full, succeeded" in proc.stdout
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+def assert_clean_error(proc, *needles):
+    assert proc.returncode != 0
+    assert [line for line in proc.stderr.splitlines() if line.startswith("rescue: error: ")], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_a_key_missing_from_the_keyring_is_named_before_anything_runs(site):
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_GPG_ENC_KEY="0123456789ABCDEF0123456789ABCDEF01234567")
+    assert_clean_error(proc, "BACKUP_DUPLICITY_GPG_ENC_KEY", "is not in the keyring", "gpg --import")
+    assert not site.target_dir().exists()
+
+
+def test_an_untrusted_key_gets_the_fix_not_a_traceback(site):
+    site.gnupghome = site.keys.public_only
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_GPG_ENC_KEY=site.keys.enc)
+    assert_clean_error(proc, "is not trusted", "#1668", "--import-ownertrust")
+
+
+def test_an_unreachable_server_fails_fast_and_clearly(site, sshd_server):
+    closed = sshd_server.port + 1 if sshd_server.port < 65535 else sshd_server.port - 1
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_URL=f"rsync://root@127.0.0.1:{closed}//tmp/nowhere",
+                    BACKUP_DUPLICITY_SSH_OPTIONS=sshd_server.ssh_options + " -o ConnectTimeout=5",
+                    **{"BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE": "a-test-passphrase"})
+    assert_clean_error(proc, "cannot create the backup directory on the server", "refused")
+
+
+def test_a_full_target_fails_the_backup_with_the_tail_of_duplicitys_output(site):
+    full = site.tmp / "small-disk"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(full)], check=True)
+    metrics = site.tmp / "textfile"
+    metrics.mkdir()
+    try:
+        proc = site.run("mkbackuponly", BACKUP_DUPLICITY_URL=f"file://{full}",
+                        NODE_EXPORTER_TEXTFILE_DIR=str(metrics), BACKUP_DUPLICITY_OPTIONS="--num-retries 1",
+                        BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=True)
+    assert_clean_error(proc, "failed (duplicity exit code", "disk is full", "duplicity's last output:")
+    assert json.loads((site.var / "last-backup.json").read_text())["success"] is False
+    assert 'rescue_backup_last_run_success{host="%s"}' % HOST + ' 0' in (metrics / "rescue_backup.prom").read_text()
+
+
+def test_a_second_backup_waits_for_the_lock_holder(site):
+    site.write_conf()
+    lockfile = site.tmp / "rescue.lock"
+    with open(lockfile, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242 mkbackuponly\n")
+        held.flush()
+        proc = site.run("mkbackuponly", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+    assert_clean_error(proc, "PID 4242")
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+class ArgvWatcher(threading.Thread):
+    """Polls every process's command line while a test runs."""
+
+    def __init__(self, needle):
+        super().__init__(daemon=True)
+        self.needle, self.seen, self.polls, self.stopped = needle.encode(), [], 0, threading.Event()
+
+    def run(self):
+        while not self.stopped.is_set():
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit():
+                    try:
+                        with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                            cmdline = f.read()
+                    except OSError:
+                        continue
+                    if self.needle in cmdline:
+                        self.seen.append(cmdline)
+            self.polls += 1
+            time.sleep(0.005)
+
+
+def files_containing(root, needle):
+    found = []
+    for path, _, names in os.walk(root):
+        for name in names:
+            full = os.path.join(path, name)
+            if os.path.isfile(full) and not os.path.islink(full):
+                with open(full, "rb") as f:
+                    if needle.encode() in f.read():
+                        found.append(full)
+    return found
+
+
+def test_canary_passphrase_is_in_no_argv_log_output_or_file(tmp_path, conf_dir, gnupg_keys, sshd_server):
+    canary = f"CANARY-{uuid.uuid4().hex}"
+    remote = tmp_path / "server"
+    site = Site(tmp_path, conf_dir, gnupg_keys, url=sshd_server.url(str(remote)))
+    watcher = ArgvWatcher(canary)
+    watcher.start()
+    try:
+        settings = dict(BACKUP_DUPLICITY_SSH_OPTIONS=sshd_server.ssh_options,
+                        BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE=canary)
+        outputs = [site.run("mkbackuponly", **settings), site.run("status"), site.run("dump"),
+                   site.run("-v", "mkbackuponly"), site.run("verify")]
+        outputs.append(site.run("restoreonly", "--target", tmp_path / "restored", input=canary + "\n",
+                                BACKUP_DUPLICITY_ASK_PASSPHRASE="true"))
+    finally:
+        watcher.stopped.set()
+        watcher.join()
+    for proc in outputs:
+        assert proc.returncode == 0, proc.stderr
+        assert canary not in proc.stdout + proc.stderr
+    assert watcher.polls > 20 and watcher.seen == []
+    assert files_containing(tmp_path, canary) == [str(conf_dir / "site.conf")]

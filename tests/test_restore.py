@@ -1,0 +1,165 @@
+"""The restore primitive (rescue restoreonly) with the real duplicity: every attribute comes
+back, into an empty directory or a tree of mounted filesystems, as of any point in the chain,
+after a backup killed halfway; and it fails truthfully on a wrong or missing passphrase."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from backup_fixtures import assert_same_tree
+from conftest import RESCUE
+from test_backup import Site, assert_clean_error, public_key
+
+
+@pytest.fixture
+def site(tmp_path, conf_dir, gnupg_keys):
+    return Site(tmp_path, conf_dir, gnupg_keys)
+
+
+def restored(site, target):
+    """Where the backed-up tree lands inside a restore target (paths are kept absolute)."""
+    return Path(str(target) + str(site.src))
+
+
+def test_every_attribute_comes_back_hard_links_sparse_xattrs_acls_capabilities(site):
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    target = site.tmp / "restored"
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode == 0, proc.stderr
+    assert "Restore done:" in proc.stdout
+    assert_same_tree(site.src, restored(site, target))
+    leftovers = [p for p in os.listdir(target) if p.startswith(".rescue")] + [
+        p for p in os.listdir("/run") if p.startswith("rescue-home-")]
+    assert leftovers == []
+
+
+@pytest.fixture
+def mounted_tree(site):
+    """A target like /mnt/local during recovery: filesystems already mounted below it, each
+    with its lost+found."""
+    target = site.tmp / "mnt-local"
+    first = Path(str(target) + str(site.tmp))         # a filesystem holding the tree's parent
+    inner = Path(str(target) + str(site.src / "dir"))  # and one deeper inside the tree
+    mounts = []
+    for mountpoint in (first, inner):
+        mountpoint.mkdir(parents=True)
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mountpoint)], check=True)
+        mounts.append(mountpoint)
+        (mountpoint / "lost+found").mkdir()
+    if not inner.exists():
+        inner.mkdir(parents=True)
+    (target / "lost+found").mkdir()
+    yield target, mounts
+    for mountpoint in reversed(mounts):
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_restore_into_a_tree_of_mounted_filesystems_writes_each_file_onto_its_own(site, mounted_tree):
+    target, (first, inner) = mounted_tree
+    os.unlink(site.src / "hardlink-at-top")     # hard links never span filesystems
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode == 0, proc.stderr
+    tree = restored(site, target)
+    assert os.stat(tree / "dir/text.txt").st_dev == os.stat(inner).st_dev
+    assert os.stat(tree / "owned").st_dev == os.stat(first).st_dev
+    for lost_found in (target, first, inner):
+        assert (lost_found / "lost+found").is_dir()
+    os.rmdir(inner / "lost+found")              # the original has none there
+    assert_same_tree(site.src, tree)
+
+
+def test_restore_refuses_a_target_with_other_files(site):
+    target = site.tmp / "busy"
+    (target / "etc").mkdir(parents=True)
+    (target / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    proc = site.run("restoreonly", "--target", target, **public_key(site))
+    assert_clean_error(proc, "is not empty: etc")
+
+
+def test_point_in_time_restore_across_full_and_incrementals(site):
+    text = site.src / "dir/random.bin"
+    versions = []
+    for n in range(3):
+        text.write_bytes(f"version {n}\n".encode() * 1000)
+        versions.append(text.read_bytes())
+        assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+        time.sleep(1.1)
+    sets = site.status()["chains"][0]["sets"]
+    assert [s["type"] for s in sets] == ["full", "incremental", "incremental"]
+    for n in (0, 1):
+        target = site.tmp / f"as-of-{n}"
+        proc = site.run("restoreonly", "--target", target, "--restore-time", sets[n]["time"])
+        assert proc.returncode == 0, proc.stderr
+        assert (restored(site, target) / "dir/random.bin").read_bytes() == versions[n]
+    target = site.tmp / "latest"
+    proc = site.run("restoreonly", "--target", target, BACKUP_DUPLICITY_TEMP_RAMDISK="true")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_tree(site.src, restored(site, target))
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith("rescue-restore-")]
+
+
+def test_asked_passphrase_wrong_or_empty_fails_truthfully(site):
+    settings = dict(BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="the-right-one")
+    assert site.run("mkbackuponly", **settings).returncode == 0
+    asking = dict(BACKUP_DUPLICITY_ASK_PASSPHRASE="true")
+    proc = site.run("restoreonly", "--target", site.tmp / "wrong", input="not-the-right-one\n", **asking)
+    assert_clean_error(proc, "restore failed (duplicity exit code", "wrong passphrase")
+    assert "Enter the duplicity passphrase for the restore [300 secs]:" in proc.stderr
+    proc = site.run("restoreonly", "--target", site.tmp / "empty", input="\n")
+    assert_clean_error(proc, "no passphrase given: the restore is aborted")
+    proc = site.run("--non-interactive", "restoreonly", "--target", site.tmp / "right")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_wrong_configured_passphrase_fails_the_restore_of_a_public_key_backup(site):
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    proc = site.run("restoreonly", "--target", site.tmp / "r", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="wrong-one")
+    assert_clean_error(proc, "restore failed", "passphrase")
+
+
+def duplicity_children(pid):
+    """PIDs of the duplicity processes rescue started (they run in a session of their own)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat_fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat_fields[1]) == pid and b"duplicity" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_backup_killed_halfway_is_resumed_and_restores_completely(site):
+    (site.src / "big").mkdir()
+    for n in range(12):
+        (site.src / "big" / f"chunk{n}").write_bytes(os.urandom(1024 * 1024))
+    settings = dict(BACKUP_DUPLICITY_OPTIONS="--volsize 1", **public_key(site))
+    site.settings.update(settings)
+    site.write_conf()
+    env = dict(os.environ, HOME=str(site.home), GNUPGHOME=str(site.gnupghome), TMPDIR=str(site.work))
+    proc = subprocess.Popen([sys.executable, str(RESCUE), "-c", str(site.conf_dir), "mkbackuponly"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(site.target_dir().glob("duplicity-full.*.vol*.difftar.gpg"))) < 4:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    for pid in duplicity_children(proc.pid) + [proc.pid]:      # a crash: everything dies at once
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    rerun = site.run("mkbackuponly")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Resuming the interrupted backup" in rerun.stdout
+    target = site.tmp / "after-crash"
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_tree(site.src, restored(site, target))
