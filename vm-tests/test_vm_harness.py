@@ -71,6 +71,7 @@ def test_boot_from_iso(firmware, test_iso, make_machine):
     machine = make_machine(None, name="iso-" + firmware, firmware=firmware, network=False)
     machine.add_cdrom(test_iso)
     machine.start()
+    assert machine.qmp("query-status")["status"] == "running"
     machine.wait_console(r"ISO-BOOT-OK firmware=%s" % firmware, timeout=180)
     assert machine.wait_exit(60) == 0
 

@@ -5,6 +5,8 @@ The quick ones (not marked slow) are what CI runs on every change:
 """
 
 import json
+import socket
+import threading
 from typing import Dict, List
 
 import pytest
@@ -49,6 +51,21 @@ def assert_matches_spec(devices: List[Dict], spec, uuids: Dict[str, str]) -> Non
         assert dev["uuid"].lower() == uuids["fs:" + fs.device].lower()
 
 
+def serve_once(token: bytes) -> int:
+    """A TCP server on the host's 127.0.0.1 that sends token to its first client; returns the port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(60)
+
+    def answer() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(token)
+
+    threading.Thread(target=answer, daemon=True).start()
+    return server.getsockname()[1]
+
+
 SMOKE = [
     # spec, an extra blank disk to attach (one per bus type across the two guests)
     ("bios-lvm", dict(name="spare-scsi", size="1G", bus="scsi", fmt="raw")),
@@ -87,8 +104,16 @@ def test_boot_run_rescue_and_lsblk(spec_name, extra, make_machine, golden, rescu
     spec = golden(spec_name).spec
     assert (tmp_path / "fstab").read_text() == install.fstab(spec, install.stable_uuids(spec))
 
+    # user networking: the host's loopback is 10.0.2.2 for the guest
+    port = serve_once(b"hello from the host")
+    fetch = machine.run(["python3", "-c", "import socket; print(socket.create_connection("
+                         "('10.0.2.2', %d), 20).recv(64).decode())" % port], timeout=60)
+    assert fetch.stdout.strip() == "hello from the host", fetch.stderr
+
     failing = machine.run("echo to-stdout; echo to-stderr >&2; exit 7")
     assert (failing.returncode, failing.stdout, failing.stderr) == (7, "to-stdout\n", "to-stderr\n")
+
+    assert machine.shutdown() == 0  # clean poweroff: QEMU exits by itself
 
     for key, value in dict(machine.timings, round_trip_s=version.seconds).items():
         record_property(key, value)
