@@ -74,6 +74,11 @@ def test_boot_from_iso(firmware, test_iso, make_machine):
     assert machine.qmp("query-status")["status"] == "running"
     machine.wait_console(r"ISO-BOOT-OK firmware=%s" % firmware, timeout=180)
     assert machine.wait_exit(60) == 0
+    # a machine that exited boots again (the console buffer starts empty)
+    machine.start()
+    machine.wait_console(r"ISO-BOOT-OK firmware=%s" % firmware, timeout=180)
+    assert machine.wait_exit(60) == 0
+    assert machine.console_log.read_text(errors="replace").count("ISO-BOOT-OK") == 2
 
 
 IDLE_QEMU = ["qemu-system-x86_64", "-accel", "tcg", "-S", "-nodefaults", "-display", "none",

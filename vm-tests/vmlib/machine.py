@@ -167,6 +167,7 @@ class Machine:
         elif firmware != "bios":
             raise HarnessError("firmware must be bios or uefi, not %r" % firmware)
         self._proc: Optional[subprocess.Popen] = None
+        self._console_file = None
         self._ssh_master: Optional[subprocess.Popen] = None
         self._console = bytearray()
         self._console_cond = threading.Condition()
@@ -234,27 +235,36 @@ class Machine:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start QEMU; with ssh, retry on a new port if another process took the chosen one."""
-        if self._proc is not None:
-            raise HarnessError("%s: already started" % self.name)
-        for attempt in range(3):
+        """Start QEMU; with ssh, retry on a new port if another process took the chosen one.
+
+        A machine that has exited (shutdown, wait_exit) can be started again on the same disks,
+        e.g. to boot a system after recovering it; logs are appended to.
+        """
+        if self.running:
+            raise HarnessError("%s: already running" % self.name)
+        self._console = bytearray()
+        self.timings = {}
+        for _ in range(3):
             if self.network and self.ssh_key:
                 self.ssh_port = free_tcp_port()
+            log_start = self.qemu_log.stat().st_size if self.qemu_log.exists() else 0
             self._spawn()
             if self._wait_started():
                 return
-            self._proc.wait()
+            rc = self._proc.wait()
             self._reap()
-            if "host forwarding" not in self.qemu_log.read_text():
+            errors = self.qemu_log.read_bytes()[log_start:].decode(errors="replace")
+            if "host forwarding" not in errors:
                 break
-            self._proc = None
-        raise GuestError("%s: QEMU did not start (exit %s):\n%s"
-                         % (self.name, self._proc.returncode, self.qemu_log.read_text()[-3000:]))
+            log.warning("%s: port %d was taken meanwhile, retrying", self.name, self.ssh_port)
+        raise GuestError("%s: QEMU did not start (exit %s):\n%s" % (self.name, rc, errors[-3000:]))
 
     def _spawn(self) -> None:
         argv = self.qemu_argv()
         with open(self.qemu_log, "a") as f:
             f.write("$ %s\n" % " ".join(shlex.quote(a) for a in argv))
+        if self._qmp_path.exists():  # left by a previous run of this machine
+            self._qmp_path.unlink()
         stderr = open(self.qemu_log, "ab")
         self._console_file = open(self.console_log, "ab")
         self._proc = procs.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
