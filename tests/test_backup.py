@@ -371,15 +371,26 @@ def test_rsync_over_our_sshd_with_a_real_signature_by_its_own_key(tmp_path, conf
     assert (remote / HOST / "layout").is_dir()
 
 
+def differences_inside(output, root):
+    """The paths verify reports as different, leaving out the ancestors of `root` (/tmp and the
+    like: duplicity records the parents of an included tree, and other processes touch them)."""
+    ancestors = {str(p).lstrip("/") for p in root.parents if str(p) != "/"}
+    found = re.findall(r"Difference found: File (.+?) has ", output)
+    return [f for f in found if f not in ancestors]
+
+
 def test_verify_reports_no_differences_then_the_changed_file(site):
     assert site.run("mkbackuponly", **public_key(site)).returncode == 0
     proc = site.run("verify", "--compare-data")
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert re.search(r"Verify: \d+ files compared, 0 differences found", proc.stdout)
+    assert differences_inside(proc.stdout, site.src) == [], proc.stdout
+    if proc.returncode != 0:        # only an ancestor of the tree differed
+        assert re.search(r"Verify: \d+ files compared, \d+ differences found", proc.stdout)
+    else:
+        assert re.search(r"Verify: \d+ files compared, 0 differences found", proc.stdout)
     (site.src / "owned").write_text("changed")
     proc = site.run("verify", "--compare-data")
     assert proc.returncode == 1
-    assert "src/owned" in proc.stdout and "1 differences found" in proc.stdout
+    assert differences_inside(proc.stdout, site.src) == [str(site.src / "owned").lstrip("/")], proc.stdout
 
 
 def set_times(status):

@@ -152,8 +152,9 @@ def test_a_backup_killed_halfway_is_resumed_and_restores_completely(site):
     while len(list(site.target_dir().glob("duplicity-full.*.vol*.difftar.gpg"))) < 4:
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
-    for pid in duplicity_children(proc.pid) + [proc.pid]:      # a crash: everything dies at once
-        os.kill(pid, signal.SIGKILL)
+    children = duplicity_children(proc.pid)
+    for pid in [proc.pid] + children:      # a crash: everything dies at once (rescue first, so it
+        os.kill(pid, signal.SIGKILL)       # cannot see duplicity die and exit on its own)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     rerun = site.run("mkbackuponly")
