@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -394,6 +395,7 @@ def main() -> int:
     args = parser.parse_args()
     global IGNORE_LOAD
     IGNORE_LOAD = args.ignore_load
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))     # clean up (sshd, gpg-agent) when stopped
     data = Path(args.data_dir) / f"{args.size_mb}MB"
     if not data.is_dir():
         print(f"generating {args.size_mb} MB in {data} …", flush=True)
