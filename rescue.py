@@ -1855,10 +1855,17 @@ class LayoutCapture:
             candidates = [e["target"] for e in entries if path_within(target_dir, e["target"])]
             target_mount = max(candidates, key=len) if candidates else None
         chosen: Dict[str, Tuple[Mount, BlockNode]] = {}
+        first_mount: Dict[Tuple[str, Optional[str]], str] = {}
         for entry in entries:
             picked = self.classify_mount(entry, target_mount)
-            if picked:
-                chosen.setdefault(picked[0].mountpoint, picked)
+            if not picked or picked[0].mountpoint in chosen:
+                continue
+            mount = picked[0]
+            seen = first_mount.setdefault((mount.device, mount.subvolume), mount.mountpoint)
+            if seen != mount.mountpoint:     # the same filesystem again: a bind mount
+                self.exclude(mount.mountpoint, "mount", f"bind mount of {mount.device} (mounted at {seen})")
+                continue
+            chosen[mount.mountpoint] = picked
         self.mount_sizes = {e["target"]: (to_int(e.get("size")), to_int(e.get("used"))) for e in entries}
         mounts = sorted(chosen.values(), key=lambda mn: mn[0].mountpoint)
         for mount, _ in mounts:
@@ -2050,11 +2057,15 @@ class LayoutCapture:
             elif node.type == "crypt":
                 luks = self.luks(node, crypttab)
                 layout.luks += [luks] if luks else []
+            elif node.type == "lvm" and not any(lv.id == node.name for lv in self.lvs):
+                self.unsupported_item(node.name, "lvm", "an LVM volume the lvm tools did not report "
+                                      "(are they installed?): not recreated")
         layout.volume_groups = [vg for vg in self.vgs if vg.name in vgs_needed]
         layout.physical_volumes = [pv for pv in self.pvs if pv.vg in vgs_needed]
         layout.logical_volumes = [lv for lv in self.lvs if lv.vg in vgs_needed]
-        self.unsupported = [u for u in self.unsupported
-                            if u.kind != "lvm" or u.what.split("/")[0] in vgs_needed or u.what == "lvm"]
+        # read_lvm reported unsupported LVs of every VG: keep those of the VGs in scope.
+        self.unsupported = [u for u in self.unsupported if u.kind != "lvm" or u.what.startswith("/")
+                            or u.what.split("/")[0] in vgs_needed or u.what == "lvm"]
 
     def vgcfg(self, vg: str) -> Optional[str]:
         result = self.probe.run(["vgcfgbackup", "-f", "OUTPUT", vg], output_arg=2)
@@ -2116,13 +2127,14 @@ class LayoutTree:
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self.shown_vgs: Set[str] = set()
+        self.shown_vgs: Set[str] = set()         # a VG or an array with several members
+        self.shown_arrays: Set[str] = set()      # is drawn once, below its first member
 
     def render(self) -> str:
         lines: List[str] = []
-        members = {d for m in self.layout.md_arrays for d in m.devices + m.spares}
+        arrays = {m.id for m in self.layout.md_arrays}
         for disk in self.layout.disks:
-            if disk.id not in members and not any(disk.id == m.id for m in self.layout.md_arrays):
+            if disk.id not in arrays:          # a partitioned array shows below its members
                 lines.append(self.disk_label(disk))
                 self.children(disk.id, "", lines)
         lines += self.summary()
@@ -2147,6 +2159,10 @@ class LayoutTree:
                         f"type {p.type}{name}{flags}", p.id))
         for md in (m for m in lay.md_arrays if device in m.devices + m.spares):
             role = " (spare)" if device in md.spares else ""
+            if md.id in self.shown_arrays:
+                out.append((f"{md.id}{role} (shown above)", None))
+                continue
+            self.shown_arrays.add(md.id)
             out.append((f"{md.id}  {md.level}{role}, {len(md.devices)} devices, metadata {md.metadata}, "
                         f"UUID {md.uuid}", md.id))
         for lk in (x for x in lay.luks if x.device == device):

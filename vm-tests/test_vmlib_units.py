@@ -1,0 +1,194 @@
+"""Unit tests of the harness's pure parts (no QEMU, no root): they run in every pytest run."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from vmlib import cache, cpio, install, procs
+from vmlib.image import apt_mirror, module_load_order
+from vmlib.machine import Disk, Machine, disk_args
+from vmlib.spec import SpecError, available_specs, load_spec, parse_spec
+
+BIOS_LVM = load_spec("bios-lvm")
+
+
+def test_shipped_specs_load():
+    assert {"bios-lvm", "uefi-gpt", "raid1-luks"} <= set(available_specs())
+    for name in available_specs():
+        assert load_spec(name).root.mountpoint == "/"
+
+
+def minimal(**changes):
+    data = {"firmware": "bios",
+            "disks": [{"name": "d0", "size": "2G", "label": "msdos", "boot": True,
+                       "partitions": [{"name": "root"}]}],
+            "filesystems": [{"device": "root", "type": "ext4", "mountpoint": "/"}]}
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"firmware": "coreboot"}, "firmware"),
+    ({"filesystems": [{"device": "nope", "type": "ext4", "mountpoint": "/"}]}, "unknown device"),
+    ({"filesystems": [{"device": "root", "type": "ext4", "mountpoint": "/home"}]}, "exactly one"),
+    ({"firmware": "uefi"}, "vfat filesystem mounted at /boot/efi"),
+    ({"disks": [{"name": "d0", "size": "2G", "label": "gpt", "boot": True,
+                 "partitions": [{"name": "root"}]}]}, "bios_grub"),
+    ({"disks": [{"name": "d0", "size": "2G", "label": "msdos", "boot": True,
+                 "partitions": [{"name": "root"}, {"name": "p2", "size": "1G"}]}]}, "only the last"),
+    ({"disks": [{"name": "d0", "size": "2X", "boot": True, "partitions": []}]}, "bad size"),
+])
+def test_invalid_specs_are_rejected_with_a_reason(changes, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec("t", minimal(**changes))
+
+
+def test_uuids_are_stable_and_distinct():
+    ids = install.stable_uuids(BIOS_LVM)
+    assert ids == install.stable_uuids(load_spec("bios-lvm"))
+    assert len(set(ids.values())) == len(ids)
+    assert set(ids.values()).isdisjoint(install.stable_uuids(load_spec("uefi-gpt")).values())
+
+
+def test_fstab_and_job_agree_on_uuids():
+    ids = install.stable_uuids(BIOS_LVM)
+    fstab = install.fstab(BIOS_LVM, ids)
+    job = install.job_script(BIOS_LVM, ids)
+    assert "UUID=%s / xfs defaults 0 1" % ids["fs:vg0/root"] in fstab
+    assert "mkfs.xfs -q -f -m uuid=%s /dev/mapper/vg0-root" % ids["fs:vg0/root"] in job
+    assert "mkfs.ext4 -q -F -U %s \"$P_boot\"" % ids["fs:boot"] in job
+    assert 'grub-install --target=i386-pc "$DISK_disk0"' in job
+    assert "label: dos" in job and "size=512MiB, type=83, bootable" in job
+
+
+def test_luks_raid_spec_renders_keyfile_crypttab_and_arrays():
+    spec = load_spec("raid1-luks")
+    ids = install.stable_uuids(spec)
+    files = install.etc_files(spec, ids)
+    assert files["etc/crypttab"] == ("cryptroot UUID=%s /etc/cryptsetup-keys.d/cryptroot.key "
+                                     "luks,discard,initramfs\n" % ids["luks:cryptroot"])
+    arrays = [line for line in files["etc/mdadm/mdadm.conf"].splitlines() if line.startswith("ARRAY")]
+    assert arrays == ["ARRAY /dev/md%d metadata=1.2 UUID=%s name=raid1-luks:%d" % (n, ids["md:md%d" % n], n)
+                      for n in (0, 1)]
+    job = install.job_script(spec, ids)
+    assert job.index("mdadm --create /dev/md1") < job.index("luksFormat") < job.index("pvcreate")
+    assert '"$DISK_disk0"' in job.split("grub-install")[1] and '"$DISK_disk1"' in job.split("grub-install")[2]
+
+
+def test_uefi_job_registers_nvram_entry_and_removable_path():
+    spec = load_spec("uefi-gpt")
+    job = install.job_script(spec, install.stable_uuids(spec))
+    assert "--bootloader-id=debian" in job and "--removable" in job
+    assert "mount -t efivarfs" in job
+
+
+@pytest.mark.parametrize("disk,device", [
+    (Disk("a", Path("/x.qcow2")), "virtio-blk-pci,drive=d-a,serial=a"),
+    (Disk("b", Path("/x.raw"), fmt="raw", bus="scsi", bootindex=1), "scsi-hd,drive=d-b,bus=scsi0.0,serial=b,bootindex=1"),
+    (Disk("c", Path("/x.qcow2"), bus="nvme"), "nvme,drive=d-c,serial=c"),
+    (Disk("cd", Path("/x.iso"), fmt="raw", bus="scsi", media="cdrom", readonly=True), "scsi-cd,drive=d-cd,bus=scsi0.0,serial=cd"),
+])
+def test_disk_args(disk, device):
+    argv = disk_args(disk)
+    assert argv[3] == device
+    assert argv[1].startswith("if=none,id=d-%s,file=%s,format=%s,cache=unsafe" % (disk.name, disk.path, disk.fmt))
+
+
+def test_unsupported_bus_is_an_error():
+    with pytest.raises(procs.HarnessError):
+        disk_args(Disk("x", Path("/x"), bus="ide"))
+
+
+def test_qemu_argv_uefi_with_ssh(tmp_path):
+    m = Machine("t", tmp_path, ssh_key=tmp_path / "key", firmware="uefi")
+    m.add_disk(tmp_path / "d.qcow2", "d0", bus="scsi")
+    m.ssh_port = 2222
+    argv = " ".join(m.qemu_argv())
+    assert "-accel tcg,thread=multi" in argv
+    assert "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd" in argv
+    assert "unit=1,file=%s" % (tmp_path / "OVMF_VARS.fd") in argv
+    assert "-device virtio-scsi-pci,id=scsi0" in argv
+    assert "hostfwd=tcp:127.0.0.1:2222-:22" in argv
+    m.close()
+
+
+def test_module_load_order_puts_dependencies_first(tmp_path):
+    moddir = tmp_path / "lib/modules/6.1.0-x"
+    moddir.mkdir(parents=True)
+    (moddir / "modules.dep").write_text(
+        "kernel/virtio_blk.ko: kernel/virtio_ring.ko kernel/virtio.ko\n"
+        "kernel/virtio_ring.ko: kernel/virtio.ko\nkernel/virtio.ko:\n"
+        "kernel/dm-mod.ko:\n")
+    order = module_load_order(tmp_path, "6.1.0-x", ["virtio_blk", "dm_mod"])
+    assert order == ["kernel/virtio.ko", "kernel/virtio_ring.ko", "kernel/virtio_blk.ko", "kernel/dm-mod.ko"]
+
+
+def test_apt_mirror_from_deb822_and_one_line_sources(tmp_path, monkeypatch):
+    monkeypatch.delenv("RESCUE_VM_MIRROR", raising=False)
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text("deb [arch=amd64] http://one.example/debian bookworm main\n")
+    assert apt_mirror(tmp_path) == "http://one.example/debian"
+    (tmp_path / "sources.list.d/debian.sources").write_text(
+        "Types: deb\nURIs: http://sec.example/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb\nURIs: http://deb.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n")
+    assert apt_mirror(tmp_path) == "http://deb.example/debian"
+
+
+def read_cpio(path: Path):
+    data, pos, names = path.read_bytes(), 0, {}
+    while True:
+        fields = [int(data[pos + 6 + 8 * i: pos + 14 + 8 * i], 16) for i in range(13)]
+        namesize, filesize = fields[11], fields[6]
+        name = data[pos + 110: pos + 110 + namesize - 1].decode()
+        pos += 110 + namesize
+        pos += -pos % 4
+        if name == "TRAILER!!!":
+            return names
+        names[name] = (fields[1], data[pos: pos + filesize], (fields[9], fields[10]))
+        pos += filesize + (-filesize % 4)
+
+
+def test_cpio_roundtrip(tmp_path):
+    cpio.write(tmp_path / "x.cpio", [cpio.directory("dev"), cpio.chardev("dev/console", 5, 1),
+                                     cpio.file("init", b"#!/bin/sh\n", 0o755)])
+    entries = read_cpio(tmp_path / "x.cpio")
+    assert entries["init"] == (0o100755, b"#!/bin/sh\n", (0, 0))
+    assert entries["dev/console"][0] == 0o20600 and entries["dev/console"][2] == (5, 1)
+
+
+def test_build_once_builds_once_and_atomically(tmp_path):
+    calls = []
+
+    def builder(out: Path) -> None:
+        calls.append(out)
+        (out / "artifact").write_text("ok")
+
+    first = cache.build_once(tmp_path, "thing-1", builder)
+    second = cache.build_once(tmp_path, "thing-1", builder)
+    assert first == second == tmp_path / "thing-1" and len(calls) == 1
+    assert calls[0].name.startswith("thing-1.tmp-") and not calls[0].exists()
+
+
+def test_failed_build_leaves_no_entry_but_keeps_logs(tmp_path):
+    stale = tmp_path / "thing-2.tmp-999999"
+    stale.mkdir()
+
+    def builder(out: Path) -> None:
+        (out / "build.log").write_text("what went wrong\n")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        cache.build_once(tmp_path, "thing-2", builder)
+    assert not (tmp_path / "thing-2").exists() and not stale.exists()
+    assert not list(tmp_path.glob("thing-2.tmp-*"))
+    kept = list((tmp_path / "failed").glob("thing-2-*/build.log"))
+    assert [p.read_text() for p in kept] == ["what went wrong\n"]
+
+
+def test_run_reports_failure_output_and_enforces_timeout():
+    with pytest.raises(procs.CommandFailed, match="exit 3") as failure:
+        procs.run(["sh", "-c", "echo evidence; exit 3"], timeout=10)
+    assert "evidence" in failure.value.output
+    with pytest.raises(procs.HarnessError, match="timed out"):
+        procs.run(["sleep", "30"], timeout=0.5)
