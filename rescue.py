@@ -2383,7 +2383,13 @@ def backup_url(config: Config) -> str:
     if "://" not in base:
         raise ConfigError(f"BACKUP_DUPLICITY_URL is not a URL: {base}",
                           "write it as scheme://…, e.g. file:///srv/backup or rsync://user@host//path")
-    return base.rstrip("/") + "/" + backup_host(config)
+    base = base.rstrip("/")
+    # Plain sftp:// and scp:// mean paramiko to duplicity, which is not bundled: go through the
+    # system's ssh instead (pexpect), which also reads the user's ssh configuration.
+    scheme = base.split("://", 1)[0]
+    if scheme in ("sftp", "scp"):
+        base = "pexpect+" + base
+    return base + "/" + backup_host(config)
 
 
 def config_words(config: Config, name: str) -> List[str]:

@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -345,8 +346,8 @@ CANDIDATES = {
     "volsize 1000": ["--volsize", "1000"],
     "concurrency 1": ["--concurrency", "1"],
     "no-files-changed": ["--no-files-changed"],
-    "verbosity 4": ["-v4"],
-    "level 1 + no-files-changed": ["--gpg-options=--compress-level 1", "--no-files-changed"],
+    "level 1 + volsize 500": ["--gpg-options=--compress-level 1", "--volsize", "500"],
+    "level 1 + concurrency 1": ["--gpg-options=--compress-level 1", "--concurrency", "1"],
 }
 
 
@@ -370,13 +371,15 @@ def run_once(data: Path, args: argparse.Namespace) -> Dict[str, object]:
     bench = Bench(work, pristine, args.target)
     figures: Dict[str, object] = {"size_bytes": size, "target": args.target}
     try:
-        if args.candidates and "candidates" not in FIGURES:
+        if (args.candidates or args.only) and "candidates" not in FIGURES:
             print("candidates (plain duplicity, full backup + restore):", flush=True)
-            FIGURES["candidates"] = candidates(bench, CANDIDATES)
+            chosen = {k: v for k, v in CANDIDATES.items() if not args.only or k in args.only.split(",")}
+            FIGURES["candidates"] = candidates(bench, chosen)
             del TAINTED[:]
         figures.update(FIGURES)
-        figures["compare"] = compare(bench, size, lambda: change_dataset(pristine))
-        report(figures["compare"], size)
+        if not args.no_compare:
+            figures["compare"] = compare(bench, size, lambda: change_dataset(pristine))
+            report(figures["compare"], size)
     finally:
         bench.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -389,11 +392,14 @@ def main() -> int:
     parser.add_argument("--target", choices=("rsync", "file"), default="rsync")
     parser.add_argument("--data-dir", default="/var/tmp/rescue-bench-data")
     parser.add_argument("--candidates", action="store_true", help="also time single duplicity settings")
+    parser.add_argument("--only", help="comma-separated candidate names to time (implies --candidates)")
+    parser.add_argument("--no-compare", action="store_true", help="skip the rescue/ReaR comparison")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--ignore-load", action="store_true", help="run even while a VM runs (to test this script)")
     args = parser.parse_args()
     global IGNORE_LOAD
     IGNORE_LOAD = args.ignore_load
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))     # clean up (sshd, gpg-agent) when stopped
     data = Path(args.data_dir) / f"{args.size_mb}MB"
     if not data.is_dir():
         print(f"generating {args.size_mb} MB in {data} …", flush=True)

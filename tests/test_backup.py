@@ -160,6 +160,7 @@ def test_ssh_mkdir_uses_the_url_itself():
 
 def test_backup_url_is_per_host_and_must_be_set():
     assert rescue.backup_url(config(BACKUP_DUPLICITY_URL="file:///b/", HOSTNAME="alma")) == "file:///b/alma"
+    assert rescue.backup_url(config(BACKUP_DUPLICITY_URL="sftp://u@h/x", HOSTNAME="a")) == "pexpect+sftp://u@h/x/a"
     with pytest.raises(rescue.ConfigError, match="BACKUP_DUPLICITY_URL is not set"):
         rescue.backup_url(config())
 
@@ -369,6 +370,18 @@ def test_rsync_over_our_sshd_with_a_real_signature_by_its_own_key(tmp_path, conf
                                capture_output=True, env=dict(os.environ, GNUPGHOME=str(gnupg_keys.home)))
     assert b'Good signature from "rescue sign <sign@test>"' in decrypted.stderr
     assert (remote / HOST / "layout").is_dir()
+
+
+def test_sftp_goes_through_the_systems_ssh(tmp_path, conf_dir, gnupg_keys, sshd_server):
+    remote = tmp_path / "sftp-server"
+    site = Site(tmp_path, conf_dir, gnupg_keys,
+                url=f"sftp://root@127.0.0.1:{sshd_server.port}/{remote}")
+    settings = dict(BACKUP_DUPLICITY_SSH_OPTIONS=sshd_server.ssh_options, **public_key(site))
+    proc = site.run("mkbackuponly", **settings)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert any((remote / HOST).glob("duplicity-full.*.vol1.difftar.gpg"))
+    proc = site.run("restoreonly", "--target", tmp_path / "restored")
+    assert proc.returncode == 0, proc.stderr
 
 
 def differences_inside(output, root):
