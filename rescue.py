@@ -32,6 +32,7 @@ import datetime
 import difflib
 import fcntl
 import gzip
+import hashlib
 import importlib.machinery
 import importlib.util
 import json
@@ -3188,14 +3189,41 @@ def run_retention(ctx: "Context", url: str, crypt: Encryption, archive_dir: str)
                     crypt, "removing old backups")
 
 
-def upload_layout(ctx: "Context", url: str, crypt: Encryption, archive_dir: str, workdir: Path) -> None:
-    """A full backup of the layout and the configuration (no secrets) to URL/layout."""
+def without_usage(value: object) -> object:
+    """A layout.json value without "used" (how full a filesystem is: it changes all the time)."""
+    if isinstance(value, dict):
+        return {k: without_usage(v) for k, v in value.items() if k != "used"}
+    if isinstance(value, list):
+        return [without_usage(v) for v in value]
+    return value
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over the names and contents of the files below root (layout.json without usage)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode("utf-8", "surrogateescape") + b"\0")
+        data = path.read_bytes()
+        if path.name == "layout.json":
+            data = json.dumps(without_usage(json.loads(data)), sort_keys=True).encode()
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def upload_layout(ctx: "Context", url: str, crypt: Encryption, archive_dir: str, workdir: Path) -> str:
+    """A full backup of the layout and the configuration (no secrets) to URL/layout, unless the
+    last backup already stored the same (a restore as of any time then finds an equal one).
+    Returns what identifies the stored content, for last-backup.json."""
     staging = workdir / "layout-upload"
     staging.mkdir(mode=0o700)
     layout = layout_dir(ctx.config)
     if layout.is_dir():
         shutil.copytree(str(layout), str(staging / "layout"), symlinks=True)
     write_private(staging / STORED_CONFIG_FILE, config_without_secrets(ctx.config))
+    digest = hashlib.sha256((url + tree_digest(staging)).encode()).hexdigest()
+    if previous_record(ctx.config).get("layout_digest") == digest:
+        ctx.log.info("The layout and configuration on the target are up to date")
+        return digest
     ctx.log.say(f"Storing the layout and configuration in {url}/{LAYOUT_TARGET}")
     args = ["full", "-v4", "--allow-source-mismatch"]
     args += common_options(ctx.config, archive_dir, str(workdir), name_suffix="-layout") + crypt.args
@@ -3205,6 +3233,7 @@ def upload_layout(ctx: "Context", url: str, crypt: Encryption, archive_dir: str,
         args = ["remove-older-than", duplicity_time(ctx.config, "BACKUP_DUPLICITY_MAX_TIME", max_time),
                 "--force", "-v4"] + common_options(ctx.config, archive_dir, name_suffix="-layout")
         run_checked(ctx, args + crypt.args + [f"{url}/{LAYOUT_TARGET}"], crypt, "removing old layouts")
+    return digest
 
 
 def own_paths(config: Config, archive_dir: str, workdir: Path) -> List[str]:
@@ -3215,7 +3244,7 @@ def own_paths(config: Config, archive_dir: str, workdir: Path) -> List[str]:
 
 
 def run_backup(ctx: "Context", url: str, crypt: Encryption, selection: Selection, archive_dir: str,
-               workdir: Path) -> int:
+               workdir: Path, layout_digest: str) -> int:
     args = backup_command(ctx.config, selection, crypt, url, archive_dir, str(workdir / "tmp"))
     (workdir / "tmp").mkdir()
     ctx.log.say("Running: duplicity " + ctx.log.redact(" ".join(shlex.quote(a) for a in args)))
@@ -3225,6 +3254,7 @@ def run_backup(ctx: "Context", url: str, crypt: Encryption, selection: Selection
     stats = parse_backup_statistics(output.lines)
     kind = "full" if output.full else ("incremental" if stats else "unknown")
     record = backup_record(stats, kind, ctx.log.redact(url), started, time.time(), returncode, previous)
+    record["layout_digest"] = layout_digest
     save_backup_record(ctx, record)
     if returncode != 0:
         raise duplicity_failure("the backup", returncode, output, ctx.log)
@@ -3275,8 +3305,8 @@ def make_backup(ctx: "Context") -> int:
         counts = collect_metadata(selection.roots, in_scope + [p for p, _ in excluded],
                                   own_paths(config, archive_dir, workdir), var_dir(config) / METADATA_FILE)
         ctx.log.info(f"Recorded what duplicity does not keep: {counts}")
-        upload_layout(ctx, url, crypt, archive_dir, workdir)
-        return run_backup(ctx, url, crypt, selection, archive_dir, workdir)
+        layout_digest = upload_layout(ctx, url, crypt, archive_dir, workdir)
+        return run_backup(ctx, url, crypt, selection, archive_dir, workdir, layout_digest)
 
 
 # -- restore ----------------------------------------------------------------------------------

@@ -338,6 +338,7 @@ def test_backup_prints_statistics_keeps_json_and_prometheus_metrics(site):
     assert "layout" in names and any(n.startswith("duplicity-full.") and n.endswith(".gpg") for n in names)
     proc = site.run("mkbackuponly")
     assert "Backup done (incremental)" in proc.stdout
+    assert "Storing the layout" not in proc.stdout          # unchanged: stored once is enough
 
 
 def test_layout_and_config_are_fetched_from_the_target_without_the_cache(site):
