@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -160,6 +161,8 @@ class Machine:
         self.commands_log = self.workdir / "commands.log"
         # Unix sockets need a short path (108 bytes); pytest's tmp paths can be longer.
         self._sockdir = Path(tempfile.mkdtemp(prefix="rvm-"))
+        # removed by close(), or at garbage collection / interpreter exit if close() never ran
+        self._remove_sockdir = weakref.finalize(self, shutil.rmtree, str(self._sockdir), True)
         self._vars = None
         if firmware == "uefi":
             self._vars = self.workdir / "OVMF_VARS.fd"
@@ -364,7 +367,7 @@ class Machine:
         for disk in self.disks:
             if disk.owned and disk.path.exists():
                 disk.path.unlink()
-        shutil.rmtree(self._sockdir, ignore_errors=True)
+        self._remove_sockdir()
 
     def __enter__(self) -> "Machine":
         return self
