@@ -37,7 +37,7 @@ from typing import Dict, List
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from backup_fixtures import client_config, free_port, sshd_config, wait_for_port  # noqa: E402
+from backup_fixtures import start_sshd  # noqa: E402
 
 PASSPHRASE = "bench-passphrase"
 REAR_EXCLUDES = ["/proc", "/sys", "/run", "/var/lib/ntp/proc", "/root/.cache", "/tmp", "/var/tmp",
@@ -139,22 +139,6 @@ def fingerprint(env: Dict[str, str]) -> str:
     listing = subprocess.run(["gpg", "--with-colons", "--list-keys"], env=env, capture_output=True,
                              check=True, text=True).stdout
     return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
-
-
-def start_sshd(directory: Path) -> "tuple":
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)], check=True)
-    shutil.copy(directory / "client_key.pub", directory / "authorized_keys")
-    port = free_port()
-    host_key = (directory / "host_key.pub").read_text().split()
-    (directory / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
-    (directory / "sshd_config").write_text(sshd_config(directory, port))
-    (directory / "ssh_config").write_text(client_config(directory, port))
-    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-    proc = subprocess.Popen([shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f",
-                             str(directory / "sshd_config")], stderr=subprocess.PIPE)
-    wait_for_port(port, proc)
-    return proc, port, f"-F {directory}/ssh_config"
 
 
 def vm_running() -> bool:

@@ -116,9 +116,9 @@ def wait_for_port(port, proc, timeout=15):
     raise RuntimeError("sshd did not start listening")
 
 
-@pytest.fixture(scope="session")
-def sshd_server(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("sshd")
+def start_sshd(directory):
+    """An sshd of our own on 127.0.0.1 (fresh host and client keys in `directory`), listening.
+    Returns (process, port, ssh options that reach it: "-F DIR/ssh_config")."""
     for name in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)], check=True)
     shutil.copy(directory / "client_key.pub", directory / "authorized_keys")
@@ -132,7 +132,18 @@ def sshd_server(tmp_path_factory):
                             stderr=subprocess.PIPE)
     try:
         wait_for_port(port, proc)
-        yield Sshd(port, f"-F {directory}/ssh_config", directory)
+    except BaseException:
+        proc.terminate()
+        raise
+    return proc, port, f"-F {directory}/ssh_config"
+
+
+@pytest.fixture(scope="session")
+def sshd_server(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sshd")
+    proc, port, options = start_sshd(directory)
+    try:
+        yield Sshd(port, options, directory)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
