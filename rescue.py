@@ -2084,7 +2084,8 @@ class LayoutCapture:
                 boot.tools[role] = found
         esp = [p for p in layout.partitions if p.type.lower() in ESP_TYPES]
         mounted_esp = [p for p in esp if any(m.device == p.id for m in layout.mounts)]
-        boot.esp = (mounted_esp or esp or [None])[0] and (mounted_esp or esp)[0].id
+        candidates = mounted_esp or esp
+        boot.esp = candidates[0].id if candidates else None
         if boot.firmware == "uefi":
             boot.efi_entries = parse_efibootmgr(probe_output(self.probe, ["efibootmgr", "-v"]) or "")
         boot.grub_disks = [d.id for d in layout.disks if b"GRUB" in (self.probe.read(d.id, 512) or b"")]
@@ -2434,13 +2435,9 @@ def backup_scope(layout_mounts: Sequence[str], reasons: Dict[str, str],
     return in_scope, sorted(excluded.items())
 
 
-def is_under(path: str, parent: str) -> bool:
-    return path == parent or path.startswith(parent.rstrip("/") + "/")
-
-
 def nearest_mount(path: str, mountpoints: Sequence[str]) -> Optional[str]:
     """The deepest other mountpoint that contains path."""
-    parents = [m for m in mountpoints if m != path and is_under(path, m)]
+    parents = [m for m in mountpoints if m != path and path_within(path, m)]
     return max(parents, key=len) if parents else None
 
 
@@ -2776,7 +2773,7 @@ def walk_filesystem(root: str, mountpoints: Set[str], skip: Sequence[str]) -> "I
             continue
         for entry in entries:
             path = entry.path
-            if path in mountpoints or any(is_under(path, s) for s in skip):
+            if path in mountpoints or any(path_within(path, s) for s in skip):
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -2815,7 +2812,7 @@ def walk_roots(roots: Sequence[str], mountpoints: Sequence[str]) -> List[str]:
     """The roots to walk: each mountpoint, and each other root not inside another root."""
     unique = sorted(set(roots))
     return [r for r in unique
-            if r in mountpoints or not any(o != r and is_under(r, o) for o in unique)]
+            if r in mountpoints or not any(o != r and path_within(r, o) for o in unique)]
 
 
 def collect_metadata(roots: Sequence[str], mountpoints: Sequence[str], skip: Sequence[str],
@@ -3323,7 +3320,7 @@ def redirected_names(target: str, mountpoints: Sequence[str]) -> List[str]:
     """Top-level names under target that are, or contain, a mountpoint."""
     names = set()
     for mount in mountpoints:
-        if mount != target and is_under(mount, target):
+        if mount != target and path_within(mount, target):
             names.add(mount[len(target.rstrip("/")) + 1:].split("/")[0])
     return sorted(names)
 
@@ -3830,8 +3827,8 @@ def run_workflow(args: argparse.Namespace, parser: argparse.ArgumentParser, log:
         return 0 if args.workflow == "help" else 2
     wf = WORKFLOWS[args.workflow]
     config = load_config(config_files(args.config_dir, args.extra_conf), dict(os.environ), log)
-    if wf.needs_root and os.geteuid() != 0:
-        raise RescueError(f"'rescue {wf.name}' must run as root", f"run: sudo rescue {wf.name}")
+    if wf.needs_root:
+        require_root(wf.name)
     ctx = Context(args, config, log, Runner(log))
     if wf.name != "dump":
         open_log(config, log)
