@@ -33,6 +33,7 @@ import difflib
 import fcntl
 import gzip
 import hashlib
+import heapq
 import importlib.machinery
 import importlib.util
 import json
@@ -51,6 +52,7 @@ import termios
 import threading
 import time
 import urllib.parse
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
@@ -98,6 +100,7 @@ class Log:
         self.secrets: Dict[str, str] = {}     # secret value -> what replaces it
         self.path: Optional[Path] = None
         self._file = None
+        self._lock = threading.Lock()         # parallel duplicity runs log from several threads
 
     def add_secret(self, value: str, label: str = REDACTED) -> None:
         """Hide value in every message from now on; label replaces it (e.g. <GPG_KEY>)."""
@@ -126,11 +129,12 @@ class Log:
             self._file = None
 
     def _write(self, level: str, message: str) -> None:
-        if self._file:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            for line in message.splitlines() or [""]:
-                self._file.write(f"{stamp} {level:5} {line}\n")
-            self._file.flush()
+        with self._lock:
+            if self._file:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                for line in message.splitlines() or [""]:
+                    self._file.write(f"{stamp} {level:5} {line}\n")
+                self._file.flush()
 
     def say(self, message: str) -> None:
         """A message the user always sees (progress of a workflow)."""
@@ -901,6 +905,8 @@ class Runner:
         self.log = log
         self.dry_run = dry_run
         self.recorded: List[str] = []
+        self.active: Set["subprocess.Popen"] = set()    # running commands (stop_all)
+        self._lock = threading.Lock()
 
     def environment(self, extra: Optional[Dict[str, str]], inherit: bool) -> Dict[str, str]:
         if inherit:
@@ -949,15 +955,28 @@ class Runner:
         except PermissionError:
             raise RescueError(f"cannot execute {argv[0]}: permission denied",
                               "check that it is an executable file") from None
-        if on_line is not None:
-            stdout, stderr = self._stream(proc, on_line, timeout, line), ""
-        else:
-            stdout, stderr = self._communicate(proc, input, timeout, line)
+        with self._lock:
+            self.active.add(proc)
+        try:
+            if on_line is not None:
+                stdout, stderr = self._stream(proc, on_line, timeout, line), ""
+            else:
+                stdout, stderr = self._communicate(proc, input, timeout, line)
+        finally:
+            with self._lock:
+                self.active.discard(proc)
         result = Result(argv, proc.returncode, stdout, stderr, time.monotonic() - started)
         self.log.debug(f"exit code {proc.returncode} after {result.duration:.2f}s")
         if check and proc.returncode != 0:
             raise CommandError(line, proc.returncode, self.log.redact(stderr or stdout))
         return result
+
+    def stop_all(self) -> None:
+        """Stop every command still running (commands run by other threads, on Ctrl-C)."""
+        with self._lock:
+            running = list(self.active)
+        for proc in running:
+            stop_process(proc)
 
     def _stream(self, proc: "subprocess.Popen", on_line: Callable[[str], None],
                 timeout: Optional[float], line: str) -> str:
@@ -2293,6 +2312,22 @@ def bundled_duplicity_dir() -> Optional[Path]:
     return package.parent
 
 
+# Runs the bundled duplicity like `python3 -m duplicity`, except for one thing: after a backup
+# interrupted in its first volume, duplicity restarts itself with os.execve(sys.argv[0],
+# sys.argv, environ), and under -m sys.argv[0] is duplicity/__main__.py, which cannot be
+# executed (PermissionError, found by a test that stops a backup with SIGTERM). Here the
+# restart runs the interpreter with this same code again.
+DUPLICITY_LAUNCHER = (
+    "import os, runpy, sys\n"
+    "_execve = os.execve\n"
+    "def execve(path, args, env):\n"
+    "    if path != sys.argv[0]:\n"
+    "        return _execve(path, args, env)\n"
+    "    _execve(sys.executable, [sys.executable, '-c', 'C = %r\\nexec(C)' % C] + list(args[1:]), env)\n"
+    "os.execve = execve\n"
+    "runpy.run_module('duplicity', run_name='__main__', alter_sys=False)\n")
+
+
 def duplicity_command(config: Config) -> Tuple[List[str], Dict[str, str]]:
     """argv prefix and extra environment that run duplicity."""
     prog = config.get("DUPLICITY_PROG")
@@ -2301,7 +2336,7 @@ def duplicity_command(config: Config) -> Tuple[List[str], Dict[str, str]]:
     site = bundled_duplicity_dir()
     if site is not None:
         # The child is a fresh interpreter: it needs the (extracted) bundle on its path.
-        return [sys.executable, "-m", "duplicity"], {"PYTHONPATH": str(site)}
+        return [sys.executable, "-c", f"C = {DUPLICITY_LAUNCHER!r}\nexec(C)"], {"PYTHONPATH": str(site)}
     return ["duplicity"], {}
 
 
@@ -2511,6 +2546,195 @@ def glob_prefix(pattern: str) -> str:
     return head if cut == len(pattern) else (head.rsplit("/", 1)[0] or "/")
 
 
+# -- parallel chains --------------------------------------------------------------------------
+#
+# One duplicity process keeps about one core busy (gpg compressing in one process, tar and
+# librsync in the other), so with more cores the backup is split: a few large directories
+# ("parts") each get a chain of their own at URL/part-ID, backed up side by side with the main
+# chain at URL, which holds everything else (the chain ReaR would make, minus the parts).
+# The plan is kept in VAR_DIR/backup-parts.json and stored with the layout, so a restore as of
+# any time reads the plan of that time. A part's ID comes from its path: a chain only ever
+# holds one directory. A part is a plain directory inside one filesystem (no mountpoint at or
+# below it), so it restores into a staging directory on its own filesystem, renamed into place.
+
+PARTS_FILE = "backup-parts.json"
+
+
+def part_id(path: str) -> str:
+    return "part-" + hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def parallel_workers(config: Config) -> int:
+    """BACKUP_DUPLICITY_PARALLEL: how many duplicity processes run at once ("auto": one per
+    CPU, at most 4)."""
+    value = config.get("BACKUP_DUPLICITY_PARALLEL").strip() or "auto"
+    if value.lower() == "auto":
+        return max(1, min(os.cpu_count() or 1, 4))
+    return int(positive_count("BACKUP_DUPLICITY_PARALLEL", value))
+
+
+def part_selection(args: Sequence[str], part: str) -> Optional[List[str]]:
+    """The --include/--exclude options of a chain whose source is the directory part, from
+    the whole backup's options (first match wins): rules inside part stay, rules elsewhere go,
+    and the first rule that covers part decides the rest. None when part cannot be a chain of
+    its own: excluded, or touched by a pattern whose reach into it cannot be told (a wildcard
+    above it, a pattern that is not an absolute path)."""
+    kept: List[str] = []
+    for option, pattern in zip(args[0::2], args[1::2]):
+        if pattern == "**":
+            return kept if option == "--include" else None
+        if not pattern.startswith("/"):
+            return None
+        wildcard = any(c in pattern for c in "*?[")
+        if not wildcard and path_within(part, pattern):
+            return kept if option == "--include" else None    # this rule decides all of part
+        head = glob_prefix(pattern) if wildcard else pattern
+        if path_within(head, part):
+            kept += [option, pattern]
+        elif path_within(part, head):
+            return None                  # a wildcard above part may reach into it
+    return kept
+
+
+def subtree_sizes(direct: Dict[str, int]) -> Dict[str, int]:
+    """Bytes below each directory, from the bytes of the files directly in each."""
+    totals = dict(direct)
+    for path in sorted(direct, key=lambda p: -p.count("/")):
+        parent = os.path.dirname(path)
+        if parent != path and parent in totals:
+            totals[parent] += totals[path]
+    return totals
+
+
+def plan_parts(totals: Dict[str, int], roots: Sequence[str], workers: int,
+               eligible: Callable[[str], bool], min_bytes: int) -> List[str]:
+    """The directories to back up as chains of their own, so that `workers` duplicity
+    processes get about equal shares: the largest directory that fits a share becomes a part,
+    larger ones are looked into, until what is left for the main chain is half a share."""
+    total = sum(totals.get(r, 0) for r in roots)
+    if workers < 2 or total < 2 * min_bytes:
+        return []
+    share, smallest = total / workers, max(total / (4 * workers), min_bytes, 1)
+    children: Dict[str, List[str]] = {}
+    for path in totals:
+        parent = os.path.dirname(path)
+        if parent != path and parent in totals:
+            children.setdefault(parent, []).append(path)
+    heap = [(-totals[r], r) for r in set(roots) if r in totals]
+    heapq.heapify(heap)
+    parts: List[str] = []
+    rest = total
+    while heap and rest > share / 2 and len(parts) < 4 * workers - 1:
+        path = heapq.heappop(heap)[1]
+        size = totals[path]
+        if size < smallest:
+            break
+        bigger = [c for c in children.get(path, []) if totals[c] >= smallest]
+        if eligible(path) and (size <= share or not bigger):
+            parts.append(path)
+            rest -= size
+        else:
+            for child in bigger:
+                heapq.heappush(heap, (-totals[child], child))
+    return sorted(parts)
+
+
+def part_eligible(path: str, args: Sequence[str], mountpoints: Sequence[str],
+                  own: Sequence[str]) -> bool:
+    """A directory may be a part when no mountpoint is at or below it, it is not inside
+    rescue's own files, and the selection's rules for it can be told exactly."""
+    if any(path_within(m, path) for m in mountpoints) or any(path_within(path, o) for o in own):
+        return False
+    return part_selection(args, path) is not None
+
+
+@dataclass
+class Chain:
+    label: str                           # "main", or the part's path
+    url: str
+    name_suffix: str                     # for --name (each chain has its own archive cache)
+    selection: "Selection"
+    size: int = 0                        # bytes, to start the largest first
+    options: List[str] = field(default_factory=list)     # duplicity options of this chain only
+
+
+INCOMPRESSIBLE = 0.92                    # zlib level 1 saves less than 8 %: not worth gpg's time
+
+
+def compressed_share(directory: str, samples: int = 48, chunk: int = 65536, scan: int = 4000) -> Optional[float]:
+    """How much of the data in directory zlib level 1 keeps (0.3 for text, 1.0 for media and
+    archives), from a chunk in the middle of each of the first `samples` files of at least
+    16 KiB (breadth-first, at most `scan` entries looked at), weighted by file size. None
+    when there is nothing to sample."""
+    kept = total = 0.0
+    pending, seen, taken = collections.deque([directory]), 0, 0
+    while pending and taken < samples and seen < scan:
+        try:
+            entries = sorted(os.scandir(pending.popleft()), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            seen += 1
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                    continue
+                if not entry.is_file(follow_symlinks=False) or taken >= samples:
+                    continue
+                size = entry.stat(follow_symlinks=False).st_size
+                if size < 16384:
+                    continue
+                with open(entry.path, "rb") as f:
+                    f.seek(max(0, size // 2 - chunk // 2))
+                    data = f.read(chunk)
+            except OSError:
+                continue
+            if data:
+                taken += 1
+                kept += size * len(zlib.compress(data, 1)) / len(data)
+                total += size
+    return kept / total if total else None
+
+
+def chain_options(config: Config, path: str) -> List[str]:
+    """A part whose data does not compress is stored without gpg's compression, which would
+    only cost time (gpg's zlib ran at 75 MB/s on random data here, and stored 0.03 % more).
+    Off with BACKUP_DUPLICITY_COMPRESSION_CHECK=no, or when the user's options set gpg's
+    compression themselves."""
+    if (config.get("BACKUP_DUPLICITY_COMPRESSION_CHECK").strip().lower() or "yes") not in TRUE_WORDS:
+        return []
+    if "compress" in " ".join(config_words(config, "BACKUP_DUPLICITY_OPTIONS")):
+        return []
+    share = compressed_share(path)
+    return ["--gpg-options=--compress-algo none"] if share is not None and share >= INCOMPRESSIBLE else []
+
+
+def backup_chains(url: str, selection: "Selection", parts: Sequence[str],
+                  totals: Dict[str, int], options: Callable[[str], List[str]] = lambda path: []) -> List[Chain]:
+    """The main chain (everything but the parts) and one chain per part."""
+    main_args = [w for p in parts for w in ("--exclude", glob_escape(p))] + selection.args
+    rest = sum(totals.get(r, 0) for r in set(selection.roots)) - sum(totals.get(p, 0) for p in parts)
+    chains = [Chain("main", url, "", Selection(selection.source, main_args, selection.excluded,
+                                               selection.roots), max(rest, 0))]
+    for path in parts:
+        args = part_selection(selection.args, path) or []
+        chains.append(Chain(path, f"{url}/{part_id(path)}", "-" + part_id(path),
+                            Selection(path, args, [], [path]), totals.get(path, 0), options(path)))
+    return chains
+
+
+def read_parts_plan(path: Path) -> Dict[str, object]:
+    """The plan file ({"parts": [...], "retired": [...], "workers": N}); empty when absent."""
+    try:
+        plan = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"parts": [], "retired": []}
+    except (OSError, ValueError) as exc:
+        raise RescueError(f"cannot read {path}: {exc}", "remove it: the next backup plans the chains anew")
+    return {"parts": [str(p) for p in plan.get("parts", [])],
+            "retired": [str(p) for p in plan.get("retired", [])], "workers": plan.get("workers")}
+
+
 # -- encryption -------------------------------------------------------------------------------
 
 @dataclass
@@ -2560,7 +2784,7 @@ def common_options(config: Config, archive_dir: str, tempdir: Optional[str] = No
             "--archive-dir", archive_dir]
     if tempdir:
         args += ["--tempdir", tempdir]
-    ssh_options = config.get("BACKUP_DUPLICITY_SSH_OPTIONS")
+    ssh_options = SSH_SHARING.options(config)
     if ssh_options:
         args.append(f"--ssh-options={ssh_options}")
     args += config_words(config, "BACKUP_DUPLICITY_TUNING")
@@ -2584,9 +2808,10 @@ def retention_commands(config: Config) -> List[List[str]]:
 
 
 def backup_command(config: Config, selection: Selection, crypt: Encryption, url: str,
-                   archive_dir: str, tempdir: str) -> List[str]:
+                   archive_dir: str, tempdir: str, name_suffix: str = "",
+                   chain_options: Sequence[str] = ()) -> List[str]:
     """duplicity's arguments for the backup (full or incremental, as duplicity decides)."""
-    args = ["-v5"] + common_options(config, archive_dir, tempdir) + crypt.args
+    args = ["-v5"] + common_options(config, archive_dir, tempdir, name_suffix) + list(chain_options) + crypt.args
     full_if_older = config.get("BACKUP_DUPLICITY_FULL_IF_OLDER_THAN")
     if full_if_older:
         args += ["--full-if-older-than",
@@ -2603,11 +2828,12 @@ def restore_time(config: Config, override: Optional[str]) -> Optional[str]:
 
 
 def restore_command(config: Config, crypt: Encryption, url: str, target: str, archive_dir: str,
-                    tempdir: str, time_: Optional[str], renames: Sequence[Tuple[str, str]]) -> List[str]:
+                    tempdir: str, time_: Optional[str], renames: Sequence[Tuple[str, str]],
+                    name_suffix: str = "") -> List[str]:
     """duplicity's arguments to restore the whole backup into target. --numeric-owner: the
     rescue system's /etc/passwd is not the original's, so names would map to wrong ids."""
     args = ["restore", "-v5", "--force", "--numeric-owner"]
-    args += common_options(config, archive_dir, tempdir) + crypt.args
+    args += common_options(config, archive_dir, tempdir, name_suffix) + crypt.args
     if time_:
         args += ["--restore-time", time_]
     for old, new in renames:
@@ -2816,8 +3042,9 @@ def walk_roots(roots: Sequence[str], mountpoints: Sequence[str]) -> List[str]:
 
 
 def collect_metadata(roots: Sequence[str], mountpoints: Sequence[str], skip: Sequence[str],
-                     out: Path) -> Dict[str, int]:
-    """Write the xattrs, hard-link groups and sparse files under roots to out (gzip'd JSON lines)."""
+                     out: Path, sizes: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """Write the xattrs, hard-link groups and sparse files under roots to out (gzip'd JSON lines).
+    sizes, when given, gets the bytes of the regular files directly in each directory."""
     counts = {"xattr": 0, "links": 0, "sparse": 0, "symlink": 0}
     links: Dict[Tuple[int, int], List[str]] = {}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -2826,6 +3053,12 @@ def collect_metadata(roots: Sequence[str], mountpoints: Sequence[str], skip: Seq
         for root in walk_roots(roots, mountpoints):
             others = set(mountpoints) - {root}
             for path, st in walk_filesystem(root, others, skip):
+                if sizes is not None:
+                    if stat.S_ISDIR(st.st_mode):
+                        sizes.setdefault(path, 0)
+                    elif stat.S_ISREG(st.st_mode):
+                        parent = os.path.dirname(path)
+                        sizes[parent] = sizes.get(parent, 0) + st.st_size
                 for record in metadata_records(path, st, links):
                     counts[next(iter(record))] += 1
                     stream.write(json.dumps(record) + "\n")
@@ -2930,33 +3163,95 @@ def local_target(url: str) -> Optional[str]:
     return os.path.abspath(urllib.parse.unquote(url[len("file://"):]))
 
 
-def ssh_mkdir_command(url: str, ssh_options: str) -> Optional[List[str]]:
-    """`ssh … mkdir -p PATH` for a target reached over ssh, from the URL itself (duplicity
-    fails when the directory is missing). None for other URLs and rsync daemon modules."""
+def ssh_mkdir_command(url: str, ssh_options: str, *more: str) -> Optional[List[str]]:
+    """`ssh … mkdir -p PATH…` for a target reached over ssh, from the URL itself (duplicity
+    fails when the directory is missing), and the paths of more URLs on the same server.
+    None for other URLs and rsync daemon modules."""
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in SSH_SCHEMES or "::" in url or not parsed.hostname:
         return None
-    path = parsed.path
-    path = "/" + path.lstrip("/") if path.startswith("//") else path.lstrip("/")
-    if not path:
+    paths = []
+    for each in (url,) + more:
+        path = urllib.parse.urlsplit(each).path
+        path = "/" + path.lstrip("/") if path.startswith("//") else path.lstrip("/")
+        if path:
+            paths.append(shlex.quote(urllib.parse.unquote(path)))
+    if not paths:
         return None
     login = f"{parsed.username}@{parsed.hostname}" if parsed.username else parsed.hostname
     port = ["-p", str(parsed.port)] if parsed.port else []
-    return ["ssh", "-oBatchMode=yes"] + port + shlex.split(ssh_options) + [
-        login, "mkdir -p -- " + shlex.quote(urllib.parse.unquote(path))]
+    return ["ssh", "-oBatchMode=yes"] + port + shlex.split(ssh_options) + [login, "mkdir -p -- " + " ".join(paths)]
 
 
-def prepare_target(ctx: "Context", url: str) -> None:
-    """Create the target directory (ReaR: "Checking backup-path at server ...")."""
+# AES-GCM first where the CPU has AES instructions: OpenSSH prefers chacha20-poly1305, which
+# took twice the CPU here (1.09 GB by rsync over ssh: 3.5 s against 1.6 s on each side).
+FAST_SSH_CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
+                    "aes128-ctr,aes192-ctr,aes256-ctr")
+
+
+def cpu_has_aes() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " aes " in line + " " for line in cpuinfo)
+    except OSError:
+        return False
+
+
+class SshSharing:
+    """One ssh connection per server for all of a run's rsync/scp/sftp calls. duplicity starts
+    a new ssh for every listing, volume and metadata file, and each pays a key exchange (0.2 s
+    of 0.35 s per call measured here); with sharing a call costs 0.15 s. The first ssh becomes
+    the master (ControlPersist, so it outlives that call); close() ends the masters, and one
+    left behind by a killed run exits after 60 idle seconds. Options the user sets
+    (BACKUP_DUPLICITY_SSH_OPTIONS: Control*, Ciphers) are left as they are."""
+
+    def __init__(self) -> None:
+        self.directory: Optional[str] = None
+
+    def options(self, config: Config) -> str:
+        options = config.get("BACKUP_DUPLICITY_SSH_OPTIONS")
+        scheme = urllib.parse.urlsplit(config.get("BACKUP_DUPLICITY_URL")).scheme
+        if scheme not in SSH_SCHEMES:
+            return options
+        added = []
+        if "control" not in options.lower():
+            if self.directory is None:
+                # short: a unix socket path has at most 107 bytes, %C adds 40
+                self.directory = tempfile.mkdtemp(prefix="rescue-ssh-",
+                                                  dir="/tmp" if os.access("/tmp", os.W_OK) else None)
+            added.append(f"-oControlMaster=auto -oControlPath={self.directory}/%C -oControlPersist=60")
+        if "ciphers" not in options.lower() and cpu_has_aes():
+            added.append("-oCiphers=" + FAST_SSH_CIPHERS)
+        return " ".join(([options] if options else []) + added)
+
+    def close(self, runner: "Runner") -> None:
+        if self.directory is None:
+            return
+        for entry in os.scandir(self.directory):
+            try:
+                runner.run(["ssh", "-S", entry.path, "-O", "exit", "rescue-backup-server"], check=False, timeout=15)
+            except RescueError as exc:
+                runner.log.debug(f"could not end the shared ssh connection: {exc.message}")
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory = None
+
+
+SSH_SHARING = SshSharing()
+
+
+def prepare_target(ctx: "Context", url: str, *more: str) -> None:
+    """Create the target directory, and those of more URLs on the same server (ReaR:
+    "Checking backup-path at server ...")."""
     path = local_target(url)
     if path:
-        try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise RescueError(f"cannot create the backup directory {path}: {exc.strerror}",
-                              "check BACKUP_DUPLICITY_URL and the permissions there") from None
+        for each in [path] + [local_target(u) or "" for u in more]:
+            try:
+                os.makedirs(each, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise RescueError(f"cannot create the backup directory {each}: {exc.strerror}",
+                                  "check BACKUP_DUPLICITY_URL and the permissions there") from None
         return
-    argv = ssh_mkdir_command(url, ctx.config.get("BACKUP_DUPLICITY_SSH_OPTIONS"))
+    argv = ssh_mkdir_command(url, SSH_SHARING.options(ctx.config), *more)
     if argv:
         ctx.log.info(f"Checking the backup directory at {urllib.parse.urlsplit(url).hostname}")
         result = ctx.runner.run(argv, check=False, timeout=120)
@@ -3150,11 +3445,13 @@ def previous_record(config: Config) -> Dict[str, object]:
 # -- running duplicity ------------------------------------------------------------------------
 
 def duplicity_run(ctx: "Context", args: Sequence[str], crypt: Encryption, what: str,
-                  env: Optional[Dict[str, str]] = None) -> Tuple[int, DuplicityOutput]:
-    """Run duplicity, streaming its output to the log and progress to the console."""
+                  env: Optional[Dict[str, str]] = None, parallel: bool = False) -> Tuple[int, DuplicityOutput]:
+    """Run duplicity, streaming its output to the log and progress to the console (a line
+    per volume when several run at once: one updating line cannot show them all)."""
     prefix, base_env = duplicity_command(ctx.config)
     full_env = dict(base_env, **crypt.env, **(env or {}))
-    ansi = sys.stdout.isatty() and ctx.config.get("PROGRESS_MODE", "ANSI").upper() == "ANSI"
+    ansi = (sys.stdout.isatty() and not parallel
+            and ctx.config.get("PROGRESS_MODE", "ANSI").upper() == "ANSI")
     interval = float(ctx.config.get("PROGRESS_WAIT_SECONDS") or 1)
     output = DuplicityOutput(ctx.log, what, ansi, interval)
     result = ctx.runner.run(prefix + list(args), env=full_env, check=False, on_line=output)
@@ -3179,11 +3476,57 @@ def run_checked(ctx: "Context", args: Sequence[str], crypt: Encryption, what: st
     return output
 
 
-def run_retention(ctx: "Context", url: str, crypt: Encryption, archive_dir: str) -> None:
+def run_retention(ctx: "Context", url: str, crypt: Encryption, archive_dir: str,
+                  parts: Sequence[str]) -> None:
+    """The remove-* actions for the main chain and each part's chain (retired ones too, so
+    that their old sets go as well)."""
     for action in retention_commands(ctx.config):
         ctx.log.say(f"Removing old backups: {' '.join(action[:2])}")
-        run_checked(ctx, action + ["-v4"] + common_options(ctx.config, archive_dir) + crypt.args + [url],
-                    crypt, "removing old backups")
+        for chain_url, suffix in [(url, "")] + [(f"{url}/{part_id(p)}", "-" + part_id(p)) for p in parts]:
+            args = action + ["-v4"] + common_options(ctx.config, archive_dir, name_suffix=suffix) + crypt.args
+            run_checked(ctx, args + [chain_url], crypt, "removing old backups")
+
+
+def in_parallel(runner: Runner, tasks: Sequence[Callable[[], object]], workers: int) -> List[object]:
+    """Run tasks (in the order given) on up to workers threads; their results in order. The
+    first exception is raised once all started tasks are done; none starts after it. Ctrl-C
+    stops every command still running."""
+    if workers < 2 or len(tasks) < 2:
+        return [task() for task in tasks]
+    results: List[object] = [None] * len(tasks)
+    errors: List[BaseException] = []
+    pending = collections.deque(range(len(tasks)))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not pending or errors:
+                    return
+                n = pending.popleft()
+            try:
+                results[n] = tasks[n]()
+            except BaseException as exc:     # noqa: B036 - handed to the main thread
+                with lock:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(workers, len(tasks)))]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+    except BaseException:
+        with lock:
+            pending.clear()
+        runner.stop_all()
+        for thread in threads:
+            thread.join(30)
+        raise
+    if errors:
+        raise errors[0]
+    return results
 
 
 def without_usage(value: object) -> object:
@@ -3217,6 +3560,9 @@ def upload_layout(ctx: "Context", url: str, crypt: Encryption, archive_dir: str,
     if layout.is_dir():
         shutil.copytree(str(layout), str(staging / "layout"), symlinks=True)
     write_private(staging / STORED_CONFIG_FILE, config_without_secrets(ctx.config))
+    plan = var_dir(ctx.config) / PARTS_FILE
+    if plan.is_file():
+        shutil.copy2(str(plan), str(staging / PARTS_FILE))
     digest = hashlib.sha256((url + tree_digest(staging)).encode()).hexdigest()
     if previous_record(ctx.config).get("layout_digest") == digest:
         ctx.log.info("The layout and configuration on the target are up to date")
@@ -3240,21 +3586,61 @@ def own_paths(config: Config, archive_dir: str, workdir: Path) -> List[str]:
     return paths + ([target] if target else [])
 
 
-def run_backup(ctx: "Context", url: str, crypt: Encryption, selection: Selection, archive_dir: str,
-               workdir: Path, layout_digest: str) -> int:
-    args = backup_command(ctx.config, selection, crypt, url, archive_dir, str(workdir / "tmp"))
-    (workdir / "tmp").mkdir()
-    ctx.log.say("Running: duplicity " + ctx.log.redact(" ".join(shlex.quote(a) for a in args)))
+def merge_statistics(all_stats: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """One statistics block for chains backed up side by side: counts and sizes add up, the
+    times span all of them."""
+    merged: Dict[str, float] = {}
+    for stats in all_stats:
+        for name, value in stats.items():
+            merged[name] = merged.get(name, 0) + value
+    starts = [s["StartTime"] for s in all_stats if "StartTime" in s]
+    ends = [s["EndTime"] for s in all_stats if "EndTime" in s]
+    if starts and ends:
+        merged.update(StartTime=min(starts), EndTime=max(ends), ElapsedTime=round(max(ends) - min(starts), 2))
+    return merged
+
+
+def run_backup(ctx: "Context", crypt: Encryption, chains: Sequence[Chain], archive_dir: str,
+               workdir: Path, store_layout: Callable[[], str]) -> int:
+    """Store the layout and back up every chain, side by side: the largest first, up to
+    twice parallel_workers() at a time (much of a duplicity run is waiting for ssh and gpg,
+    which others use to compute)."""
+    workers = 2 * parallel_workers(ctx.config) if len(chains) > 1 else 1
+    order = sorted(chains, key=lambda c: -c.size)
+    if len(chains) > 1:
+        at_once = "side by side" if workers >= len(chains) else f"{workers} at a time"
+        ctx.log.say(f"Backing up in {len(chains)} chains {at_once}: the main chain and "
+                    + ", ".join(f"{c.label} ({size_text(c.size)})" for c in chains[1:]))
+
+    def back_up(chain: Chain) -> Tuple[int, DuplicityOutput]:
+        tempdir = workdir / ("tmp" + chain.name_suffix)
+        tempdir.mkdir()
+        args = backup_command(ctx.config, chain.selection, crypt, chain.url, archive_dir, str(tempdir),
+                              chain.name_suffix, chain.options)
+        ctx.log.say("Running: duplicity " + ctx.log.redact(" ".join(shlex.quote(a) for a in args)))
+        what = "Backup" if len(chains) == 1 else f"Backup of {chain.label}"
+        return duplicity_run(ctx, args, crypt, what, parallel=len(chains) > 1)
+
     previous = previous_record(ctx.config)
     started = time.time()
-    returncode, output = duplicity_run(ctx, args, crypt, "Backup")
-    stats = parse_backup_statistics(output.lines)
-    kind = "full" if output.full else ("incremental" if stats else "unknown")
-    record = backup_record(stats, kind, ctx.log.redact(url), started, time.time(), returncode, previous)
+    done = in_parallel(ctx.runner, [store_layout] + [lambda c=c: back_up(c) for c in order], workers + 1)
+    layout_digest, results = done[0], done[1:]
+    outputs = [output for _, output in results]
+    stats = merge_statistics([parse_backup_statistics(o.lines) for o in outputs])
+    kinds = {"full" if o.full else "incremental" for o in outputs}
+    kind = "unknown" if not stats else (kinds.pop() if len(kinds) == 1 else "full+incremental")
+    failed = [(chain, code, output) for chain, (code, output) in zip(order, results) if code != 0]
+    returncode = failed[0][1] if failed else 0
+    record = backup_record(stats, kind, ctx.log.redact(chains[0].url), started, time.time(), returncode, previous)
     record["layout_digest"] = layout_digest
+    if len(chains) > 1:
+        record["chains"] = [{"label": c.label, "exit_code": code, "full": o.full}
+                            for c, (code, o) in zip(order, results)]
     save_backup_record(ctx, record)
-    if returncode != 0:
-        raise duplicity_failure("the backup", returncode, output, ctx.log)
+    if failed:
+        chain, code, output = failed[0]
+        what = "the backup" if len(chains) == 1 else f"the backup of {chain.label}"
+        raise duplicity_failure(what, code, output, ctx.log)
     ctx.log.say(describe_statistics(stats, kind) if stats else "Backup done (duplicity printed no statistics)")
     if stats.get("Errors"):
         ctx.log.warn(f"duplicity reported {stats['Errors']:.0f} errors (files it could not read); see {ctx.log.path}")
@@ -3281,6 +3667,26 @@ def work_directory(prefix: str, parent: Optional[str] = None) -> "Iterator[Path]
         shutil.rmtree(str(path), ignore_errors=True)
 
 
+def choose_parts(ctx: "Context", previous: Dict[str, object], selection: Selection,
+                 mountpoints: Sequence[str], own: Sequence[str], totals: Dict[str, int]) -> Dict[str, object]:
+    """The plan for this backup: the previous parts while they are still valid directories
+    (so their chains go on with incrementals), else a new plan from the sizes just measured."""
+    workers = parallel_workers(ctx.config)
+    eligible = lambda path: part_eligible(path, selection.args, mountpoints, own)   # noqa: E731
+    old = [str(p) for p in previous["parts"]]
+    still = [p for p in old if p in totals and eligible(p)]
+    if old and still == old and previous.get("workers") == workers:
+        parts = old
+    else:
+        min_mb = ctx.config.get("BACKUP_DUPLICITY_PART_MIN_MB").strip() or "64"
+        if not min_mb.isdigit():
+            raise ConfigError(f"BACKUP_DUPLICITY_PART_MIN_MB={min_mb!r} is not a whole number", "set it to e.g. 64")
+        parts = plan_parts(totals, walk_roots(selection.roots, mountpoints), workers, eligible,
+                           int(min_mb) * 1024 * 1024)
+    retired = sorted((set(previous["retired"]) | set(old)) - set(parts))
+    return {"version": 1, "workers": workers, "parts": parts, "retired": retired}
+
+
 def make_backup(ctx: "Context") -> int:
     config = ctx.config
     url = backup_url(config)
@@ -3290,20 +3696,33 @@ def make_backup(ctx: "Context") -> int:
     ctx.log.say(f"Creating duplicity archives on '{ctx.log.redact(url)}'")
     prepare_target(ctx, url + "/" + LAYOUT_TARGET)
     archive_dir = default_archive_dir()
+    plan_file = var_dir(config) / PARTS_FILE
+    previous = read_parts_plan(plan_file)
     with work_directory("rescue-backup-") as workdir:
         in_scope, excluded = mounts_to_back_up(ctx, layout)
-        selection = backup_selection(in_scope, excluded, config, own_paths(config, archive_dir, workdir))
+        own = own_paths(config, archive_dir, workdir)
+        selection = backup_selection(in_scope, excluded, config, own)
         ctx.log.say("Backing up: " + ", ".join(in_scope))
         ctx.log.info("Leaving out: " + ", ".join(f"{p} ({why})" for p, why in selection.excluded))
-        run_retention(ctx, url, crypt, archive_dir)
+        run_retention(ctx, url, crypt, archive_dir, previous["parts"] + previous["retired"])
         write_private(var_dir(config) / STORED_CONFIG_FILE, config_without_secrets(config))
         if not (var_dir(config) / LAST_BACKUP_FILE).exists():
             write_in_place(var_dir(config) / LAST_BACKUP_FILE, "{}\n")   # before the backup sees VAR_DIR
-        counts = collect_metadata(selection.roots, in_scope + [p for p, _ in excluded],
-                                  own_paths(config, archive_dir, workdir), var_dir(config) / METADATA_FILE)
+        mountpoints = in_scope + [p for p, _ in excluded]
+        sizes: Dict[str, int] = {}
+        counts = collect_metadata(selection.roots, mountpoints, own, var_dir(config) / METADATA_FILE, sizes)
         ctx.log.info(f"Recorded what duplicity does not keep: {counts}")
-        layout_digest = upload_layout(ctx, url, crypt, archive_dir, workdir)
-        return run_backup(ctx, url, crypt, selection, archive_dir, workdir, layout_digest)
+        totals = subtree_sizes(sizes)
+        plan = choose_parts(ctx, previous, selection, mountpoints, own, totals)
+        write_private(plan_file, json.dumps(plan, indent=2) + "\n")
+        chains = backup_chains(url, selection, plan["parts"], totals, lambda path: chain_options(config, path))
+        for chain in chains[1:]:
+            if chain.options:
+                ctx.log.info(f"{chain.label}: its data does not compress, stored without gpg's compression")
+        if len(chains) > 1:
+            prepare_target(ctx, *[c.url for c in chains[1:]])
+        return run_backup(ctx, crypt, chains, archive_dir, workdir,
+                          lambda: upload_layout(ctx, url, crypt, archive_dir, workdir))
 
 
 # -- restore ----------------------------------------------------------------------------------
@@ -3359,10 +3778,17 @@ def copy_root_attributes(source: os.stat_result, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def private_gnupg_home(runner: Runner) -> "Iterator[Dict[str, str]]":
+def private_gnupg_home(runner: Runner, crypt: Optional[Encryption] = None) -> "Iterator[Dict[str, str]]":
     """HOME and GNUPGHOME pointing at a temporary copy of the keyring, outside the target:
     gpg writes into its home (trustdb, agent sockets), which may be read-only in the rescue
-    system, and nothing of it must be left on the restored disk."""
+    system, and nothing of it must be left on the restored disk.
+
+    In the copy, the encryption keys are protected anew (same passphrase) with a cheap key
+    derivation: gpg-agent derives the key from the cached passphrase at every decryption,
+    with the count calibrated at key creation (0.3 s here), one decryption at a time, and a
+    restore decrypts every volume and metadata file (4 at once took 1.3 s; now 0.01 s). The
+    copy lives in /run (a tmpfs, mode 0700) and is removed afterwards; the keyring itself is
+    not touched."""
     home = Path(tempfile.mkdtemp(prefix="rescue-home-", dir="/run" if os.access("/run", os.W_OK) else None))
     gnupg = home / ".gnupg"
     source = Path(os.environ.get("GNUPGHOME") or Path(os.environ.get("HOME") or "/root") / ".gnupg")
@@ -3374,6 +3800,13 @@ def private_gnupg_home(runner: Runner) -> "Iterator[Dict[str, str]]":
     os.chmod(str(gnupg), 0o700)
     env = {"HOME": str(home), "GNUPGHOME": str(gnupg)}
     try:
+        passphrase = crypt.env.get("PASSPHRASE") if crypt else None
+        if passphrase and crypt and crypt.keys:
+            with open(str(gnupg / "gpg-agent.conf"), "a") as conf:
+                conf.write("\nallow-loopback-pinentry\ns2k-count 65536\n")
+            for key in crypt.keys:
+                runner.run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase-fd", "0", "--passwd", key],
+                           env=env, input=f"{passphrase}\n{passphrase}\n", check=False, timeout=60)
         yield env
     finally:
         try:
@@ -3391,30 +3824,109 @@ def restore_workspace(config: Config, target: Path) -> "contextlib.AbstractConte
     return work_directory(".rescue-tmp-", str(target))
 
 
+def restore_layout_chain(ctx: "Context", crypt: Encryption, home: Dict[str, str], work: Path,
+                         destination: Path, time_: Optional[str]) -> Tuple[int, DuplicityOutput]:
+    """Restore URL/layout (the layout, configuration and chain plan) into destination."""
+    args = ["restore", "-v4", "--force"] + common_options(ctx.config, str(work / "archive"), str(work),
+                                                          name_suffix="-layout")
+    args += crypt.args + (["--restore-time", time_] if time_ else [])
+    url = backup_url(ctx.config) + "/" + LAYOUT_TARGET
+    return duplicity_run(ctx, args + [url, str(destination)], crypt, "Fetching the layout", env=home)
+
+
+NO_CHAIN_MESSAGES = ("No backup chains found", "No signatures found")
+
+
+def stored_parts(ctx: "Context", crypt: Encryption, home: Dict[str, str], work: Path,
+                 time_: Optional[str]) -> List[str]:
+    """The parts (chains of their own) of the backup as of time_, from the plan stored with
+    the layout. A backup without a layout chain (made by ReaR) is one chain."""
+    destination = work / "stored-layout"
+    returncode, output = restore_layout_chain(ctx, crypt, home, work, destination, time_)
+    if returncode != 0:
+        if any(m in line for line in output.lines for m in NO_CHAIN_MESSAGES):
+            ctx.log.info("No layout stored beside the backup (made by ReaR?): restoring it as one chain")
+            return []
+        raise duplicity_failure("restore", returncode, output, ctx.log)     # (of the stored layout, first)
+    plan = read_parts_plan(destination / PARTS_FILE)
+    return [str(p) for p in plan["parts"]]
+
+
+def place_part(staging: Path, target: Path, part: str) -> None:
+    """Rename a part restored into staging (on its filesystem) to its place in target,
+    keeping the times of the directory it goes into."""
+    destination = Path(below(target, part))
+    parent = destination.parent
+    if not parent.is_dir():
+        raise RescueError(f"cannot put the restored {part} into place: {parent} was not restored",
+                          "the backup's chains do not fit together; restore with --restore-time of one backup run")
+    if os.path.lexists(str(destination)):
+        if destination.is_dir() and not destination.is_symlink() and not any(os.scandir(str(destination))):
+            destination.rmdir()
+        else:
+            raise RescueError(f"cannot put the restored {part} into place: {destination} exists",
+                              "restore into an empty directory or freshly made filesystems")
+    before = os.lstat(str(parent))
+    os.rename(str(staging), str(destination))
+    os.utime(str(parent), ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
+
+
 def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
     """Restore the backup (latest, or as of time_) into target, which may be a tree of
-    mountpoints; then put back what duplicity does not keep. Returns the files written."""
+    mountpoints; then put back what duplicity does not keep. Returns the files written.
+    The main chain and the parts' chains restore side by side."""
     url = backup_url(ctx.config)
     target.mkdir(parents=True, exist_ok=True)
     target = target.resolve()
-    redirected = redirected_names(str(target), [str(m["target"]) for m in mounted_now(ctx.runner)])
+    mounts = [str(m["target"]) for m in mounted_now(ctx.runner)]
+    redirected = redirected_names(str(target), mounts)
     clash = unexpected_entries(target_entries(target), redirected)
     if clash:
         raise RescueError(f"the restore target {target} is not empty: {', '.join(clash[:5])}",
                           "restore into an empty directory, or a tree of freshly made filesystems")
     crypt = backup_encryption(ctx, "restore")
-    with private_gnupg_home(ctx.runner) as home, restore_workspace(ctx.config, target) as work:
+    filesystems = [str(target)] + [m for m in mounts if path_within(m, str(target))]
+    workers = parallel_workers(ctx.config)
+    with private_gnupg_home(ctx.runner, crypt) as home, restore_workspace(ctx.config, target) as work:
         staging = Path(tempfile.mkdtemp(prefix=".rescue-restore-", dir=str(target)))
+        stagings: Dict[str, Path] = {}
+        ctx.log.say(f"Restoring from '{ctx.log.redact(url)}' into {target}" + (f" as of {time_}" if time_ else ""))
+
+        def restore(chain_url: str, suffix: str, into: Path, renames: List[Tuple[str, str]],
+                    what: str) -> DuplicityOutput:
+            args = restore_command(ctx.config, crypt, chain_url, str(into), str(work / "archive"),
+                                   str(work), time_, renames, suffix)
+            returncode, output = duplicity_run(ctx, args, crypt, what, env=home, parallel=workers > 1)
+            if returncode != 0:
+                raise duplicity_failure(what[0].lower() + what[1:], returncode, output, ctx.log)
+            return output
+
+        def restore_parts() -> List[object]:
+            """The plan (from the stored layout), then every part's chain at once."""
+            parts = stored_parts(ctx, crypt, home, work, time_)
+            if parts:
+                ctx.log.say(f"The backup has {len(parts)} more chains (parts), restored alongside: " + ", ".join(parts))
+            for part in parts:
+                stagings[part] = Path(tempfile.mkdtemp(prefix=".rescue-part-",
+                                                       dir=nearest_mount(below(target, part), filesystems)))
+            return in_parallel(ctx.runner, [
+                lambda p=p: restore(f"{url}/{part_id(p)}", "-" + part_id(p), stagings[p], [], f"Restore of {p}")
+                for p in parts], 2 * workers - 1)      # with the main chain: twice the workers
+
         try:
-            args = restore_command(ctx.config, crypt, url, str(staging), str(work / "archive"),
-                                   str(work), time_, [(n, "../" + n) for n in redirected])
-            ctx.log.say(f"Restoring from '{ctx.log.redact(url)}' into {target}"
-                        + (f" as of {time_}" if time_ else ""))
-            output = run_checked(ctx, args, crypt, "Restore", env=home)
+            main = lambda: restore(url, "", staging, [(n, "../" + n) for n in redirected], "Restore")  # noqa: E731
+            if workers > 1:
+                output, outputs = in_parallel(ctx.runner, [main, restore_parts], 2)
+            else:
+                output, outputs = main(), restore_parts()
+            outputs = [output] + list(outputs)
             move_into_place(staging, target)
             root = os.lstat(str(staging))
+            for part, place in stagings.items():
+                place_part(place, target, part)
         finally:
-            shutil.rmtree(str(staging), ignore_errors=True)
+            for leftover in [staging] + list(stagings.values()):
+                shutil.rmtree(str(leftover), ignore_errors=True)
     sidecar = Path(below(target, str(var_dir(ctx.config) / METADATA_FILE)))
     if sidecar.is_file():
         done = apply_metadata(ctx.runner, target, read_metadata(sidecar))
@@ -3422,21 +3934,19 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
         if done["failed"]:
             ctx.log.warn(f"{done['failed']} extended attributes could not be set (see the log)")
     copy_root_attributes(root, target)
-    return output.files
+    return sum(output.files for output in outputs)
 
 
 def fetch_layout(ctx: "Context", destination: Path, time_: Optional[str]) -> None:
     """Get the layout and configuration stored beside the backup (for a bare machine)."""
-    url = backup_url(ctx.config) + "/" + LAYOUT_TARGET
     crypt = backup_encryption(ctx, "restore")
     destination.mkdir(parents=True, exist_ok=True)
     if any(os.scandir(str(destination))):
         raise RescueError(f"{destination} is not empty", "give an empty or new directory")
-    with private_gnupg_home(ctx.runner) as home, work_directory("rescue-layout-") as work:
-        args = ["restore", "-v4", "--force"] + common_options(ctx.config, str(work / "archive"), str(work),
-                                                              name_suffix="-layout")
-        args += crypt.args + (["--restore-time", time_] if time_ else [])
-        run_checked(ctx, args + [url, str(destination)], crypt, "fetching the layout", env=home)
+    with private_gnupg_home(ctx.runner, crypt) as home, work_directory("rescue-layout-") as work:
+        returncode, output = restore_layout_chain(ctx, crypt, home, work, destination, time_)
+        if returncode != 0:
+            raise duplicity_failure("fetching the layout", returncode, output, ctx.log)
 
 
 # -- status and verify ------------------------------------------------------------------------
@@ -3482,6 +3992,12 @@ def describe_status(status: Dict[str, object], last: Dict[str, object]) -> str:
             lines.append(f"    {backup_set['type']:<12} {backup_set['time']}  {backup_set['volumes']} volumes")
     if status["orphaned_or_incomplete"]:
         lines.append("  warning: there are orphaned or incomplete backup sets (a backup was interrupted)")
+    for part in status.get("parts", []):
+        sets = [s for chain in part["chains"] for s in chain["sets"]]
+        newest = sets[-1]["time"] if sets else "none yet"
+        lines.append(f"  part {part['path']} (its own chain at …/{part['url'].rsplit('/', 1)[-1]}): "
+                     f"{len(part['chains'])} chains, {len(sets)} sets, latest {newest}"
+                     + (", with orphaned or incomplete sets" if part["orphaned_or_incomplete"] else ""))
     if last:
         result = "succeeded" if last.get("success") else f"FAILED (exit code {last.get('exit_code')})"
         lines.append(f"Last backup from this machine: {last.get('kind')}, {result}, "
@@ -3492,12 +4008,20 @@ def describe_status(status: Dict[str, object], last: Dict[str, object]) -> str:
 
 
 def collection_status(ctx: "Context") -> Dict[str, object]:
+    """The main chain's sets, and each part's (parts of this machine's current plan)."""
     url = backup_url(ctx.config)
     crypt = backup_encryption(ctx, "status")
-    args = ["collection-status", "-v4"] + common_options(ctx.config, default_archive_dir()) + crypt.args
-    output = run_checked(ctx, args + [url], crypt, "reading the collection status")
-    status = parse_collection_status("\n".join(output.lines))
+    parts = [str(p) for p in read_parts_plan(var_dir(ctx.config) / PARTS_FILE)["parts"]]
+
+    def read(chain_url: str, suffix: str) -> Dict[str, object]:
+        args = ["collection-status", "-v4"] + common_options(ctx.config, default_archive_dir(), name_suffix=suffix)
+        output = run_checked(ctx, args + crypt.args + [chain_url], crypt, "reading the collection status")
+        return parse_collection_status("\n".join(output.lines))
+
+    status = read(url, "")
     status.update(host=backup_host(ctx.config), url=ctx.log.redact(url))
+    status["parts"] = [dict(read(f"{url}/{part_id(p)}", "-" + part_id(p)), path=p,
+                            url=ctx.log.redact(f"{url}/{part_id(p)}")) for p in parts]
     return status
 
 
@@ -3510,15 +4034,29 @@ def verify_backup(ctx: "Context", compare_data: bool, time_: Optional[str]) -> T
     with work_directory("rescue-verify-") as workdir:
         in_scope, excluded = mounts_to_back_up(ctx, saved_layout(config))
         selection = backup_selection(in_scope, excluded, config, own_paths(config, archive_dir, workdir))
-        args = ["verify", "-v4"] + (["--compare-data"] if compare_data else [])
-        args += (["--restore-time", time_] if time_ else []) + common_options(config, archive_dir, str(workdir))
-        args += crypt.args + selection.args + [url, selection.source]
-        returncode, output = duplicity_run(ctx, args, crypt, "Verify")
-    match = VERIFY_RE.search("\n".join(output.lines))
-    if match is None or returncode not in (0, 1):
-        raise duplicity_failure("the verify", returncode, output, ctx.log)
-    differences = [line for line in output.lines if line.startswith("Difference found")]
-    return int(match.group(1)), int(match.group(2)), differences
+        parts = [str(p) for p in read_parts_plan(var_dir(config) / PARTS_FILE)["parts"]]
+        chains = backup_chains(url, selection, parts, {})
+
+        def verify(chain: Chain) -> Tuple[int, int, List[str]]:
+            args = ["verify", "-v4"] + (["--compare-data"] if compare_data else [])
+            args += (["--restore-time", time_] if time_ else [])
+            args += common_options(config, archive_dir, str(workdir), chain.name_suffix)
+            args += crypt.args + chain.selection.args + [chain.url, chain.selection.source]
+            what = "Verify" if len(chains) == 1 else f"Verify of {chain.label}"
+            returncode, output = duplicity_run(ctx, args, crypt, what, parallel=len(chains) > 1)
+            match = VERIFY_RE.search("\n".join(output.lines))
+            if match is None or returncode not in (0, 1):
+                raise duplicity_failure(what[0].lower() + what[1:], returncode, output, ctx.log)
+            differences = [line for line in output.lines if line.startswith("Difference found")]
+            if chain.label != "main":        # duplicity names files relative to the chain's source
+                prefix = "Difference found: File "
+                base = chain.selection.source.strip("/")
+                differences = [prefix + base + "/" + line[len(prefix):] if line.startswith(prefix) else line
+                               for line in differences]
+            return int(match.group(1)), int(match.group(2)), differences
+
+        results = in_parallel(ctx.runner, [lambda c=c: verify(c) for c in chains], parallel_workers(config))
+    return (sum(r[0] for r in results), sum(r[1] for r in results), [line for r in results for line in r[2]])
 
 
 # =============================================================================================
@@ -3832,15 +4370,30 @@ def run_workflow(args: argparse.Namespace, parser: argparse.ArgumentParser, log:
     ctx = Context(args, config, log, Runner(log))
     if wf.name != "dump":
         open_log(config, log)
-    if not wf.changes_state:
-        return wf.func(ctx)
-    with Lock(Path(config.get("LOCKFILE") or "/run/lock/rescue.lock"), wf.name):
-        return wf.func(ctx)
+    try:
+        if not wf.changes_state:
+            return wf.func(ctx)
+        with Lock(Path(config.get("LOCKFILE") or "/run/lock/rescue.lock"), wf.name):
+            return wf.func(ctx)
+    finally:
+        SSH_SHARING.close(ctx.runner)
+
+
+class Terminated(BaseException):
+    """SIGTERM (a service stop, `timeout`, shutdown): unwinds like Ctrl-C (no `except
+    Exception` stops it), so that running commands are stopped and temporary files, keyring
+    copies and ssh connections go."""
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     log = Log()
     debug = "-d" in (sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         parser = build_parser()
         own, passed = split_passthrough(list(sys.argv[1:] if argv is None else argv))
@@ -3857,6 +4410,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted by Ctrl-C", "nothing more was started; a re-run continues from a safe state")
         return 130
+    except Terminated:
+        log.error("stopped by SIGTERM", "the running commands were stopped; a re-run continues from a safe state")
+        return 143
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

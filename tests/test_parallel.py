@@ -1,0 +1,265 @@
+"""Parallel chains: the backup split into the main chain and a few large directories ("parts")
+with chains of their own, backed up and restored side by side. Pure planning first, then the
+real thing (duplicity, gpg, file:// and rsync over ssh) round trips."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import rescue
+from backup_fixtures import assert_same_tree
+from conftest import RESCUE
+from test_restore import duplicity_children
+from test_backup import Site, differences_inside, public_key
+
+MB = 1024 * 1024
+
+
+# -- which rules a part's chain gets ------------------------------------------------------------
+
+def test_part_rules_keep_what_is_inside_drop_the_rest_and_stop_at_the_covering_include():
+    args = ["--exclude", "/root/.cache/duplicity", "--exclude", "/srv/data/tmp",
+            "--exclude", "/srv/data/**/*.o", "--exclude", "/var/cache", "--include", "/srv",
+            "--exclude", "/srv/data/late", "--exclude", "**"]
+    assert rescue.part_selection(args, "/srv/data") == [
+        "--exclude", "/srv/data/tmp", "--exclude", "/srv/data/**/*.o"]
+
+
+def test_a_part_that_is_excluded_or_under_a_wildcard_or_a_relative_pattern_is_refused():
+    assert rescue.part_selection(["--exclude", "/srv"], "/srv/data") is None
+    assert rescue.part_selection(["--exclude", "/srv/data"], "/srv/data") is None
+    assert rescue.part_selection(["--exclude", "/srv/*/tmp"], "/srv/data") is None
+    assert rescue.part_selection(["--exclude", "**/.cache"], "/srv/data") is None
+    assert rescue.part_selection(["--exclude", "ignorecase:/SRV"], "/srv/data") is None
+    # only reached when nothing before included it: everything else is excluded
+    assert rescue.part_selection(["--include", "/home", "--exclude", "**"], "/srv/data") is None
+    # the default (no includes): everything is backed up
+    assert rescue.part_selection(["--exclude", "/proc"], "/srv/data") == []
+
+
+def test_subtree_sizes_add_up_to_each_ancestor():
+    direct = {"/": 1, "/a": 10, "/a/b": 100, "/a/b/c": 1000, "/d": 5}
+    assert rescue.subtree_sizes(direct) == {"/": 1116, "/a": 1110, "/a/b": 1100, "/a/b/c": 1000, "/d": 5}
+
+
+def tree(**sizes):
+    return rescue.subtree_sizes({path.replace("_", "/"): n for path, n in sizes.items()})
+
+
+def test_plan_splits_the_largest_directories_until_the_main_chain_is_half_a_share():
+    # the benchmark's shape: four directories of 200-300 MB under one root
+    direct = {"/d": 0, "/d/random": 308 * MB, "/d/text": 308 * MB, "/d/small": 1 * MB,
+              "/d/small/a": 125 * MB, "/d/small/b": 126 * MB, "/d/blocks": 205 * MB}
+    totals = rescue.subtree_sizes(direct)
+    parts = rescue.plan_parts(totals, ["/d"], 2, lambda p: True, 64 * MB)
+    assert parts == ["/d/random", "/d/small", "/d/text"]
+    # what is left for the main chain: /d/blocks, at most half of one worker's share
+    assert totals["/d"] - sum(totals[p] for p in parts) <= totals["/d"] / 2 / 2
+
+
+def test_plan_is_empty_for_one_worker_small_data_or_nothing_eligible():
+    totals = rescue.subtree_sizes({"/d": 0, "/d/a": 500 * MB, "/d/b": 500 * MB})
+    assert rescue.plan_parts(totals, ["/d"], 1, lambda p: True, 64 * MB) == []
+    assert rescue.plan_parts(totals, ["/d"], 2, lambda p: True, 600 * MB) == []
+    assert rescue.plan_parts(totals, ["/d"], 2, lambda p: False, 64 * MB) == []
+
+
+def test_plan_looks_below_an_ineligible_directory_and_takes_a_big_leaf_whole():
+    totals = rescue.subtree_sizes({"/": 0, "/mnt": 0, "/mnt/x": 900 * MB, "/big": 1000 * MB})
+    eligible = lambda p: p != "/mnt"      # e.g. a mountpoint below it   # noqa: E731
+    assert rescue.plan_parts(totals, ["/"], 2, eligible, 64 * MB) == ["/big", "/mnt/x"]
+
+
+def test_part_eligibility_refuses_mountpoints_and_rescues_own_files():
+    args = ["--exclude", "/proc"]
+    assert rescue.part_eligible("/srv", args, ["/", "/srv/mnt"], []) is False
+    assert rescue.part_eligible("/srv/mnt", args, ["/", "/srv/mnt"], []) is False
+    assert rescue.part_eligible("/root/.cache/duplicity/x", args, ["/"], ["/root/.cache/duplicity"]) is False
+    assert rescue.part_eligible("/srv/data", args, ["/", "/srv/mnt"], []) is True
+
+
+def test_chains_the_main_one_excludes_the_parts_each_part_is_its_own_source():
+    selection = rescue.Selection("/", ["--exclude", "/proc"], [], ["/"])
+    totals = {"/": 1000, "/srv/a*b": 300, "/home/x": 200}
+    chains = rescue.backup_chains("rsync://h//b/host", selection, ["/home/x", "/srv/a*b"], totals)
+    assert [c.label for c in chains] == ["main", "/home/x", "/srv/a*b"]
+    assert chains[0].selection.args == ["--exclude", "/home/x", "--exclude", "/srv/a[*]b", "--exclude", "/proc"]
+    assert chains[0].url == "rsync://h//b/host" and chains[0].size == 500
+    part = chains[2]
+    assert part.selection.source == "/srv/a*b" and part.selection.args == []
+    assert part.url == "rsync://h//b/host/" + rescue.part_id("/srv/a*b") and part.name_suffix == "-" + rescue.part_id("/srv/a*b")
+
+
+def test_statistics_of_chains_side_by_side_add_up_and_span_all_of_them():
+    merged = rescue.merge_statistics([
+        {"StartTime": 100.0, "EndTime": 110.0, "ElapsedTime": 10.0, "SourceFiles": 3, "Errors": 0},
+        {"StartTime": 101.0, "EndTime": 115.5, "ElapsedTime": 14.5, "SourceFiles": 4, "Errors": 1}])
+    assert merged == {"StartTime": 100.0, "EndTime": 115.5, "ElapsedTime": 15.5, "SourceFiles": 7, "Errors": 1}
+
+
+def test_parallel_workers_auto_is_the_cpus_at_most_four_and_bad_values_are_refused():
+    config = rescue.Config({"BACKUP_DUPLICITY_PARALLEL": "auto"}, set(), [])
+    assert rescue.parallel_workers(config) == max(1, min(os.cpu_count(), 4))
+    assert rescue.parallel_workers(rescue.Config({"BACKUP_DUPLICITY_PARALLEL": "3"}, set(), [])) == 3
+    with pytest.raises(rescue.ConfigError, match="BACKUP_DUPLICITY_PARALLEL"):
+        rescue.parallel_workers(rescue.Config({"BACKUP_DUPLICITY_PARALLEL": "0"}, set(), []))
+
+
+def test_tasks_run_side_by_side_in_order_of_results_and_the_first_error_is_raised():
+    log = rescue.Log()
+    runner = rescue.Runner(log)
+    started = time.monotonic()
+    results = rescue.in_parallel(runner, [lambda n=n: runner.run(["sleep", "1"]) and n for n in range(4)], 2)
+    assert results == [0, 1, 2, 3]
+    assert time.monotonic() - started < 3.5          # two at a time: 2 s, not 4
+
+    def boom():
+        raise rescue.RescueError("chain 2 failed")
+    with pytest.raises(rescue.RescueError, match="chain 2 failed"):
+        rescue.in_parallel(runner, [lambda: 1, boom, lambda: 3], 2)
+
+
+# -- the real thing ---------------------------------------------------------------------------
+
+def add_parts(src):
+    """Two directories big enough (by file size: sparse, so cheap) to get chains of their own."""
+    for name, size in (("part-a", 8), ("part-b/sub", 9)):
+        directory = src / name
+        directory.mkdir(parents=True)
+        with open(directory / "blob", "wb") as f:
+            f.truncate(size * MB)
+            f.seek(MB)
+            f.write(name.encode() * 1000)
+        (directory / "small.txt").write_text(f"{name}\n")
+        os.utime(directory / "blob", (1_600_000_000, 1_500_000_000))
+    os.link(src / "part-a/small.txt", src / "part-a/hardlink.txt")
+    os.utime(src / "part-b", (1_600_000_000, 1_500_000_000))
+    os.utime(src, (1_600_000_000, 1_500_000_000))
+
+
+@pytest.fixture
+def split_site(tmp_path, conf_dir, gnupg_keys):
+    site = Site(tmp_path, conf_dir, gnupg_keys)
+    add_parts(site.src)
+    site.settings.update(BACKUP_DUPLICITY_PARALLEL="2", BACKUP_DUPLICITY_PART_MIN_MB="0", **public_key(site))
+    return site
+
+
+def restored(site, target):
+    return Path(str(target) + str(site.src))
+
+
+def test_split_backup_restores_every_attribute_and_keeps_each_part_in_its_own_chain(split_site):
+    site = split_site
+    proc = site.run("mkbackuponly")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads((site.var / "backup-parts.json").read_text())
+    parts = [str(site.src / "part-a"), str(site.src / "part-b")]
+    assert plan["parts"] == parts and plan["workers"] == 2
+    assert "Backing up in 3 chains side by side" in proc.stdout
+    for part in parts:
+        assert any(n.startswith("duplicity-full.") for n in os.listdir(site.target_dir() / rescue.part_id(part)))
+    record = json.loads((site.var / "last-backup.json").read_text())
+    assert record["kind"] == "full" and len(record["chains"]) == 3
+    status = site.status()
+    assert [p["path"] for p in status["parts"]] == parts
+    assert all(p["chains"][0]["sets"][0]["type"] == "full" for p in status["parts"])
+
+    target = site.tmp / "restored"
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode == 0, proc.stderr
+    assert "The backup has 2 more chains (parts), restored alongside" in proc.stdout
+    assert_same_tree(site.src, restored(site, target))
+    assert not [p for p in os.listdir(target) if p.startswith(".rescue")]
+
+    proc = site.run("verify", "--compare-data")
+    assert differences_inside(proc.stdout, site.src) == [], proc.stdout    # (its parents' mtimes differ)
+    (site.src / "part-b/sub/small.txt").write_text("changed after the backup\n")
+    proc = site.run("verify", "--compare-data")
+    assert proc.returncode == 1, proc.stdout
+    assert differences_inside(proc.stdout, site.src) == [str(site.src / "part-b/sub/small.txt").lstrip("/")]
+
+
+def test_parts_go_on_with_incrementals_and_a_retired_part_restores_as_of_its_time(split_site):
+    site = split_site
+    assert site.run("mkbackuponly").returncode == 0
+    first = site.status()["chains"][0]["sets"][0]["time"]
+    time.sleep(1.1)
+    (site.src / "part-a/small.txt").write_text("second version\n")
+    assert site.run("mkbackuponly").returncode == 0
+    status = site.status()
+    part_a = status["parts"][0]
+    assert [s["type"] for s in part_a["chains"][0]["sets"]] == ["full", "incremental"]
+    time.sleep(1.1)
+    old_b = site.src.parent / "old-part-b"
+    os.rename(site.src / "part-b", old_b)                # part-b is gone: its chain is retired
+    assert site.run("mkbackuponly").returncode == 0
+    plan = json.loads((site.var / "backup-parts.json").read_text())
+    assert plan["parts"] == [str(site.src / "part-a")] and plan["retired"] == [str(site.src / "part-b")]
+
+    latest = site.tmp / "latest"
+    assert site.run("restoreonly", "--target", latest).returncode == 0
+    assert not (restored(site, latest) / "part-b").exists()
+    assert (restored(site, latest) / "part-a/small.txt").read_text() == "second version\n"
+
+    as_of_first = site.tmp / "as-of-first"
+    proc = site.run("restoreonly", "--target", as_of_first, "--restore-time", first)
+    assert proc.returncode == 0, proc.stderr
+    tree = restored(site, as_of_first)
+    assert (tree / "part-a/small.txt").read_text() == "part-a\n"
+    assert (tree / "part-b/sub/small.txt").read_text() == "part-b/sub\n"
+    assert (tree / "part-b/sub/blob").stat().st_size == 9 * MB
+
+
+def test_split_backup_over_rsync_and_ssh_shares_one_connection_and_leaves_no_ssh_behind(
+        tmp_path, conf_dir, gnupg_keys, sshd_server):
+    port, ssh_options = sshd_server.port, sshd_server.ssh_options
+    site = Site(tmp_path, conf_dir, gnupg_keys, url=f"rsync://root@127.0.0.1:{port}/{tmp_path}/target")
+    add_parts(site.src)
+    site.settings.update(BACKUP_DUPLICITY_PARALLEL="2", BACKUP_DUPLICITY_PART_MIN_MB="0",
+                         BACKUP_DUPLICITY_SSH_OPTIONS=ssh_options, **public_key(site))
+    proc = site.run("mkbackuponly")
+    assert proc.returncode == 0, proc.stderr
+    target = tmp_path / "r"
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_tree(site.src, restored(site, target))
+    leftovers = [p for p in os.listdir("/tmp") if p.startswith("rescue-ssh-")]
+    masters = [line for line in os.popen("ps -eo args").read().splitlines() if "rescue-ssh-" in line]
+    assert leftovers == [] and masters == [], (leftovers, masters)
+
+
+def test_sigterm_during_a_split_backup_stops_every_duplicity_and_a_rerun_completes(split_site):
+    site = split_site
+    (site.src / "part-a/random").write_bytes(os.urandom(6 * MB))    # something to be busy with
+    site.settings.update(BACKUP_DUPLICITY_OPTIONS="--volsize 1")
+    site.write_conf()
+    env = dict(os.environ, HOME=str(site.home), GNUPGHOME=str(site.gnupghome), TMPDIR=str(site.work))
+    proc = subprocess.Popen([sys.executable, str(RESCUE), "-c", str(site.conf_dir), "mkbackuponly"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part_a = site.target_dir() / rescue.part_id(str(site.src / "part-a"))
+    deadline = time.monotonic() + 120
+    while not list(part_a.glob("duplicity-full.*.vol1.difftar.gpg")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    children = duplicity_children(proc.pid)
+    assert children
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "rescue: error: stopped by SIGTERM" in err and "Traceback" not in err
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert alive == []
+    assert not list(site.work.glob("rescue-backup-*"))                # its work directory is gone
+    rerun = site.run("mkbackuponly")
+    assert rerun.returncode == 0, rerun.stderr
+    target = site.tmp / "after-sigterm"
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_tree(site.src, restored(site, target))
