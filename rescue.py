@@ -16,7 +16,8 @@ Map of this file (sections in the order data flows):
                       records their outputs or replays a recording
   7. duplicity        where duplicity comes from (bundled in the zipapp, or the system's)
   8. lock             one state-changing workflow at a time
-  9. backup           duplicity command lines (pure), backup, retention, statistics, restore
+  9. backup           duplicity command lines (pure), the plan of parallel chains (pure),
+                      backup, retention, statistics, restore
  10. cli              argparse; each workflow is a short function composing the above
 
 Usage: rescue [-c CONFIG_DIR] [-C EXTRA_CONF]... [-v] [-d] [--non-interactive]
@@ -3621,16 +3622,22 @@ def run_backup(ctx: "Context", crypt: Encryption, chains: Sequence[Chain], archi
         what = "Backup" if len(chains) == 1 else f"Backup of {chain.label}"
         return duplicity_run(ctx, args, crypt, what, parallel=len(chains) > 1)
 
+    def layout() -> Tuple[Optional[str], Optional[RescueError]]:
+        try:
+            return store_layout(), None
+        except RescueError as exc:           # recorded as a failed backup, then raised
+            return None, exc
+
     previous = previous_record(ctx.config)
     started = time.time()
-    done = in_parallel(ctx.runner, [store_layout] + [lambda c=c: back_up(c) for c in order], workers + 1)
-    layout_digest, results = done[0], done[1:]
+    done = in_parallel(ctx.runner, [layout] + [lambda c=c: back_up(c) for c in order], workers + 1)
+    (layout_digest, layout_error), results = done[0], done[1:]
     outputs = [output for _, output in results]
     stats = merge_statistics([parse_backup_statistics(o.lines) for o in outputs])
     kinds = {"full" if o.full else "incremental" for o in outputs}
     kind = "unknown" if not stats else (kinds.pop() if len(kinds) == 1 else "full+incremental")
     failed = [(chain, code, output) for chain, (code, output) in zip(order, results) if code != 0]
-    returncode = failed[0][1] if failed else 0
+    returncode = failed[0][1] if failed else (1 if layout_error else 0)
     record = backup_record(stats, kind, ctx.log.redact(chains[0].url), started, time.time(), returncode, previous)
     record["layout_digest"] = layout_digest
     if len(chains) > 1:
@@ -3641,6 +3648,8 @@ def run_backup(ctx: "Context", crypt: Encryption, chains: Sequence[Chain], archi
         chain, code, output = failed[0]
         what = "the backup" if len(chains) == 1 else f"the backup of {chain.label}"
         raise duplicity_failure(what, code, output, ctx.log)
+    if layout_error:
+        raise layout_error
     ctx.log.say(describe_statistics(stats, kind) if stats else "Backup done (duplicity printed no statistics)")
     if stats.get("Errors"):
         ctx.log.warn(f"duplicity reported {stats['Errors']:.0f} errors (files it could not read); see {ctx.log.path}")

@@ -220,6 +220,7 @@ def test_parts_go_on_with_incrementals_and_a_retired_part_restores_as_of_its_tim
 def test_split_backup_over_rsync_and_ssh_shares_one_connection_and_leaves_no_ssh_behind(
         tmp_path, conf_dir, gnupg_keys, sshd_server):
     port, ssh_options = sshd_server.port, sshd_server.ssh_options
+    before = ssh_sharing_now()
     site = Site(tmp_path, conf_dir, gnupg_keys, url=f"rsync://root@127.0.0.1:{port}/{tmp_path}/target")
     add_parts(site.src)
     site.settings.update(BACKUP_DUPLICITY_PARALLEL="2", BACKUP_DUPLICITY_PART_MIN_MB="0",
@@ -230,9 +231,17 @@ def test_split_backup_over_rsync_and_ssh_shares_one_connection_and_leaves_no_ssh
     proc = site.run("restoreonly", "--target", target)
     assert proc.returncode == 0, proc.stderr
     assert_same_tree(site.src, restored(site, target))
-    leftovers = [p for p in os.listdir("/tmp") if p.startswith("rescue-ssh-")]
-    masters = [line for line in os.popen("ps -eo args").read().splitlines() if "rescue-ssh-" in line]
-    assert leftovers == [] and masters == [], (leftovers, masters)
+    log = (tmp_path / "log/rescue.log").read_text()
+    assert "-oControlMaster=auto -oControlPath=/tmp/rescue-ssh-" in log      # it was shared
+    assert ssh_sharing_now() == before                  # and ended: no socket directory, no master
+
+
+def ssh_sharing_now():
+    """rescue's ssh connection-sharing directories, and the ssh masters using them."""
+    directories = {p for p in os.listdir("/tmp") if p.startswith("rescue-ssh-")}
+    masters = {line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+               if "rescue-ssh-" in line}
+    return directories, masters
 
 
 def test_sigterm_during_a_split_backup_stops_every_duplicity_and_a_rerun_completes(split_site):
@@ -263,3 +272,32 @@ def test_sigterm_during_a_split_backup_stops_every_duplicity_and_a_rerun_complet
     proc = site.run("restoreonly", "--target", target)
     assert proc.returncode == 0, proc.stderr
     assert_same_tree(site.src, restored(site, target))
+
+
+def test_split_restore_into_a_tree_of_mounted_filesystems_puts_each_part_onto_its_own(split_site):
+    site = split_site
+    os.unlink(site.src / "hardlink-at-top")          # hard links never span filesystems
+    assert site.run("mkbackuponly").returncode == 0
+    target = site.tmp / "mnt-local"
+    first = Path(str(target) + str(site.tmp))        # holds the whole tree, parts included
+    inner = Path(str(target) + str(site.src / "part-b"))   # part-b's parent is on first; this is deeper
+    mounts = []
+    try:
+        for mountpoint in (first, Path(str(target) + str(site.src / "dir"))):
+            mountpoint.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mountpoint)], check=True)
+            mounts.append(mountpoint)
+            (mountpoint / "lost+found").mkdir()
+        (target / "lost+found").mkdir()
+        proc = site.run("restoreonly", "--target", target)
+        assert proc.returncode == 0, proc.stderr
+        tree = restored(site, target)
+        for part in ("part-a", "part-b/sub"):
+            assert os.stat(tree / part / "small.txt").st_dev == os.stat(first).st_dev
+        assert os.stat(inner).st_dev == os.stat(first).st_dev
+        assert not [p for p in os.listdir(first) if p.startswith(".rescue")]
+        os.rmdir(mounts[1] / "lost+found")               # the original has none there
+        assert_same_tree(site.src, tree)
+    finally:
+        for mountpoint in reversed(mounts):
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
