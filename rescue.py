@@ -3767,16 +3767,22 @@ def target_entries(target: Path) -> Dict[str, bool]:
     return entries
 
 
+def make_room(destination: Path, what: str) -> None:
+    """Before renaming something restored to destination: an empty directory there (a
+    mountpoint's stand-in) goes, anything else is an error."""
+    if os.path.lexists(str(destination)):
+        if destination.is_dir() and not destination.is_symlink() and not any(os.scandir(str(destination))):
+            destination.rmdir()
+        else:
+            raise RescueError(f"cannot put the restored {what} into place: {destination} exists",
+                              "restore into an empty directory or freshly made filesystems")
+
+
 def move_into_place(staging: Path, target: Path) -> None:
     """Rename what duplicity restored into staging up into target (the same filesystem)."""
     for entry in os.scandir(str(staging)):
         destination = target / entry.name
-        if os.path.lexists(str(destination)):
-            if destination.is_dir() and not destination.is_symlink() and not any(os.scandir(str(destination))):
-                destination.rmdir()
-            else:
-                raise RescueError(f"cannot put the restored {entry.name} into {target}: it exists there",
-                                  "restore into an empty directory or freshly made filesystems")
+        make_room(destination, entry.name)
         os.rename(entry.path, str(destination))
 
 
@@ -3869,12 +3875,7 @@ def place_part(staging: Path, target: Path, part: str) -> None:
     if not parent.is_dir():
         raise RescueError(f"cannot put the restored {part} into place: {parent} was not restored",
                           "the backup's chains do not fit together; restore with --restore-time of one backup run")
-    if os.path.lexists(str(destination)):
-        if destination.is_dir() and not destination.is_symlink() and not any(os.scandir(str(destination))):
-            destination.rmdir()
-        else:
-            raise RescueError(f"cannot put the restored {part} into place: {destination} exists",
-                              "restore into an empty directory or freshly made filesystems")
+    make_room(destination, part)
     before = os.lstat(str(parent))
     os.rename(str(staging), str(destination))
     os.utime(str(parent), ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
