@@ -2,6 +2,7 @@
 back, into an empty directory or a tree of mounted filesystems, as of any point in the chain,
 after a backup killed halfway; and it fails truthfully on a wrong or missing passphrase."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -164,3 +165,20 @@ def test_a_backup_killed_halfway_is_resumed_and_restores_completely(site):
     proc = site.run("restoreonly", "--target", target)
     assert proc.returncode == 0, proc.stderr
     assert_same_tree(site.src, restored(site, target))
+
+
+def keyring_files(home):
+    """The secret keys of a gpg home (how they are protected) and the public keyring, hashed."""
+    paths = list((Path(home) / "private-keys-v1.d").iterdir()) + [Path(home) / "pubring.kbx"]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def test_the_restore_reprotects_only_its_own_copy_of_the_keyring(site):
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    before = keyring_files(site.gnupghome)
+    proc = site.run("restoreonly", "--target", site.tmp / "r")
+    assert proc.returncode == 0, proc.stderr
+    log = (site.tmp / "log/rescue.log").read_text()
+    assert "--passphrase-fd 0 --passwd <GPG_KEY>" in log       # the copy's key, cheaper to unlock
+    assert keyring_files(site.gnupghome) == before              # the keyring itself: untouched
+    assert not [p for p in os.listdir("/run") if p.startswith("rescue-home-")]
