@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Backup and restore speed: rescue's defaults against the duplicity command line ReaR builds.
 
-    python3 bench/backup.py [--size-mb 1024] [--target rsync|file] [--candidates] [--json OUT]
+    python3 bench/backup.py [--size-mb 1024] [--target rsync|file] [--repeat N] [--candidates] [--json OUT]
 
 On a generated dataset (mixed small and large files, partly compressible; cached in
 --data-dir), same machine, same run:
@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -378,6 +379,8 @@ def main() -> int:
     parser.add_argument("--candidates", action="store_true", help="also time single duplicity settings")
     parser.add_argument("--only", help="comma-separated candidate names to time (implies --candidates)")
     parser.add_argument("--no-compare", action="store_true", help="skip the rescue/ReaR comparison")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the comparison N times and print the median of each figure too")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--ignore-load", action="store_true", help="run even while a VM runs (to test this script)")
     args = parser.parse_args()
@@ -388,13 +391,23 @@ def main() -> int:
     if not data.is_dir():
         print(f"generating {args.size_mb} MB in {data} …", flush=True)
         make_dataset(data, args.size_mb)
-    for attempt in range(1, 6):
-        del TAINTED[:]
-        figures = run_once(data, args)
-        if not TAINTED:
-            break
-        print(f"a VM ran during {len(TAINTED)} measurements: running the whole comparison again", flush=True)
-    figures["vm_ran_during"] = list(TAINTED)
+    runs = []
+    for _ in range(max(1, args.repeat)):
+        for attempt in range(1, 6):
+            del TAINTED[:]
+            figures = run_once(data, args)
+            if not TAINTED:
+                break
+            print(f"a VM ran during {len(TAINTED)} measurements: running the whole comparison again", flush=True)
+        figures["vm_ran_during"] = list(TAINTED)
+        runs.append(figures)
+    if len(runs) > 1 and all("compare" in f for f in runs):
+        median = {phase: {key: statistics.median(f["compare"][phase][key] for f in runs)
+                          for key in runs[0]["compare"][phase]}
+                  for phase in runs[0]["compare"]}
+        print(f"\nmedian of {len(runs)} runs:")
+        report(median, runs[0]["size_bytes"])
+        figures = {"runs": runs, "median": median}
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
