@@ -301,3 +301,22 @@ def test_split_restore_into_a_tree_of_mounted_filesystems_puts_each_part_onto_it
     finally:
         for mountpoint in reversed(mounts):
             subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@pytest.mark.parametrize("guess", [["part-a"], ["part-a", "dir"]], ids=["fewer-parts", "a-part-without-chain"])
+def test_a_restore_that_guessed_the_wrong_plan_restores_the_stored_one(split_site, guess):
+    """restoreonly starts this machine's own parts at once, beside reading the stored plan;
+    when the two differ (another machine backed up last, the plan was edited), the stored
+    plan decides and what was restored for the guess is thrown away."""
+    site = split_site
+    assert site.run("mkbackuponly").returncode == 0
+    plan_file = site.var / "backup-parts.json"
+    plan = json.loads(plan_file.read_text())
+    plan["parts"] = [str(site.src / name) for name in guess]
+    plan_file.write_text(json.dumps(plan))
+    target = site.tmp / "restored"
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode == 0, proc.stderr
+    assert "The stored plan of chains differs from this machine's" in proc.stdout
+    assert not [p for p in os.listdir(target) if p.startswith(".rescue")]
+    assert_same_tree(site.src, restored(site, target))
