@@ -3208,6 +3208,7 @@ class SshSharing:
 
     def __init__(self) -> None:
         self.directory: Optional[str] = None
+        self.lock = threading.Lock()     # chains side by side ask at the same moment
 
     def options(self, config: Config) -> str:
         options = config.get("BACKUP_DUPLICITY_SSH_OPTIONS")
@@ -3216,10 +3217,11 @@ class SshSharing:
             return options
         added = []
         if "control" not in options.lower():
-            if self.directory is None:
-                # short: a unix socket path has at most 107 bytes, %C adds 40
-                self.directory = tempfile.mkdtemp(prefix="rescue-ssh-",
-                                                  dir="/tmp" if os.access("/tmp", os.W_OK) else None)
+            with self.lock:
+                if self.directory is None:
+                    # short: a unix socket path has at most 107 bytes, %C adds 40
+                    self.directory = tempfile.mkdtemp(prefix="rescue-ssh-",
+                                                      dir="/tmp" if os.access("/tmp", os.W_OK) else None)
             added.append(f"-oControlMaster=auto -oControlPath={self.directory}/%C -oControlPersist=60")
         if "ciphers" not in options.lower() and cpu_has_aes():
             added.append("-oCiphers=" + FAST_SSH_CIPHERS)

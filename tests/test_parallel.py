@@ -320,3 +320,28 @@ def test_a_restore_that_guessed_the_wrong_plan_restores_the_stored_one(split_sit
     assert "The stored plan of chains differs from this machine's" in proc.stdout
     assert not [p for p in os.listdir(target) if p.startswith(".rescue")]
     assert_same_tree(site.src, restored(site, target))
+
+
+def test_chains_asking_for_ssh_options_at_once_share_one_connection_directory():
+    """The restore's first duplicity runs start in threads at the same moment: each asks for
+    the ssh options; a lazily made directory must be made once (it leaked, empty, before)."""
+    import threading
+    sharing = rescue.SshSharing()
+    config = rescue.Config({"BACKUP_DUPLICITY_URL": "rsync://root@backup.example//srv/b",
+                            "BACKUP_DUPLICITY_SSH_OPTIONS": ""}, set(), [])
+    barrier = threading.Barrier(16)
+    seen = []
+
+    def ask():
+        barrier.wait()
+        seen.append(sharing.options(config))
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    directory = sharing.directory
+    assert len(set(seen)) == 1 and f"-oControlPath={directory}/%C" in seen[0]
+    sharing.close(rescue.Runner(rescue.Log()))
+    assert not os.path.exists(directory) and sharing.directory is None
