@@ -2565,6 +2565,11 @@ def part_id(path: str) -> str:
     return "part-" + hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
+def part_chain(url: str, path: str) -> Tuple[str, str]:
+    """Where the part's chain lives below the host's URL, and its --name suffix."""
+    return f"{url}/{part_id(path)}", "-" + part_id(path)
+
+
 def parallel_workers(config: Config) -> int:
     """BACKUP_DUPLICITY_PARALLEL: how many duplicity processes run at once ("auto": one per
     CPU, at most 4)."""
@@ -2719,8 +2724,8 @@ def backup_chains(url: str, selection: "Selection", parts: Sequence[str],
                                                selection.roots), max(rest, 0))]
     for path in parts:
         args = part_selection(selection.args, path) or []
-        chains.append(Chain(path, f"{url}/{part_id(path)}", "-" + part_id(path),
-                            Selection(path, args, [], [path]), totals.get(path, 0), options(path)))
+        chains.append(Chain(path, *part_chain(url, path), Selection(path, args, [], [path]),
+                            totals.get(path, 0), options(path)))
     return chains
 
 
@@ -3485,7 +3490,7 @@ def run_retention(ctx: "Context", url: str, crypt: Encryption, archive_dir: str,
     that their old sets go as well)."""
     for action in retention_commands(ctx.config):
         ctx.log.say(f"Removing old backups: {' '.join(action[:2])}")
-        for chain_url, suffix in [(url, "")] + [(f"{url}/{part_id(p)}", "-" + part_id(p)) for p in parts]:
+        for chain_url, suffix in [(url, "")] + [part_chain(url, p) for p in parts]:
             args = action + ["-v4"] + common_options(ctx.config, archive_dir, name_suffix=suffix) + crypt.args
             run_checked(ctx, args + [chain_url], crypt, "removing old backups")
 
@@ -3930,7 +3935,7 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
         def restore_part(part: str) -> DuplicityOutput:
             stagings[part] = Path(tempfile.mkdtemp(prefix=".rescue-part-",
                                                    dir=nearest_mount(below(target, part), filesystems)))
-            return restore(f"{url}/{part_id(part)}", "-" + part_id(part), stagings[part], [], f"Restore of {part}")
+            return restore(*part_chain(url, part), stagings[part], [], f"Restore of {part}")
 
         def restore_parts() -> List[object]:
             """The plan (from the stored layout), then every part's chain at once. When this
@@ -4074,8 +4079,8 @@ def collection_status(ctx: "Context") -> Dict[str, object]:
 
     status = read(url, "")
     status.update(host=backup_host(ctx.config), url=ctx.log.redact(url))
-    status["parts"] = [dict(read(f"{url}/{part_id(p)}", "-" + part_id(p)), path=p,
-                            url=ctx.log.redact(f"{url}/{part_id(p)}")) for p in parts]
+    status["parts"] = [dict(read(*part_chain(url, p)), path=p, url=ctx.log.redact(part_chain(url, p)[0]))
+                       for p in parts]
     return status
 
 
