@@ -3477,8 +3477,8 @@ def duplicity_failure(what: str, returncode: int, output: DuplicityOutput, log: 
 
 
 def run_checked(ctx: "Context", args: Sequence[str], crypt: Encryption, what: str,
-                env: Optional[Dict[str, str]] = None) -> DuplicityOutput:
-    returncode, output = duplicity_run(ctx, args, crypt, what, env)
+                env: Optional[Dict[str, str]] = None, parallel: bool = False) -> DuplicityOutput:
+    returncode, output = duplicity_run(ctx, args, crypt, what, env, parallel)
     if returncode != 0:
         raise duplicity_failure(what[0].lower() + what[1:], returncode, output, ctx.log)
     return output
@@ -3927,10 +3927,7 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
                     what: str) -> DuplicityOutput:
             args = restore_command(ctx.config, crypt, chain_url, str(into), str(work / "archive"),
                                    str(work), time_, renames, suffix)
-            returncode, output = duplicity_run(ctx, args, crypt, what, env=home, parallel=workers > 1)
-            if returncode != 0:
-                raise duplicity_failure(what[0].lower() + what[1:], returncode, output, ctx.log)
-            return output
+            return run_checked(ctx, args, crypt, what, env=home, parallel=workers > 1)
 
         def restore_part(part: str) -> DuplicityOutput:
             stagings[part] = Path(tempfile.mkdtemp(prefix=".rescue-part-",
