@@ -2729,16 +2729,29 @@ def backup_chains(url: str, selection: "Selection", parts: Sequence[str],
     return chains
 
 
-def read_parts_plan(path: Path) -> Dict[str, object]:
-    """The plan file ({"parts": [...], "retired": [...], "workers": N}); empty when absent."""
+@dataclass
+class PartsPlan:
+    """VAR_DIR/backup-parts.json: the parts backed up now, the retired ones (their chains still
+    get the retention rules), and the workers the plan was made for."""
+    parts: List[str] = field(default_factory=list)
+    retired: List[str] = field(default_factory=list)
+    workers: Optional[int] = None
+
+    def to_json(self) -> str:
+        return json.dumps({"version": 1, "workers": self.workers, "parts": self.parts,
+                           "retired": self.retired}, indent=2) + "\n"
+
+
+def read_parts_plan(path: Path) -> PartsPlan:
+    """The plan file; an empty plan when there is none."""
     try:
         plan = json.loads(path.read_text())
     except FileNotFoundError:
-        return {"parts": [], "retired": []}
+        return PartsPlan()
     except (OSError, ValueError) as exc:
         raise RescueError(f"cannot read {path}: {exc}", "remove it: the next backup plans the chains anew")
-    return {"parts": [str(p) for p in plan.get("parts", [])],
-            "retired": [str(p) for p in plan.get("retired", [])], "workers": plan.get("workers")}
+    return PartsPlan([str(p) for p in plan.get("parts", [])], [str(p) for p in plan.get("retired", [])],
+                     plan.get("workers"))
 
 
 # -- encryption -------------------------------------------------------------------------------
@@ -3683,15 +3696,15 @@ def work_directory(prefix: str, parent: Optional[str] = None) -> "Iterator[Path]
         shutil.rmtree(str(path), ignore_errors=True)
 
 
-def choose_parts(ctx: "Context", previous: Dict[str, object], selection: Selection,
-                 mountpoints: Sequence[str], own: Sequence[str], totals: Dict[str, int]) -> Dict[str, object]:
+def choose_parts(ctx: "Context", previous: PartsPlan, selection: Selection,
+                 mountpoints: Sequence[str], own: Sequence[str], totals: Dict[str, int]) -> PartsPlan:
     """The plan for this backup: the previous parts while they are still valid directories
     (so their chains go on with incrementals), else a new plan from the sizes just measured."""
     workers = parallel_workers(ctx.config)
     eligible = lambda path: part_eligible(path, selection.args, mountpoints, own)   # noqa: E731
-    old = [str(p) for p in previous["parts"]]
+    old = previous.parts
     still = [p for p in old if p in totals and eligible(p)]
-    if old and still == old and previous.get("workers") == workers:
+    if old and still == old and previous.workers == workers:
         parts = old
     else:
         min_mb = ctx.config.get("BACKUP_DUPLICITY_PART_MIN_MB").strip() or "64"
@@ -3699,8 +3712,7 @@ def choose_parts(ctx: "Context", previous: Dict[str, object], selection: Selecti
             raise ConfigError(f"BACKUP_DUPLICITY_PART_MIN_MB={min_mb!r} is not a whole number", "set it to e.g. 64")
         parts = plan_parts(totals, walk_roots(selection.roots, mountpoints), workers, eligible,
                            int(min_mb) * 1024 * 1024)
-    retired = sorted((set(previous["retired"]) | set(old)) - set(parts))
-    return {"version": 1, "workers": workers, "parts": parts, "retired": retired}
+    return PartsPlan(parts, sorted((set(previous.retired) | set(old)) - set(parts)), workers)
 
 
 def make_backup(ctx: "Context") -> int:
@@ -3720,7 +3732,7 @@ def make_backup(ctx: "Context") -> int:
         selection = backup_selection(in_scope, excluded, config, own)
         ctx.log.say("Backing up: " + ", ".join(in_scope))
         ctx.log.info("Leaving out: " + ", ".join(f"{p} ({why})" for p, why in selection.excluded))
-        run_retention(ctx, url, crypt, archive_dir, previous["parts"] + previous["retired"])
+        run_retention(ctx, url, crypt, archive_dir, previous.parts + previous.retired)
         write_private(var_dir(config) / STORED_CONFIG_FILE, config_without_secrets(config))
         if not (var_dir(config) / LAST_BACKUP_FILE).exists():
             write_in_place(var_dir(config) / LAST_BACKUP_FILE, "{}\n")   # before the backup sees VAR_DIR
@@ -3730,8 +3742,8 @@ def make_backup(ctx: "Context") -> int:
         ctx.log.info(f"Recorded what duplicity does not keep: {counts}")
         totals = subtree_sizes(sizes)
         plan = choose_parts(ctx, previous, selection, mountpoints, own, totals)
-        write_private(plan_file, json.dumps(plan, indent=2) + "\n")
-        chains = backup_chains(url, selection, plan["parts"], totals, lambda path: chain_options(config, path))
+        write_private(plan_file, plan.to_json())
+        chains = backup_chains(url, selection, plan.parts, totals, lambda path: chain_options(config, path))
         for chain in chains[1:]:
             if chain.options:
                 ctx.log.info(f"{chain.label}: its data does not compress, stored without gpg's compression")
@@ -3870,8 +3882,7 @@ def stored_parts(ctx: "Context", crypt: Encryption, home: Dict[str, str], work: 
             ctx.log.info("No layout stored beside the backup (made by ReaR?): restoring it as one chain")
             return []
         raise duplicity_failure("restore", returncode, output, ctx.log)     # (of the stored layout, first)
-    plan = read_parts_plan(destination / PARTS_FILE)
-    return [str(p) for p in plan["parts"]]
+    return read_parts_plan(destination / PARTS_FILE).parts
 
 
 def local_parts(ctx: "Context", url: str, time_: Optional[str]) -> List[str]:
@@ -3883,7 +3894,7 @@ def local_parts(ctx: "Context", url: str, time_: Optional[str]) -> List[str]:
     if not last.get("success") or last.get("url") != ctx.log.redact(url):
         return []
     try:
-        return [str(p) for p in read_parts_plan(var_dir(ctx.config) / PARTS_FILE)["parts"]]
+        return read_parts_plan(var_dir(ctx.config) / PARTS_FILE).parts
     except RescueError:
         return []
 
@@ -4067,7 +4078,7 @@ def collection_status(ctx: "Context") -> Dict[str, object]:
     """The main chain's sets, and each part's (parts of this machine's current plan)."""
     url = backup_url(ctx.config)
     crypt = backup_encryption(ctx, "status")
-    parts = [str(p) for p in read_parts_plan(var_dir(ctx.config) / PARTS_FILE)["parts"]]
+    parts = read_parts_plan(var_dir(ctx.config) / PARTS_FILE).parts
 
     def read(chain_url: str, suffix: str) -> Dict[str, object]:
         args = ["collection-status", "-v4"] + common_options(ctx.config, default_archive_dir(), name_suffix=suffix)
@@ -4090,7 +4101,7 @@ def verify_backup(ctx: "Context", compare_data: bool, time_: Optional[str]) -> T
     with work_directory("rescue-verify-") as workdir:
         in_scope, excluded = mounts_to_back_up(ctx, saved_layout(config))
         selection = backup_selection(in_scope, excluded, config, own_paths(config, archive_dir, workdir))
-        parts = [str(p) for p in read_parts_plan(var_dir(config) / PARTS_FILE)["parts"]]
+        parts = read_parts_plan(var_dir(config) / PARTS_FILE).parts
         chains = backup_chains(url, selection, parts, {})
 
         def verify(chain: Chain) -> Tuple[int, int, List[str]]:
