@@ -3263,9 +3263,8 @@ SSH_SHARING = SshSharing()
 def prepare_target(ctx: "Context", url: str, *more: str) -> None:
     """Create the target directory, and those of more URLs on the same server (ReaR:
     "Checking backup-path at server ...")."""
-    path = local_target(url)
-    if path:
-        for each in [path] + [local_target(u) or "" for u in more]:
+    if local_target(url):
+        for each in [p for p in map(local_target, (url,) + more) if p]:     # the same scheme: all file://
             try:
                 os.makedirs(each, mode=0o700, exist_ok=True)
             except OSError as exc:
@@ -3888,7 +3887,7 @@ def stored_parts(ctx: "Context", crypt: Encryption, home: Dict[str, str], work: 
 def local_parts(ctx: "Context", url: str, time_: Optional[str]) -> List[str]:
     """This machine's plan, when restoring the latest backup from where its last backup
     (which succeeded) went: most likely the stored plan. Empty otherwise."""
-    if time_ or not ctx.config.get("BACKUP_DUPLICITY_URL"):
+    if time_:
         return []
     last = previous_record(ctx.config)
     if not last.get("success") or last.get("url") != ctx.log.redact(url):
