@@ -15,7 +15,7 @@ import pytest
 import rescue
 from backup_fixtures import assert_same_tree
 from conftest import RESCUE
-from test_restore import duplicity_children
+from test_restore import duplicity_children, restored
 from test_backup import Site, differences_inside, public_key
 
 MB = 1024 * 1024
@@ -149,10 +149,6 @@ def split_site(tmp_path, conf_dir, gnupg_keys):
     add_parts(site.src)
     site.settings.update(BACKUP_DUPLICITY_PARALLEL="2", BACKUP_DUPLICITY_PART_MIN_MB="0", **public_key(site))
     return site
-
-
-def restored(site, target):
-    return Path(str(target) + str(site.src))
 
 
 def test_split_backup_restores_every_attribute_and_keeps_each_part_in_its_own_chain(split_site):
