@@ -145,8 +145,10 @@ def test_restore_command_forces_numeric_owners_and_renames_mountpoints():
     crypt = rescue.Encryption([], {"PASSPHRASE": "x"}, [])
     argv = rescue.restore_command(config(), crypt, "file:///b/h", "/mnt/local/.s", "/w/a", "/w", "1D",
                                   [("boot", "../boot")])
-    assert argv[:4] == ["restore", "-v5", "--force", "--numeric-owner"]
+    assert argv[:4] == ["restore", "-v4", "--force", "--numeric-owner"]
     assert argv[-7:] == ["--restore-time", "1D", "--rename", "boot", "../boot", "file:///b/h", "/mnt/local/.s"]
+    each_file = rescue.restore_command(config(), crypt, "file:///b/h", "/t", "/w/a", "/w", None, [], each_file=True)
+    assert each_file[:2] == ["restore", "-v5"]
 
 
 def test_ssh_mkdir_uses_the_url_itself():

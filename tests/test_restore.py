@@ -4,6 +4,7 @@ after a backup killed halfway; and it fails truthfully on a wrong or missing pas
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import rescue
 from backup_fixtures import assert_same_tree
 from conftest import RESCUE
 from test_backup import Site, assert_clean_error, public_key
@@ -32,8 +34,9 @@ def test_every_attribute_comes_back_hard_links_sparse_xattrs_acls_capabilities(s
     target = site.tmp / "restored"
     proc = site.run("restoreonly", "--target", target)
     assert proc.returncode == 0, proc.stderr
-    assert "Restore done:" in proc.stdout
+    assert re.search(r"^Restore done: [0-9.]+ [KMG]B written into ", proc.stdout, re.M), proc.stdout
     assert_same_tree(site.src, restored(site, target))
+    assert " of type reg" not in (site.tmp / "log/rescue.log").read_text()     # no line per file
     leftovers = [p for p in os.listdir(target) if p.startswith(".rescue")] + [
         p for p in os.listdir("/run") if p.startswith("rescue-home-")]
     assert leftovers == []
@@ -182,3 +185,28 @@ def test_the_restore_reprotects_only_its_own_copy_of_the_keyring(site):
     assert "--passphrase-fd 0 --passwd <GPG_KEY>" in log       # the copy's key, cheaper to unlock
     assert keyring_files(site.gnupghome) == before              # the keyring itself: untouched
     assert not [p for p in os.listdir("/run") if p.startswith("rescue-home-")]
+
+
+def test_with_debug_the_log_names_every_restored_file(site):
+    """ReaR's restore logs each file (-v5); rescue does with -d (it costs time)."""
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    proc = site.run("-d", "restoreonly", "--target", site.tmp / "restored")
+    assert proc.returncode == 0, proc.stderr
+    log = (site.tmp / "log/rescue.log").read_text()
+    assert re.search(r"DEBUG Writing .*hardlink-at-top of type reg", log), log[-3000:]
+
+
+def test_write_progress_tells_what_the_filesystems_gained(tmp_path, capsys):
+    log = rescue.Log()
+    with rescue.WriteProgress(log, "Restoring", [str(tmp_path)], ansi=False, interval=1, every=0.05) as progress:
+        with open(tmp_path / "data", "wb") as f:
+            f.write(os.urandom(4 << 20))
+        time.sleep(0.3)
+    assert progress.written() >= 4 << 20
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(re.match(r"Restoring: [0-9.]+ \w+ written, \d+ MB/s, \d+ s$", line) for line in lines)
+    with rescue.WriteProgress(log, "Restoring", [str(tmp_path)], ansi=True, interval=0.05):
+        time.sleep(0.3)
+    log.say("next message")
+    out = capsys.readouterr().out
+    assert out.startswith("\r\033[KRestoring: ") and out.endswith("\r\033[Knext message\n")
