@@ -3951,16 +3951,16 @@ NO_CHAIN_MESSAGES = ("No backup chains found", "No signatures found")
 
 
 def stored_parts(ctx: "Context", crypt: Encryption, home: Dict[str, str], work: Path,
-                 time_: Optional[str]) -> List[str]:
+                 time_: Optional[str], what: str = "restore") -> List[str]:
     """The parts (chains of their own) of the backup as of time_, from the plan stored with
     the layout. A backup without a layout chain (made by ReaR) is one chain."""
     destination = work / "stored-layout"
     returncode, output = restore_layout_chain(ctx, crypt, home, work, destination, time_)
     if returncode != 0:
         if any(m in line for line in output.lines for m in NO_CHAIN_MESSAGES):
-            ctx.log.info("No layout stored beside the backup (made by ReaR?): restoring it as one chain")
+            ctx.log.info("No layout stored beside the backup (made by ReaR?): it is one chain")
             return []
-        raise duplicity_failure("restore", returncode, output, ctx.log)     # (of the stored layout, first)
+        raise duplicity_failure(what, returncode, output, ctx.log)     # (of the stored layout, first)
     return read_parts_plan(destination / PARTS_FILE).parts
 
 
@@ -4174,8 +4174,11 @@ def collection_status(ctx: "Context") -> Dict[str, object]:
     return status
 
 
-def verify_backup(ctx: "Context", compare_data: bool, time_: Optional[str]) -> Tuple[int, int, List[str]]:
-    """(files compared, differences, difference lines) of the backup against the live system."""
+def verify_backup(ctx: "Context", time_: Optional[str]) -> Tuple[int, int, List[str]]:
+    """(files compared, differences, difference lines) of the backup against the live system:
+    each chain of the backup as of time_ (its stored plan says which), with --compare-data
+    always: without it duplicity 3 compares nothing at all (path.ROPath.compare_verbose
+    returns "equal" at once), so a changed or missing file would pass."""
     config = ctx.config
     url = backup_url(config)
     crypt = backup_encryption(ctx, "verify")
@@ -4183,12 +4186,10 @@ def verify_backup(ctx: "Context", compare_data: bool, time_: Optional[str]) -> T
     with work_directory("rescue-verify-") as workdir:
         in_scope, excluded = mounts_to_back_up(ctx, saved_layout(config))
         selection = backup_selection(in_scope, excluded, config, own_paths(config, archive_dir, workdir))
-        parts = read_parts_plan(var_dir(config) / PARTS_FILE).parts
-        chains = backup_chains(url, selection, parts, {})
+        chains = backup_chains(url, selection, stored_parts(ctx, crypt, {}, workdir, time_, "verify"), {})
 
         def verify(chain: Chain) -> Tuple[int, int, List[str]]:
-            args = ["verify", "-v4"] + (["--compare-data"] if compare_data else [])
-            args += (["--restore-time", time_] if time_ else [])
+            args = ["verify", "-v4", "--compare-data"] + (["--restore-time", time_] if time_ else [])
             args += common_options(config, archive_dir, str(workdir), chain.name_suffix)
             args += crypt.args + chain.selection.args + [chain.url, chain.selection.source]
             what = "Verify" if len(chains) == 1 else f"Verify of {chain.label}"
@@ -4401,7 +4402,8 @@ def wf_status(ctx: Context) -> int:
 
 def verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-data", action="store_true",
-                        help="compare file contents too, not only metadata and checksums")
+                        help="accepted as duplicity's option: rescue's verify always compares contents and metadata "
+                             "(duplicity 3 compares nothing without it)")
     parser.add_argument("--time", metavar="TIME", help="verify the backup as of TIME (default: the latest)")
 
 
@@ -4409,7 +4411,7 @@ def verify_arguments(parser: argparse.ArgumentParser) -> None:
           needs_root=True, arguments=verify_arguments)
 def wf_verify(ctx: Context) -> int:
     time_ = duplicity_time(ctx.config, "--time", ctx.args.time) if ctx.args.time else None
-    compared, differences, lines = verify_backup(ctx, ctx.args.compare_data, time_)
+    compared, differences, lines = verify_backup(ctx, time_)
     for line in lines[:50]:
         ctx.log.say("  " + line)
     if len(lines) > 50:

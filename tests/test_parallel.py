@@ -213,6 +213,22 @@ def test_parts_go_on_with_incrementals_and_a_retired_part_restores_as_of_its_tim
     assert (tree / "part-b/sub/blob").stat().st_size == 9 * MB
 
 
+def test_verify_as_of_a_time_checks_the_chains_of_that_backup_not_todays_plan(split_site):
+    site = split_site
+    assert site.run("mkbackuponly").returncode == 0
+    first = site.status()["chains"][0]["sets"][0]["time"]
+    time.sleep(1.1)
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_PARALLEL="1").returncode == 0     # one chain now
+    assert json.loads((site.var / "backup-parts.json").read_text())["parts"] == []
+    src = str(site.src).lstrip("/") + "/"
+    for args in (["--time", first], []):
+        proc = site.run("verify", *args)
+        # with this machine's plan (no parts) the parts' files would be new to the first backup
+        lines = [line for line in proc.stdout.splitlines() if "Difference found" in line and src in line]
+        assert lines == [], proc.stdout
+        assert "Verify: 0 files" not in proc.stdout
+
+
 def test_split_backup_over_rsync_and_ssh_shares_one_connection_and_leaves_no_ssh_behind(
         tmp_path, conf_dir, gnupg_keys, sshd_server):
     port, ssh_options = sshd_server.port, sshd_server.ssh_options
