@@ -3253,24 +3253,33 @@ def local_target(url: str) -> Optional[str]:
     return os.path.abspath(urllib.parse.unquote(url[len("file://"):]))
 
 
-def ssh_mkdir_command(url: str, ssh_options: str, *more: str) -> Optional[List[str]]:
-    """`ssh … mkdir -p PATH…` for a target reached over ssh, from the URL itself (duplicity
-    fails when the directory is missing), and the paths of more URLs on the same server.
-    None for other URLs and rsync daemon modules."""
+def ssh_login(url: str, ssh_options: str) -> Optional[List[str]]:
+    """`ssh … USER@HOST` for a target reached over ssh, from the URL itself; None for other
+    URLs and rsync daemon modules."""
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in SSH_SCHEMES or "::" in url or not parsed.hostname:
         return None
-    paths = []
-    for each in (url,) + more:
-        path = urllib.parse.urlsplit(each).path
-        path = "/" + path.lstrip("/") if path.startswith("//") else path.lstrip("/")
-        if path:
-            paths.append(shlex.quote(urllib.parse.unquote(path)))
-    if not paths:
-        return None
     login = f"{parsed.username}@{parsed.hostname}" if parsed.username else parsed.hostname
     port = ["-p", str(parsed.port)] if parsed.port else []
-    return ["ssh", "-oBatchMode=yes"] + port + shlex.split(ssh_options) + [login, "mkdir -p -- " + " ".join(paths)]
+    return ["ssh", "-oBatchMode=yes"] + port + shlex.split(ssh_options) + [login]
+
+
+def remote_path(url: str) -> str:
+    """The directory of an ssh URL as the server's shell takes it: //abs is /abs, /rel is
+    relative to the login's home."""
+    path = urllib.parse.urlsplit(url).path
+    path = "/" + path.lstrip("/") if path.startswith("//") else path.lstrip("/")
+    return urllib.parse.unquote(path)
+
+
+def ssh_mkdir_command(url: str, ssh_options: str, *more: str) -> Optional[List[str]]:
+    """`ssh … mkdir -p PATH…` for a target reached over ssh (duplicity fails when the
+    directory is missing), and the paths of more URLs on the same server."""
+    login = ssh_login(url, ssh_options)
+    paths = [shlex.quote(p) for p in map(remote_path, (url,) + more) if p]
+    if login is None or not paths:
+        return None
+    return login + ["mkdir -p -- " + " ".join(paths)]
 
 
 # AES-GCM first where the CPU has AES instructions: OpenSSH prefers chacha20-poly1305, which
@@ -3352,6 +3361,35 @@ def prepare_target(ctx: "Context", url: str, *more: str) -> None:
                               f"{found[0] if found else 'ssh exited with ' + str(result.returncode)}",
                               (found[1] + "; " if found else "") + "ssh said: " +
                               " ".join(result.stderr.strip().splitlines()[-2:]))
+
+
+def check_backup_there(ctx: "Context", url: str, needed: bool = True) -> bool:
+    """Before duplicity reads a backup: is the server reachable, and is the backup's directory
+    there? duplicity would retry an unreachable server for minutes and then print a
+    traceback, and call a missing directory "no backup chains"; this says which it is, at
+    once. needed=False (status): a missing directory is no error, the answer is False."""
+    place = local_target(url)
+    argv = ssh_login(url, SSH_SHARING.options(ctx.config))
+    if place is not None:
+        present = os.path.isdir(place)
+    elif argv is not None and remote_path(url):
+        host = urllib.parse.urlsplit(url).hostname
+        ctx.log.info(f"Checking the backup directory at {host}")
+        result = ctx.runner.run(argv + ["test -d " + shlex.quote(remote_path(url))], check=False, timeout=120)
+        if result.returncode not in (0, 1):
+            found = diagnose(result.stderr)
+            raise RescueError(f"cannot reach the backup server {host}: "
+                              f"{found[0] if found else 'ssh exited with ' + str(result.returncode)}",
+                              (found[1] + "; " if found else "") + "ssh said: " +
+                              " ".join(result.stderr.strip().splitlines()[-2:]))
+        present, place = result.returncode == 0, f"{host}:{remote_path(url)}"
+    else:
+        return True     # other backends: duplicity tells
+    if needed and not present:
+        raise RescueError(f"there is no backup at {ctx.log.redact(url)}: {place} does not exist",
+                          f"check BACKUP_DUPLICITY_URL; backups are kept in a directory named after the "
+                          f"machine ({backup_host(ctx.config)}): is that the original machine's name?")
+    return present
 
 
 def key_problem(kind: str, listing: str) -> Optional[Tuple[str, str]]:
@@ -3997,14 +4035,15 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
     mountpoints; then put back what duplicity does not keep. Returns the bytes written.
     The main chain and the parts' chains restore side by side."""
     url = backup_url(ctx.config)
-    target.mkdir(parents=True, exist_ok=True)
     target = target.resolve()
     mounts = [str(m["target"]) for m in mounted_now(ctx.runner)]
     redirected = redirected_names(str(target), mounts)
-    clash = unexpected_entries(target_entries(target), redirected)
+    clash = unexpected_entries(target_entries(target), redirected) if target.is_dir() else []
     if clash:
         raise RescueError(f"the restore target {target} is not empty: {', '.join(clash[:5])}",
                           "restore into an empty directory, or a tree of freshly made filesystems")
+    check_backup_there(ctx, url)
+    target.mkdir(parents=True, exist_ok=True)
     crypt = backup_encryption(ctx, "restore")
     filesystems = [str(target)] + [m for m in mounts if path_within(m, str(target))]
     workers = parallel_workers(ctx.config)
@@ -4088,6 +4127,7 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
 
 def fetch_layout(ctx: "Context", destination: Path, time_: Optional[str]) -> None:
     """Get the layout and configuration stored beside the backup (for a bare machine)."""
+    check_backup_there(ctx, backup_url(ctx.config))
     crypt = backup_encryption(ctx, "restore")
     destination.mkdir(parents=True, exist_ok=True)
     if any(os.scandir(str(destination))):
@@ -4159,6 +4199,10 @@ def describe_status(status: Dict[str, object], last: Dict[str, object]) -> str:
 def collection_status(ctx: "Context") -> Dict[str, object]:
     """The main chain's sets, and each part's (parts of this machine's current plan)."""
     url = backup_url(ctx.config)
+    status: Dict[str, object] = {"chains": [], "orphaned_or_incomplete": False}
+    status.update(host=backup_host(ctx.config), url=ctx.log.redact(url), parts=[])
+    if not check_backup_there(ctx, url, needed=False):
+        return status
     crypt = backup_encryption(ctx, "status")
     parts = read_parts_plan(var_dir(ctx.config) / PARTS_FILE).parts
 
@@ -4167,8 +4211,7 @@ def collection_status(ctx: "Context") -> Dict[str, object]:
         output = run_checked(ctx, args + crypt.args + [chain_url], crypt, "reading the collection status")
         return parse_collection_status("\n".join(output.lines))
 
-    status = read(url, "")
-    status.update(host=backup_host(ctx.config), url=ctx.log.redact(url))
+    status.update(read(url, ""))
     status["parts"] = [dict(read(*part_chain(url, p)), path=p, url=ctx.log.redact(part_chain(url, p)[0]))
                        for p in parts]
     return status
@@ -4181,6 +4224,7 @@ def verify_backup(ctx: "Context", time_: Optional[str]) -> Tuple[int, int, List[
     returns "equal" at once), so a changed or missing file would pass."""
     config = ctx.config
     url = backup_url(config)
+    check_backup_there(ctx, url)
     crypt = backup_encryption(ctx, "verify")
     archive_dir = default_archive_dir()
     with work_directory("rescue-verify-") as workdir:

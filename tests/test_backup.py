@@ -473,6 +473,35 @@ def test_an_unreachable_server_fails_fast_and_clearly(site, sshd_server):
     assert_clean_error(proc, "cannot create the backup directory on the server", "refused")
 
 
+@pytest.mark.parametrize("workflow", ["status", "verify", "restoreonly"])
+def test_reading_from_an_unreachable_server_fails_at_once_and_says_so(site, sshd_server, workflow):
+    closed = sshd_server.port + 1 if sshd_server.port < 65535 else sshd_server.port - 1
+    target = site.tmp / "restored"
+    started = time.monotonic()
+    proc = site.run(workflow, *(["--target", target] if workflow == "restoreonly" else []), BACKUP_DUPLICITY_URL=f"rsync://root@127.0.0.1:{closed}//tmp/nowhere",
+                    BACKUP_DUPLICITY_SSH_OPTIONS=sshd_server.ssh_options,
+                    BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+    assert_clean_error(proc, "cannot reach the backup server 127.0.0.1", "refused the connection")
+    assert time.monotonic() - started < 30          # duplicity alone retried for 2.5 minutes
+    assert not target.exists()
+
+
+def test_a_backup_directory_missing_on_the_server_is_named_and_status_says_none_yet(site, sshd_server):
+    remote = site.tmp / "server"
+    settings = dict(BACKUP_DUPLICITY_URL=sshd_server.url(str(remote)), BACKUP_DUPLICITY_SSH_OPTIONS=sshd_server.ssh_options,
+                    BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+    for workflow in (["verify"], ["restoreonly", "--target", str(site.tmp / "restored")],
+                     ["restoreonly", "--layout-only", "--target", str(site.tmp / "layout")]):
+        proc = site.run(*workflow, **settings)
+        assert_clean_error(proc, f"there is no backup at rsync://root@127.0.0.1:{sshd_server.port}/",
+                           f"127.0.0.1:{remote}/{HOST} does not exist", "the original machine's name")
+    proc = site.run("status", **settings)
+    assert proc.returncode == 0, proc.stderr
+    assert "none yet" in proc.stdout
+    proc = site.run("restoreonly", "--target", site.tmp / "restored", BACKUP_DUPLICITY_URL=site.url)   # file://
+    assert_clean_error(proc, "there is no backup at file://", f"{site.target_dir()} does not exist")
+
+
 def test_a_full_target_fails_the_backup_with_the_tail_of_duplicitys_output(site):
     full = site.tmp / "small-disk"
     full.mkdir()
