@@ -4036,6 +4036,9 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
     The main chain and the parts' chains restore side by side."""
     url = backup_url(ctx.config)
     target = target.resolve()
+    if target.exists() and not target.is_dir():
+        raise RescueError(f"the restore target {target} is not a directory",
+                          "give a directory: new, empty, or with freshly made filesystems mounted there")
     mounts = [str(m["target"]) for m in mounted_now(ctx.runner)]
     redirected = redirected_names(str(target), mounts)
     clash = unexpected_entries(target_entries(target), redirected) if target.is_dir() else []
@@ -4043,7 +4046,11 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
         raise RescueError(f"the restore target {target} is not empty: {', '.join(clash[:5])}",
                           "restore into an empty directory, or a tree of freshly made filesystems")
     check_backup_there(ctx, url)
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RescueError(f"cannot create the restore target {target}: {exc.strerror}",
+                          "give a directory that can be made there") from None
     crypt = backup_encryption(ctx, "restore")
     filesystems = [str(target)] + [m for m in mounts if path_within(m, str(target))]
     workers = parallel_workers(ctx.config)

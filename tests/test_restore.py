@@ -86,6 +86,16 @@ def test_restore_refuses_a_target_with_other_files(site):
     assert_clean_error(proc, "is not empty: etc")
 
 
+def test_a_target_that_is_a_file_or_below_one_gets_a_clear_error(site):
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    (site.tmp / "a-file").write_text("keep me\n")
+    proc = site.run("restoreonly", "--target", site.tmp / "a-file")
+    assert_clean_error(proc, "the restore target", "a-file is not a directory")
+    proc = site.run("restoreonly", "--target", site.tmp / "a-file/below")
+    assert_clean_error(proc, "cannot create the restore target", "a-file/below: Not a directory")
+    assert (site.tmp / "a-file").read_text() == "keep me\n"
+
+
 def test_point_in_time_restore_across_full_and_incrementals(site):
     text = site.src / "dir/random.bin"
     versions = []
