@@ -153,39 +153,40 @@ class Log:
                 sys.stdout.flush()
                 self._status = False
 
-    def _print(self, text: str, stream: TextIO) -> None:
+    def console(self, text: str, stream: Optional[TextIO] = None) -> None:
+        """Print text (not logged; stdout unless stream), after removing the progress line."""
         self.end_status()
-        print(text, file=stream, flush=True)
+        print(text, file=stream or sys.stdout, flush=True)
 
     def say(self, message: str) -> None:
         """A message the user always sees (progress of a workflow)."""
         message = self.redact(message)
-        self._print(message, sys.stdout)
+        self.console(message)
         self._write("INFO", message)
 
     def info(self, message: str) -> None:
         """Detail for the log; on the console only with -v."""
         message = self.redact(message)
         if self.verbose:
-            self._print(message, sys.stdout)
+            self.console(message)
         self._write("INFO", message)
 
     def debug(self, message: str) -> None:
         message = self.redact(message)
         if self.debug_enabled:
-            self._print(message, sys.stderr)
+            self.console(message, sys.stderr)
         self._write("DEBUG", message)
 
     def warn(self, message: str) -> None:
         message = self.redact(message)
-        self._print(f"rescue: warning: {message}", sys.stderr)
+        self.console(f"rescue: warning: {message}", sys.stderr)
         self._write("WARN", message)
 
     def error(self, message: str, hint: str = "") -> None:
         message, hint = self.redact(message), self.redact(hint)
-        self._print(f"rescue: error: {message}", sys.stderr)
+        self.console(f"rescue: error: {message}", sys.stderr)
         if hint:
-            self._print(f"rescue: hint: {hint}", sys.stderr)
+            self.console(f"rescue: hint: {hint}", sys.stderr)
         self._write("ERROR", message + (f"\nhint: {hint}" if hint else ""))
 
 
@@ -3003,7 +3004,7 @@ class DuplicityOutput:
             self.shown = now
             self.log.status(self.text(now))
         elif volume_done and not self.ansi:
-            print(self.text(now), flush=True)
+            self.log.console(self.text(now))
 
     def text(self, now: float) -> str:
         return f"{self.what}: {self.files} files, {self.volumes} volumes, {now - self.started:.0f} s"
@@ -3356,11 +3357,16 @@ def prepare_target(ctx: "Context", url: str, *more: str) -> None:
         ctx.log.info(f"Checking the backup directory at {urllib.parse.urlsplit(url).hostname}")
         result = ctx.runner.run(argv, check=False, timeout=120)
         if result.returncode != 0:
-            found = diagnose(result.stderr)
-            raise RescueError(f"cannot create the backup directory on the server: "
-                              f"{found[0] if found else 'ssh exited with ' + str(result.returncode)}",
-                              (found[1] + "; " if found else "") + "ssh said: " +
-                              " ".join(result.stderr.strip().splitlines()[-2:]))
+            raise ssh_failure("cannot create the backup directory on the server", result)
+
+
+def ssh_failure(what: str, result: "Result") -> RescueError:
+    """The error for an ssh call to the backup server that failed: the cause when known, and
+    ssh's last words."""
+    found = diagnose(result.stderr)
+    return RescueError(f"{what}: {found[0] if found else 'ssh exited with ' + str(result.returncode)}",
+                       (found[1] + "; " if found else "") + "ssh said: " +
+                       " ".join(result.stderr.strip().splitlines()[-2:]))
 
 
 def check_backup_there(ctx: "Context", url: str, needed: bool = True) -> bool:
@@ -3377,11 +3383,7 @@ def check_backup_there(ctx: "Context", url: str, needed: bool = True) -> bool:
         ctx.log.info(f"Checking the backup directory at {host}")
         result = ctx.runner.run(argv + ["test -d " + shlex.quote(remote_path(url))], check=False, timeout=120)
         if result.returncode not in (0, 1):
-            found = diagnose(result.stderr)
-            raise RescueError(f"cannot reach the backup server {host}: "
-                              f"{found[0] if found else 'ssh exited with ' + str(result.returncode)}",
-                              (found[1] + "; " if found else "") + "ssh said: " +
-                              " ".join(result.stderr.strip().splitlines()[-2:]))
+            raise ssh_failure(f"cannot reach the backup server {host}", result)
         present, place = result.returncode == 0, f"{host}:{remote_path(url)}"
     else:
         return True     # other backends: duplicity tells
@@ -4070,7 +4072,7 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
                                                    dir=nearest_mount(below(target, part), filesystems)))
             return restore(*part_chain(url, part), stagings[part], [], f"Restore of {part}")
 
-        def restore_parts() -> List[object]:
+        def restore_parts() -> None:
             """The plan (from the stored layout), then every part's chain at once. When this
             machine made the latest backup, its own plan is most likely the stored one: those
             parts start at once, beside reading the stored plan (2.4 s here), which decides;
@@ -4091,15 +4093,15 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
                     for output in outputs:
                         if isinstance(output, RescueError):
                             raise output
-                    return outputs
+                    return
                 ctx.log.say("The stored plan of chains differs from this machine's: restoring its parts instead")
                 for part in guess:
                     shutil.rmtree(str(stagings.pop(part)), ignore_errors=True)
             else:
                 parts = stored_parts(ctx, crypt, home, work, time_)
             say_parts(parts)
-            return in_parallel(ctx.runner, [lambda p=p: restore_part(p) for p in parts],
-                               2 * workers - 1)      # with the main chain: twice the workers
+            in_parallel(ctx.runner, [lambda p=p: restore_part(p) for p in parts],
+                        2 * workers - 1)             # with the main chain: twice the workers
 
         def say_parts(parts: Sequence[str]) -> None:
             if parts:
