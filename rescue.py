@@ -64,7 +64,7 @@ import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, TextIO, Tuple, Union
+from typing import BinaryIO, Callable, Dict, FrozenSet, Iterator, List, NoReturn, Optional, Sequence, Set, TextIO, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -198,15 +198,18 @@ class Log:
         self._write("ERROR", message + (f"\nhint: {hint}" if hint else ""))
 
 
-def human_size(size: Optional[int]) -> str:
+def human_size(size: Optional[float]) -> str:
+    """Bytes for people, in binary units: 512 B, 1.5 KiB, 8 GiB, -3.2 MiB."""
     if size is None:
         return "?"
     value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if value == int(value) or unit == "B" else f"{value:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            break
         value /= 1024
-    return f"{size} B"
+    else:
+        unit = "TiB"
+    return f"{value:.0f} {unit}" if unit == "B" or value == int(value) else f"{value:.1f} {unit}"
 
 
 # =============================================================================================
@@ -643,7 +646,6 @@ class ShellParser:
 
 
 BREAK = None          # a field boundary, from "${ARR[@]}"
-Segment = Tuple[str, bool, bool]      # text, quoted, subject to word splitting
 IFS_WHITESPACE = " \t\n"
 GLOB_CHARS = "*?["
 
@@ -798,6 +800,11 @@ class Config:
     secret_names: Set[str]
     files: List[Path]
     origin: Dict[str, Tuple[Path, int]] = field(default_factory=dict)
+    typed: Dict[str, object] = field(default_factory=dict)     # every setting, checked (settings)
+
+    def setting(self, name: str):
+        """A setting's typed value, checked when the configuration was loaded."""
+        return self.typed[name]
 
     def get(self, name: str, default: str = "") -> str:
         value = self.values.get(name)
@@ -851,44 +858,283 @@ def format_value(value: Value) -> str:
 # conf/default.conf is the user's documentation of the same settings (a test keeps the two equal).
 # =============================================================================================
 
-DURATION_RE = re.compile(r"(now|\d+|(\d+[smhDWMY])+|\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2})?[^ ]*)?)")
+class BadValue(ValueError):
+    """A setting's value does not fit its type; the message says what was expected."""
 
 
-def config_words(config: Config, name: str) -> List[str]:
-    """An options variable: an array gives one argument per element; a string is split on
-    whitespace, as ReaR's unquoted $VAR is."""
-    value = config.values.get(name)
-    if isinstance(value, list):
-        return list(value)
-    return (value or "").split()
+def whole_number(text: str, least: int = 0) -> int:
+    """A whole number written in ASCII digits (int() would take "٣" and " 3 ")."""
+    if not re.fullmatch(r"[0-9]+", text, re.ASCII) or int(text) < least:
+        raise BadValue(f"expected a whole number{' of %d or more' % least if least else ''}")
+    return int(text)
 
 
-def duplicity_time(config: Config, name: str, value: str) -> str:
-    """A duplicity time value, validated so that a typo fails before anything is removed."""
-    value = value.strip()
+def seconds_value(text: str) -> float:
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", text, re.ASCII):
+        raise BadValue("expected a number of seconds")
+    if float(text) <= 0:
+        raise BadValue("expected a number of seconds greater than 0")
+    return float(text)
+
+
+def count_value(text: str) -> Optional[int]:
+    return whole_number(text, 1) if text else None
+
+
+def workers_value(text: str) -> Union[str, int]:
+    if text.lower() in ("", "auto"):
+        return "auto"
+    try:
+        return whole_number(text, 1)
+    except BadValue:
+        raise BadValue('expected "auto" or a whole number of 1 or more') from None
+
+
+FALSE_WORDS = frozenset({"", "0", "n", "no", "false", "off"})
+
+
+def bool_value(text: str) -> bool:
+    word = text.strip().lower()
+    if word not in TRUE_WORDS | FALSE_WORDS:
+        raise BadValue("expected yes or no (also true/false, y/n, 1/0, on/off)")
+    return word in TRUE_WORDS
+
+
+DURATION_RE = re.compile(r"now|[0-9]+|([0-9]+[smhDWMY])+", re.ASCII)
+DATE_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})(?:[T ]([0-9]{2}):([0-9]{2})(?::([0-9]{2}))?"
+                     r"(Z|[+-][0-9]{2}:?[0-9]{2})?)?", re.ASCII)
+
+
+def duplicity_time_value(text: str) -> Optional[str]:
+    """A time as duplicity takes it (now, seconds since 1970, an interval like 2h30m or 1Y,
+    or a date and time), checked here so that a typo fails before anything is removed and a
+    date duplicity would reject (2026-13-45) is named. ReaR's "--restore-time=1D" form too."""
+    value = text.strip()
     if value.startswith("--restore-time="):
         value = value[len("--restore-time="):]
+    if not value:
+        return None
+    date = DATE_RE.fullmatch(value)
+    if date:
+        try:
+            stamp = datetime.datetime(*(int(g) for g in date.groups()[:6] if g is not None))
+        except ValueError:
+            raise BadValue("expected a real date and time") from None
+        if stamp.year < 1970:
+            raise BadValue("expected a date after 1970")
+        return value
     if not DURATION_RE.fullmatch(value):
-        raise ConfigError(f"{name}={value!r} is not a duplicity time",
-                          "use e.g. 30D, 6M, 1Y, 2h30m, 2026-01-05 or 2026-01-05T17:56:18")
+        raise BadValue("expected a duplicity time such as 30D, 6M, 1Y, 2h30m, 2026-01-05 or 2026-01-05T17:56:18")
     return value
 
 
-def positive_count(name: str, value: str) -> str:
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ConfigError(f"{name}={value!r} is not a positive whole number", f"set {name} to e.g. 3")
-    return value.strip()
+def time_option(option: str, value: str) -> str:
+    """A time given on the command line (--restore-time, --time), checked like the settings."""
+    try:
+        checked = duplicity_time_value(value)
+    except BadValue as exc:
+        raise ConfigError(f"{option} {value}: {exc}", "see 'rescue help'") from None
+    if checked is None:
+        raise ConfigError(f"{option}: expected a time", "e.g. --restore-time 2026-01-05T17:56:18 or 3D")
+    return checked
+
+
+def name_value(text: str) -> str:
+    """A name that becomes one path component (a directory on the target, a cache name)."""
+    if not text or text in (".", "..") or "/" in text or text.startswith("-") or \
+            any(ord(c) < 32 or c == "\x7f" for c in text):
+        raise BadValue("expected a name (not empty, no '/', not '.' or '..', not starting with '-', "
+                       "no control characters)")
+    return text
+
+
+def path_value(text: str) -> str:
+    if text and not text.startswith("/"):
+        raise BadValue("expected an absolute path")
+    return text
+
+
+def choice_value(*choices: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        found = next((c for c in choices if c.lower() == text.lower()), None)
+        if found is None:
+            raise BadValue("expected " + " or ".join(choices))
+        return found
+    return check
+
+
+# duplicity 3's backends; rescue's zipapp carries the ones that need nothing beyond the system's
+# ssh, rsync and gpg (file, rsync, pexpect+sftp/scp); the others need duplicity's Python SDKs.
+DUPLICITY_SCHEMES = frozenset({
+    "file", "rsync", "sftp", "scp", "pexpect+sftp", "pexpect+scp", "paramiko+sftp", "paramiko+scp",
+    "ftp", "ftps", "lftp+ftp", "lftp+ftps", "lftp+sftp", "lftp+webdav", "lftp+webdavs", "fish",
+    "webdav", "webdavs", "s3", "s3+http", "boto3+s3", "gs", "azure", "b2", "swift", "onedrive",
+    "dpbx", "gdrive", "pydrive", "mega", "megav2", "megav3", "rclone", "copy", "cf+http", "hsi",
+    "imap", "imaps", "jottacloud", "box", "idrive", "slate", "tahoe", "xorriso", "par2", "multi",
+})
+SSH_SCHEMES = ("rsync", "sftp", "scp", "ssh", "pexpect+sftp", "pexpect+scp", "paramiko+sftp",
+               "paramiko+scp", "fish")
+
+
+def url_value(text: str) -> str:
+    """A duplicity target URL that names one place: scheme://…, no query or fragment (duplicity
+    would take them as part of a file name), an absolute path for file://, a host where the
+    scheme needs one."""
+    if not text:
+        return text
+    scheme, sep, rest = text.partition("://")
+    if not sep or not re.fullmatch(r"[a-z0-9+.-]+", scheme, re.ASCII):
+        raise BadValue("expected a URL such as file:///srv/backup or rsync://user@host//srv/backup")
+    if scheme not in DUPLICITY_SCHEMES:
+        raise BadValue(f"expected a URL of a scheme duplicity has (file, rsync, sftp, scp, …), not {scheme}://")
+    if "?" in rest or "#" in rest:
+        raise BadValue("expected a URL without ?… or #… (write such characters as %3F and %23)")
+    parsed = urllib.parse.urlsplit(text)
+    if scheme == "file" and (parsed.netloc or not parsed.path.startswith("/") or parsed.path == "/"):
+        raise BadValue("expected file:// with an absolute directory, e.g. file:///srv/backup")
+    if scheme != "file" and not parsed.hostname:
+        raise BadValue(f"expected {scheme}://[user@]host/path")
+    return text
+
+
+def url_path(url: str) -> Optional[str]:
+    """The local directory of a file:// URL (None for other URLs)."""
+    if not url.startswith("file://"):
+        return None
+    return os.path.normpath(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+
+
+def words_value(value: Value) -> List[str]:
+    """An options variable: an array gives one argument per element; a string is split on
+    whitespace, as ReaR's unquoted $VAR is."""
+    return list(value) if isinstance(value, list) else value.split()
+
+
+def list_value(value: Value) -> List[str]:
+    return list(value) if isinstance(value, list) else ([value] if value else [])
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[..., object]       # the type: value text (or array, for lists) -> typed value
+    meaning: str
+    default: Value = ""                # as conf/default.conf sets it ($HOSTNAME unexpanded)
+    whole: bool = False                # parse gets the whole value (an array), not its first word
+
+    @property
+    def secret(self) -> bool:
+        return is_secret_name(self.name)
+
+
+def _settings(*rows: Setting) -> Dict[str, Setting]:
+    return {row.name: row for row in rows}
+
+
+TEXT, WORDS, LIST = str, words_value, list_value
+SETTINGS = _settings(
+    Setting("BACKUP", TEXT, "the backup method: rescue implements DUPLICITY (checked by the backup workflows)",
+            "DUPLICITY"),
+    Setting("HOSTNAME", name_value, "this machine's name: backups live in $BACKUP_DUPLICITY_URL/$HOSTNAME"),
+    Setting("DUPLICITY_USER", TEXT, "helper for BACKUP_DUPLICITY_URL: the user at the server"),
+    Setting("DUPLICITY_HOST", TEXT, "helper for BACKUP_DUPLICITY_URL: the server"),
+    Setting("DUPLICITY_PROTO", TEXT, "helper for BACKUP_DUPLICITY_URL: the protocol"),
+    Setting("DUPLICITY_PATH", TEXT, "helper for BACKUP_DUPLICITY_URL: the path on the server"),
+    Setting("BACKUP_DUPLICITY_URL", url_value, "where backups go: one directory per host below it"),
+    Setting("BACKUP_DUPLICITY_NAME", name_value, "duplicity's --name (its cache of the chain)", "rear-backup"),
+    Setting("DUPLICITY_PROG", path_value, "a duplicity to run instead of the bundled one"),
+    Setting("BACKUP_DUPLICITY_GPG_ENC_KEY", TEXT, "public keys to encrypt to (space-separated)"),
+    Setting("BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE", TEXT, "the secret key's or the symmetric passphrase"),
+    Setting("BACKUP_DUPLICITY_GPG_SIGN_KEY", TEXT, "the key to sign the backup with"),
+    Setting("BACKUP_DUPLICITY_GPG_SIGN_PASSPHRASE", TEXT, "the signing key's passphrase"),
+    Setting("BACKUP_DUPLICITY_GPG_HIDDEN_ENC_KEY", TEXT, "public keys to encrypt to without naming them"),
+    Setting("BACKUP_DUPLICITY_ASK_PASSPHRASE", bool_value, "ask for the passphrase on restore"),
+    Setting("BACKUP_DUPLICITY_MAX_SETS", count_value, "keep only the last N full chains"),
+    Setting("BACKUP_DUPLICITY_MAX_SETS_KEEP_FULL", count_value, "keep incrementals of the last N full chains only"),
+    Setting("BACKUP_DUPLICITY_MAX_TIME", duplicity_time_value, "remove backups older than this"),
+    Setting("BACKUP_DUPLICITY_FULL_IF_OLDER_THAN", duplicity_time_value, "start a new full chain after this"),
+    Setting("BACKUP_DUPLICITY_OPTIONS", WORDS, "the user's own duplicity options", whole=True),
+    Setting("BACKUP_DUPLICITY_TUNING", WORDS, "rescue's duplicity tuning, before the user's options",
+            ["--gpg-options=--compress-level 1"], whole=True),
+    Setting("BACKUP_DUPLICITY_PARALLEL", workers_value, "duplicity processes side by side", "auto"),
+    Setting("BACKUP_DUPLICITY_PART_MIN_MB", whole_number, "the smallest directory (MiB) for a chain of its own", "64"),
+    Setting("BACKUP_DUPLICITY_COMPRESSION_CHECK", bool_value, "store incompressible parts uncompressed", "yes"),
+    Setting("BACKUP_DUPLICITY_SSH_OPTIONS", TEXT, "options for ssh to the backup server"),
+    Setting("BACKUP_DUPLICITY_EXCLUDE", LIST, "duplicity patterns not to back up", [], whole=True),
+    Setting("BACKUP_DUPLICITY_INCLUDE", LIST, "back up only these duplicity patterns", [], whole=True),
+    Setting("BACKUP_DUPLICITY_RESTORE_TIME", duplicity_time_value, "restore the backup as of this time"),
+    Setting("BACKUP_DUPLICITY_TEMP_RAMDISK", bool_value, "duplicity's temporary files on a tmpfs when restoring"),
+    Setting("OUTPUT", TEXT, "what mkrescue produces", "ISO"),
+    Setting("OUTPUT_URL", TEXT, "where to copy the rescue media"),
+    Setting("MODULES", LIST, "kernel modules for the rescue system", ["all_modules"], whole=True),
+    Setting("FIRMWARE_FILES", LIST, "firmware files for the rescue system", [], whole=True),
+    Setting("USE_STATIC_NETWORKING", bool_value, "the rescue system's network as this machine's"),
+    Setting("SSH_ROOT_PASSWORD", TEXT, "root's password for ssh into the rescue system"),
+    Setting("LAYOUT_DIR", path_value, "where savelayout keeps layout.json", "/var/lib/rescue/layout"),
+    Setting("EXCLUDE_MOUNTPOINTS", LIST, "mountpoints left out of the layout", [], whole=True),
+    Setting("EXCLUDE_VG", LIST, "volume groups left out of the layout", [], whole=True),
+    Setting("ONLY_INCLUDE_VG", LIST, "only these volume groups are in the layout", [], whole=True),
+    Setting("EXCLUDE_DISKS", LIST, "disks left out of the layout", [], whole=True),
+    Setting("PROGRESS_MODE", choice_value("ANSI", "plain"), "progress as an updating line or as lines", "ANSI"),
+    Setting("PROGRESS_WAIT_SECONDS", seconds_value, "seconds between progress updates", "1"),
+    Setting("USER_INPUT_TIMEOUT", seconds_value, "seconds to wait for an answer", "300"),
+    Setting("VAR_DIR", path_value, "rescue's state (backed up)", "/var/lib/rescue"),
+    Setting("NODE_EXPORTER_TEXTFILE_DIR", path_value, "where to write Prometheus metrics of each backup"),
+    Setting("LOGFILE", path_value, "the log file of each run", "/var/log/rescue/rescue-$HOSTNAME.log"),
+    Setting("LOCKFILE", path_value, "the lock of state-changing workflows", "/run/lock/rescue.lock"),
+    Setting("SECRET_OUTPUT_DEV", TEXT, "ReaR's device for the secret wrapper (kept for bash)", "null"),
+)
+
+
+def typed_settings(config: Config, environ: Dict[str, str]) -> Dict[str, object]:
+    """Every setting's typed value, or a ConfigError naming where the bad value comes from
+    (never quoting a secret)."""
+    out: Dict[str, object] = {}
+    for name, setting in SETTINGS.items():
+        raw: Value = config.values.get(name, setting.default)
+        if name == "HOSTNAME" and name not in config.values:
+            raw = environ.get("HOSTNAME") or hostname()
+        if not setting.whole and isinstance(raw, list):
+            raw = raw[0] if raw else ""         # $NAME of an array is its first element
+        try:
+            out[name] = setting.parse(raw)
+        except BadValue as exc:
+            where, fix = setting_origin(config, name, environ)
+            shown = "" if config.is_secret(name) else f', got "{" ".join(raw) if isinstance(raw, list) else raw}"'
+            raise ConfigError(f"{where}{name}: {exc}{shown}", fix) from None
+    return out
+
+
+def setting_origin(config: Config, name: str, environ: Dict[str, str]) -> Tuple[str, str]:
+    """("FILE:LINE: " of the value, how to correct it)."""
+    path, line = config.origin.get(name, (None, 0))
+    if path is None or (path == DEFAULT_CONF and name in environ):
+        return "the environment's ", f"correct or unset {name} in the environment"
+    return f"{path}:{line}: ", f"correct {name} in {path}"
+
+
+def config_from_values(values: Dict[str, Value], secret_names: Sequence[str] = (),
+                       environ: Optional[Dict[str, str]] = None) -> Config:
+    """A Config as load_config gives it for these values over the defaults, checked the same
+    way (for programs and tests that make a configuration without files)."""
+    environ = dict(os.environ) if environ is None else environ
+    host = environ.get("HOSTNAME") or hostname()
+    merged: Dict[str, Value] = {name: setting.default.replace("$HOSTNAME", host) if isinstance(setting.default, str)
+                                else list(setting.default) for name, setting in SETTINGS.items() if name != "HOSTNAME"}
+    merged.update(values)
+    config = Config(merged, set(secret_names), [])
+    config.typed = typed_settings(config, environ)
+    return config
 
 
 def load_config(files: Sequence[Path], environ: Dict[str, str], log: Log) -> Config:
-    """Parse and evaluate files in order (the first is default.conf, which defines known names)."""
+    """Parse and evaluate files in order (the first is default.conf), then check every setting."""
     state = ShellState(environ)
     values: Dict[str, Value] = {}
     secret_names: Set[str] = set()
     origin: Dict[str, Tuple[Path, int]] = {}
-    known: Set[str] = set()
     warned: Set[str] = set()
-    for n, path in enumerate(files):
+    for path in files:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -903,14 +1149,13 @@ def load_config(files: Sequence[Path], environ: Dict[str, str], log: Log) -> Con
             origin[a.name] = (path, a.line)
             if a.secret:
                 secret_names.add(a.name)
-            if n == 0:
-                known.add(a.name)
-            elif a.name not in known and a.name not in warned:
-                warn_unknown(a.name, known, path, a.line, log)
+            if a.name not in SETTINGS and a.name not in warned:
+                warn_unknown(a.name, set(SETTINGS), path, a.line, log)
                 warned.add(a.name)
     config = Config(values, secret_names, list(files), origin)
     for secret in config.secret_values():
         log.add_secret(secret)
+    config.typed = typed_settings(config, environ)
     return config
 
 
@@ -948,7 +1193,7 @@ def resolve_extra_conf(name: str, directory: Path) -> Path:
 
 
 def backup_host(config: Config) -> str:
-    return config.get("HOSTNAME") or hostname()
+    return config.setting("HOSTNAME")
 
 
 def config_without_secrets(config: Config) -> str:
@@ -969,28 +1214,67 @@ def config_without_secrets(config: Config) -> str:
 #
 # Every external program rescue runs, named once, with the package that provides it on
 # Debian/Ubuntu, RHEL/Alma/Rocky and SUSE (so an error can say what to install, and the rescue
-# media know what to copy). The runner refuses a program that is not here.
+# media know what to copy). The test suite checks that every program it saw run is here.
 # =============================================================================================
 
-TOOLS: Dict[str, Tuple[str, str, str]] = {
-    #  program             Debian/Ubuntu      RHEL family       SUSE
-    "duplicity":        ("duplicity",       "duplicity (EPEL)", "duplicity"),
-    "gpg":              ("gnupg",           "gnupg2",          "gpg2"),
-    "rsync":            ("rsync",           "rsync",           "rsync"),
-    "ssh":              ("openssh-client",  "openssh-clients", "openssh-clients"),
-    "gpgconf":          ("gpgconf",         "gnupg2",          "gpg2"),
-    "findmnt":          ("util-linux",      "util-linux",      "util-linux"),
-    "fallocate":        ("util-linux",      "util-linux",      "util-linux"),
-}
+@dataclass(frozen=True)
+class Tool:
+    program: str                  # as run (argv[0])
+    debian: str                   # the package that provides it on Debian/Ubuntu
+    rhel: str                     # … on RHEL/Alma/Rocky
+    suse: str                     # … on SUSE
+    needed_by: Tuple[str, ...]    # what uses it: capture, backup, restore, finalize
+
+
+def _tools(*rows: Tuple[str, str, str, str, Tuple[str, ...]]) -> Dict[str, Tool]:
+    return {row[0]: Tool(*row) for row in rows}
+
+
+TOOLS = _tools(
+    # program             Debian/Ubuntu      RHEL family          SUSE               needed by
+    ("python3",           "python3",         "python3",           "python3",         ("backup", "restore")),
+    ("duplicity",         "duplicity",       "duplicity (EPEL)",  "duplicity",       ("backup", "restore")),
+    ("gpg",               "gpg",             "gnupg2",            "gpg2",            ("backup", "restore")),
+    ("gpgconf",           "gpgconf",         "gnupg2",            "gpg2",            ("backup", "restore")),
+    ("gpg-agent",         "gpg-agent",       "gnupg2",            "gpg2",            ("backup", "restore")),
+    ("rsync",             "rsync",           "rsync",             "rsync",           ("backup", "restore")),
+    ("ssh",               "openssh-client",  "openssh-clients",   "openssh",         ("backup", "restore")),
+    ("fallocate",         "util-linux",      "util-linux",        "util-linux",      ("restore",)),
+    ("findmnt",           "util-linux",      "util-linux",        "util-linux",      ("capture", "backup", "restore")),
+    ("lsblk",             "util-linux",      "util-linux",        "util-linux",      ("capture",)),
+    ("blkid",             "util-linux",      "util-linux",        "util-linux",      ("capture",)),
+    ("sfdisk",            "fdisk",           "util-linux",        "util-linux",      ("capture",)),
+    ("lvm",               "lvm2",            "lvm2",              "lvm2",            ("capture",)),
+    ("vgcfgbackup",       "lvm2",            "lvm2",              "lvm2",            ("capture",)),
+    ("mdadm",             "mdadm",           "mdadm",             "mdadm",           ("capture",)),
+    ("cryptsetup",        "cryptsetup-bin",  "cryptsetup",        "cryptsetup",      ("capture",)),
+    ("dumpe2fs",          "e2fsprogs",       "e2fsprogs",         "e2fsprogs",       ("capture",)),
+    ("xfs_info",          "xfsprogs",        "xfsprogs",          "xfsprogs",        ("capture",)),
+    ("btrfs",             "btrfs-progs",     "btrfs-progs (not in RHEL 8/9)", "btrfsprogs", ("capture",)),
+    ("efibootmgr",        "efibootmgr",      "efibootmgr",        "efibootmgr",      ("capture", "finalize")),
+    # Found (not run) by savelayout, for the boot section of the layout; recover runs them.
+    ("grub-install",      "grub2-common",    "",                  "",                ("finalize",)),
+    ("grub2-install",     "",                "grub2-tools",       "grub2",           ("finalize",)),
+    ("grub-mkconfig",     "grub-common",     "",                  "",                ("finalize",)),
+    ("grub2-mkconfig",    "",                "grub2-tools",       "grub2",           ("finalize",)),
+    ("dracut",            "dracut",          "dracut",            "dracut",          ("finalize",)),
+    ("update-initramfs",  "initramfs-tools", "",                  "",                ("finalize",)),
+    ("mkinitrd",          "",                "",                  "mkinitrd",        ("finalize",)),
+)
+
+
+def tool_of(argv0: str) -> str:
+    """The TOOLS name of what argv[0] starts: the program's name, or python3 for the
+    interpreter rescue runs in (the bundled duplicity runs with it)."""
+    return "python3" if argv0 == sys.executable else os.path.basename(argv0)
 
 
 def missing_program(program: str) -> RescueError:
-    packages = TOOLS.get(os.path.basename(program))
-    if packages:
-        hint = (f"install it: Debian/Ubuntu package {packages[0]}, RHEL/Alma/Rocky {packages[1]}, "
-                f"SUSE {packages[2]}")
-    else:
-        hint = "install it, or check PATH"
+    tool = TOOLS.get(tool_of(program))
+    packages = [f"{family}{package}" for family, package in
+                (("Debian/Ubuntu package ", tool.debian), ("RHEL/Alma/Rocky ", tool.rhel), ("SUSE ", tool.suse))
+                if package] if tool else []
+    hint = "install it: " + ", ".join(packages) if packages else "install it, or check PATH"
     return RescueError(f"program '{program}' not found", hint)
 
 
@@ -1030,13 +1314,10 @@ class CommandError(RescueError):
 
 
 class Runner:
-    """Runs commands for the workflows. In dry-run mode, commands that change the system are
-    recorded (for a reviewable plan) instead of run; read-only probes still run."""
+    """Runs commands for the workflows, each logged before it starts."""
 
-    def __init__(self, log: Log, dry_run: bool = False) -> None:
+    def __init__(self, log: Log) -> None:
         self.log = log
-        self.dry_run = dry_run
-        self.recorded: List[str] = []
         self.active: Set["subprocess.Popen"] = set()    # running commands (stop_all)
         self._lock = threading.Lock()
 
@@ -1059,9 +1340,11 @@ class Runner:
 
     def run(self, argv: Sequence[str], *, env: Optional[Dict[str, str]] = None,
             input: Optional[str] = None, timeout: Optional[float] = None, check: bool = True,
-            capture: bool = True, cwd: Optional[str] = None, readonly: bool = False,
-            inherit_env: bool = False, on_line: Optional[Callable[[str], None]] = None) -> Result:
+            capture: bool = True, cwd: Optional[str] = None, inherit_env: bool = False,
+            on_line: Optional[Callable[[str], None]] = None, program: Optional[str] = None) -> Result:
         """Run argv. capture=False connects the command to our terminal (interactive tools).
+        program: the TOOLS entry argv[0] stands for, when the configuration chose the path
+        (DUPLICITY_PROG); the log line names it.
 
         on_line: stream the output (stderr merged into stdout) to this callback, line by line
         and redacted, as it comes; the Result then holds only the last STREAM_TAIL_LINES lines.
@@ -1069,11 +1352,8 @@ class Runner:
         argv = [str(a) for a in argv]
         full_env = self.environment(env, inherit_env)
         line = self.command_line(argv, env)
-        if self.dry_run and not readonly:
-            self.recorded.append(line)
-            self.log.info(f"would run: {line}")
-            return Result(argv, 0, "", "", 0.0)
-        self.log.info(f"running: {line}")
+        named = f" {program} as" if program and program != tool_of(argv[0]) else ""
+        self.log.info(f"running{named}: {line}")
         started = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -1226,7 +1506,7 @@ def in_parallel(runner: Runner, tasks: Sequence[Callable[[], object]], workers: 
 SSH_SCHEMES = ("rsync", "sftp", "scp", "ssh", "pexpect+sftp", "pexpect+scp", "paramiko+sftp",
                "paramiko+scp", "fish")
 # AES-GCM first where the CPU has AES instructions: OpenSSH prefers chacha20-poly1305, which
-# took twice the CPU here (1.09 GB by rsync over ssh: 3.5 s against 1.6 s on each side).
+# takes about twice the CPU on each side (bench/backup.py; figures in the README).
 FAST_SSH_CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
                     "aes128-ctr,aes192-ctr,aes256-ctr")
 
@@ -1240,8 +1520,8 @@ def cpu_has_aes() -> bool:
 
 class SshSharing:
     """One ssh connection per server for all of a run's rsync/scp/sftp calls. duplicity starts
-    a new ssh for every listing, volume and metadata file, and each pays a key exchange (0.2 s
-    of 0.35 s per call measured here); with sharing a call costs 0.15 s. The first ssh becomes
+    a new ssh for every listing, volume and metadata file, and each would pay a key exchange,
+    most of the cost of a call. The first ssh becomes
     the master (ControlPersist, so it outlives that call); close() ends the masters, and one
     left behind by a killed run exits after 60 idle seconds. Options the user sets
     (BACKUP_DUPLICITY_SSH_OPTIONS: Control*, Ciphers) are left as they are."""
@@ -1252,7 +1532,7 @@ class SshSharing:
 
     def options(self, config: Config) -> str:
         options = config.get("BACKUP_DUPLICITY_SSH_OPTIONS")
-        scheme = urllib.parse.urlsplit(config.get("BACKUP_DUPLICITY_URL")).scheme
+        scheme = urllib.parse.urlsplit(config.setting("BACKUP_DUPLICITY_URL")).scheme
         if scheme not in SSH_SCHEMES:
             return options
         added = []
@@ -1279,7 +1559,6 @@ class SshSharing:
         self.directory = None
 
 
-SSH_SHARING = SshSharing()
 
 
 @dataclass
@@ -1290,6 +1569,10 @@ class Context:
     config: Config
     log: Log
     runner: Runner
+    ssh: "SshSharing" = field(default_factory=lambda: SshSharing())
+
+    def ssh_options(self) -> str:
+        return self.ssh.options(self.config)
 
 
 def require_root(what: str) -> None:
@@ -1301,36 +1584,42 @@ DEFAULT_VAR_DIR = "/var/lib/rescue"
 
 
 def var_dir(config: Config) -> Path:
-    return Path(config.get("VAR_DIR") or DEFAULT_VAR_DIR)
+    return Path(config.setting("VAR_DIR") or DEFAULT_VAR_DIR)
 
 
 def layout_dir(config: Config) -> Path:
-    return Path(config.get("LAYOUT_DIR") or "/var/lib/rescue/layout")
+    return Path(config.setting("LAYOUT_DIR") or DEFAULT_VAR_DIR + "/layout")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a file readable by root only, atomically."""
+@contextlib.contextmanager
+def atomic_output(path: Path, mode: int = 0o600, keep_dir_time: bool = False) -> "Iterator[BinaryIO]":
+    """A file written whole or not at all: written beside path, flushed to disk and renamed
+    over it, so a reader or a crash (a full disk, a kill) sees the old content or the new,
+    never a part. keep_dir_time: the directory keeps its times (it is backed up, and verify
+    compares it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    fd = os.open(str(partial), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.replace(str(partial), str(path))
+    before = os.stat(str(path.parent)) if keep_dir_time else None
+    partial = path.with_name(f".{path.name}.partial")
+    fd = os.open(str(partial), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            os.fchmod(stream.fileno(), mode)
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(str(partial), str(path))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(str(partial))
+        raise
+    if before is not None:
+        os.utime(str(path.parent), ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
-def write_in_place(path: Path, text: str) -> None:
-    """Rewrite an existing file without creating a new one, so its directory (which is backed
-    up, and compared by verify) keeps its mtime."""
-    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as stream:
-        stream.truncate()
-        stream.write(text)
+def write_file(path: Path, data: Union[str, bytes], mode: int = 0o600, keep_dir_time: bool = False) -> None:
+    """Write a whole file atomically (see atomic_output); text as UTF-8."""
+    with atomic_output(path, mode, keep_dir_time) as stream:
+        stream.write(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
 
 
 @contextlib.contextmanager
@@ -1574,25 +1863,108 @@ class Layout:
 
 
 # How each list is ordered in layout.json, so that equal layouts are equal files.
-LAYOUT_SORT_KEYS = {
-    "disks": lambda d: d.id, "partitions": lambda p: (p.disk, p.number), "md_arrays": lambda m: m.id,
-    "luks": lambda x: x.id, "physical_volumes": lambda p: p.device, "volume_groups": lambda v: v.name,
-    "logical_volumes": lambda lv: (lv.vg, lv.name), "filesystems": lambda f: f.device,
-    "swaps": lambda s: s.device, "mounts": lambda m: m.mountpoint,
-    "excluded": lambda e: (e.kind, e.what), "unsupported": lambda e: (e.kind, e.what),
-}
+def dm_name(vg: str, lv: str) -> str:
+    """The device-mapper name LVM gives an LV: dashes inside names are doubled."""
+    return f"/dev/mapper/{vg.replace('-', '--')}-{lv.replace('-', '--')}"
 
-LAYOUT_ITEM_TYPES = {
-    "disks": Disk, "partitions": Partition, "md_arrays": MdArray, "luks": Luks,
-    "physical_volumes": PhysicalVolume, "volume_groups": VolumeGroup,
-    "logical_volumes": LogicalVolume, "filesystems": Filesystem, "swaps": Swap, "mounts": Mount,
-    "excluded": Exclusion, "unsupported": Exclusion,
-}
+
+def partition_label(p: Partition, layout: Layout, on: str) -> Tuple[str, Optional[str], str]:
+    disk = next((d for d in layout.disks if d.id == p.disk), None)
+    sector = disk.partition_table.sector_size if disk and disk.partition_table else 512
+    name = f" '{p.name}'" if p.name else ""
+    return (f"{p.id}  {human_size(p.size * sector)}  #{p.number} {p.role} type {p.type}{name}"
+            + (" boot" if p.bootable else ""), p.id, "")
+
+
+def md_label(md: MdArray, layout: Layout, on: str) -> Tuple[str, Optional[str], str]:
+    role = " (spare)" if on in md.spares else ""
+    return (f"{md.id}  {md.level}{role}, {len(md.devices)} devices, metadata {md.metadata}, UUID {md.uuid}",
+            md.id, f"{md.id}{role} (shown above)")
+
+
+def luks_label(lk: Luks, layout: Layout, on: str) -> Tuple[str, Optional[str], str]:
+    return f"{lk.id}  LUKS{lk.version} {lk.cipher} {lk.key_size}-bit, UUID {lk.uuid}", lk.id, ""
+
+
+def pv_label(pv: PhysicalVolume, layout: Layout, on: str) -> Tuple[str, Optional[str], str]:
+    vg = next((v for v in layout.volume_groups if v.name == pv.vg), None)
+    if vg is None:
+        return f"LVM PV of {pv.vg}", None, ""
+    return (f"LVM PV -> VG {vg.name}  {human_size(vg.size)}, extents {human_size(vg.extent_size)}, "
+            f"{len(vg.pvs)} PV{'s' if len(vg.pvs) != 1 else ''}", vg.name, f"LVM PV of {pv.vg} (shown above)")
+
+
+def lv_label(lv: LogicalVolume, layout: Layout, on: str) -> Tuple[str, Optional[str], str]:
+    return f"{lv.vg}/{lv.name}  {human_size(lv.size)}  {lv.segment_type}", lv.id, ""
+
+
+def fs_label(fs: Filesystem, layout: Layout, on: str) -> Tuple[str, Optional[str], str]:
+    label = f" LABEL={fs.label}" if fs.label else ""
+    mounts = [m for m in layout.mounts if m.device == fs.device]
+    where = ", ".join(m.mountpoint + (f" (subvolume {m.subvolume})" if m.subvolume else "") for m in mounts)
+    used = f"  {human_size(fs.used)} used of {human_size(fs.size)}" if fs.size else ""
+    return f"{fs.type}  UUID={fs.uuid}{label}" + (f"  -> {where}" if where else "") + used, None, ""
+
+
+def swap_label(swap: Swap, layout: Layout, on: str) -> Tuple[str, Optional[str], str]:
+    return f"swap  UUID={swap.uuid}" + (f" LABEL={swap.label}" if swap.label else ""), None, ""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """The facts about one kind of layout item, in one place: where a Layout keeps its items,
+    their class, their order in layout.json, how a change names them, what each stands on
+    (the devices, volume group or mountpoint it is made on: the edges of the recreate
+    graph), what later items name it by, and its line in the readable tree."""
+    items: str                                         # the Layout attribute
+    cls: type
+    title: str                                         # "LV vg0/root added"
+    sort_key: Callable[[object], object]
+    name: Callable[[object], str]                      # its identity, for people and diffs
+    stands_on: Callable[[object], List[str]] = lambda item: []
+    provides: Callable[[object], Optional[str]] = lambda item: None
+    # (its line, the device its own users hang on, its line when that was drawn already)
+    label: Optional[Callable[[object, "Layout", str], Tuple[str, Optional[str], str]]] = None
+    volatile: FrozenSet[str] = frozenset()             # fields that change while a system runs
+    compared: bool = True                              # by checklayout
+
+
+KINDS = (
+    Kind("disks", Disk, "disk", lambda d: d.id, lambda d: d.id, provides=lambda d: d.id),
+    Kind("partitions", Partition, "partition", lambda p: (p.disk, p.number), lambda p: p.id,
+         stands_on=lambda p: [p.disk], provides=lambda p: p.id, label=partition_label),
+    Kind("md_arrays", MdArray, "RAID", lambda m: m.id, lambda m: m.id,
+         stands_on=lambda m: m.devices + m.spares, provides=lambda m: m.id, label=md_label),
+    Kind("luks", Luks, "LUKS", lambda x: x.id, lambda x: x.id,
+         stands_on=lambda x: [x.device], provides=lambda x: x.id, label=luks_label),
+    Kind("physical_volumes", PhysicalVolume, "PV", lambda p: p.device, lambda p: p.device,
+         stands_on=lambda p: [p.device], label=pv_label),
+    Kind("volume_groups", VolumeGroup, "VG", lambda v: v.name, lambda v: v.name,
+         stands_on=lambda v: list(v.pvs), provides=lambda v: v.name),
+    Kind("logical_volumes", LogicalVolume, "LV", lambda lv: (lv.vg, lv.name), lambda lv: f"{lv.vg}/{lv.name}",
+         stands_on=lambda lv: [lv.vg] + ([dm_name(lv.vg, lv.pool)] if lv.pool else []),
+         provides=lambda lv: lv.id, label=lv_label),
+    Kind("filesystems", Filesystem, "filesystem", lambda f: f.device, lambda f: f.device,
+         stands_on=lambda f: [f.device], provides=lambda f: f.device, label=fs_label, volatile=frozenset({"used"})),
+    Kind("swaps", Swap, "swap", lambda s: s.device, lambda s: s.device, stands_on=lambda s: [s.device],
+         label=swap_label),
+    Kind("mounts", Mount, "mount", lambda m: m.mountpoint, lambda m: m.mountpoint,
+         stands_on=lambda m: [m.device] + ([m.parent] if m.parent else []), provides=lambda m: m.mountpoint),
+    Kind("excluded", Exclusion, "excluded", lambda e: (e.kind, e.what), lambda e: e.what, compared=False),
+    Kind("unsupported", Exclusion, "unsupported", lambda e: (e.kind, e.what), lambda e: e.what),
+)
+
+
+def add_items(layout: Layout, items: Sequence[object]) -> None:
+    """Put each item into the Layout's list of its kind."""
+    for item in items:
+        kind = next(k for k in KINDS if type(item) is k.cls and k.cls is not Exclusion)
+        getattr(layout, kind.items).append(item)
 
 
 def sort_layout(layout: Layout) -> Layout:
-    for name, key in LAYOUT_SORT_KEYS.items():
-        getattr(layout, name).sort(key=key)
+    for kind in KINDS:
+        getattr(layout, kind.items).sort(key=kind.sort_key)
     return layout
 
 
@@ -1606,8 +1978,7 @@ def layout_from_json(text: str, source: str = "layout.json") -> Layout:
         if data.get("version") != LAYOUT_VERSION:
             raise RescueError(f"{source} has layout version {data.get('version')!r}, this rescue "
                               f"reads version {LAYOUT_VERSION}", "recreate it with rescue savelayout")
-        items = {name: [item_from_dict(cls, d) for d in data.get(name, [])]
-                 for name, cls in LAYOUT_ITEM_TYPES.items()}
+        items = {kind.items: [item_from_dict(kind.cls, d) for d in data.get(kind.items, [])] for kind in KINDS}
         boot = item_from_dict(Boot, data["boot"])
         return Layout(hostname=data["hostname"], boot=boot, **items)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -1644,7 +2015,6 @@ NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", 
                         "fuse.sshfs", "fuse.glusterfs", "fuse.s3fs", "9p", "davfs", "fuse.rclone"})
 RUNTIME_TREES = ("/proc", "/sys", "/dev", "/run")
 SUPPORTED_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "vfat", "btrfs"})
-CONTAINER_FS = frozenset({"LVM2_member", "linux_raid_member", "crypto_LUKS"})
 UNSUPPORTED_FSTYPES = {"zfs_member": "ZFS pool member", "bcache": "bcache device",
                        "drbd": "DRBD device", "ceph_bluestore": "Ceph OSD"}
 UNSUPPORTED_NODE_TYPES = {"mpath": "multipath map", "dmraid": "BIOS RAID (dmraid)",
@@ -1773,11 +2143,6 @@ def parse_lvm_report(text: str, kind: str) -> List[Dict[str, str]]:
     for report in loads_lenient(text).get("report", []):
         rows.extend(report.get(kind, []))
     return [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in rows]
-
-
-def dm_name(vg: str, lv: str) -> str:
-    """The device-mapper name LVM gives an LV: dashes inside names are doubled."""
-    return f"/dev/mapper/{vg.replace('-', '--')}-{lv.replace('-', '--')}"
 
 
 def parse_mdadm_detail(text: str, device: str) -> MdArray:
@@ -2002,11 +2367,11 @@ class Probe:
 
     def _run_live(self, argv: List[str], output_arg: Optional[int]) -> Result:
         if output_arg is None:
-            return self.runner.run(argv, check=False, readonly=True, timeout=120)
+            return self.runner.run(argv, check=False, timeout=120)
         with tempfile.TemporaryDirectory(prefix="rescue-probe-") as tmp:
             out = Path(tmp) / "output"
             argv[output_arg] = str(out)
-            result = self.runner.run(argv, check=False, readonly=True, timeout=120)
+            result = self.runner.run(argv, check=False, timeout=120)
             result.stdout = out.read_text(errors="surrogateescape") if out.exists() else ""
             return result
 
@@ -2168,15 +2533,15 @@ class LayoutCapture:
 
     def config_exclusion(self, chain: List[BlockNode]) -> Optional[str]:
         disks = {n.name for n in self.disk_of(chain)} | {n.kname for n in self.disk_of(chain)}
-        excluded_disks = set(self.config.get_list("EXCLUDE_DISKS"))
+        excluded_disks = set(self.config.setting("EXCLUDE_DISKS"))
         hit = disks & (excluded_disks | {f"/dev/{d}" for d in excluded_disks})
         if hit:
             return f"on {sorted(hit)[0]}, excluded by EXCLUDE_DISKS"
         vgs = {self.vg_of(n) for n in chain} - {None}
         for vg in sorted(vgs):
-            if vg in self.config.get_list("EXCLUDE_VG"):
+            if vg in self.config.setting("EXCLUDE_VG"):
                 return f"in volume group {vg}, excluded by EXCLUDE_VG"
-            only = self.config.get_list("ONLY_INCLUDE_VG")
+            only = self.config.setting("ONLY_INCLUDE_VG")
             if only and vg not in only:
                 return f"in volume group {vg}, not in ONLY_INCLUDE_VG"
         return None
@@ -2190,14 +2555,10 @@ class LayoutCapture:
                 return f"on {disk.name}, removable/USB media"
         return None
 
-    def backup_target_dir(self) -> Optional[str]:
-        url = self.config.get("BACKUP_DUPLICITY_URL")
-        return url[len("file://"):] if url.startswith("file://") else None
-
     def select_mounts(self) -> List[Tuple[Mount, BlockNode]]:
         text = probe_output(self.probe, ["findmnt", "-J", "-l", "-b", "-o", FINDMNT_COLUMNS], True)
         entries = parse_findmnt(text)
-        target_dir = self.backup_target_dir()
+        target_dir = url_path(self.config.setting("BACKUP_DUPLICITY_URL"))
         target_mount = None
         if target_dir:
             candidates = [e["target"] for e in entries if path_within(target_dir, e["target"])]
@@ -2234,7 +2595,7 @@ class LayoutCapture:
             return None
         chain = self.ancestors(node)
         reason = (self.device_exclusion(chain) or self.config_exclusion(chain)
-                  or ("excluded by EXCLUDE_MOUNTPOINTS" if target in self.config.get_list("EXCLUDE_MOUNTPOINTS") else None)
+                  or ("excluded by EXCLUDE_MOUNTPOINTS" if target in self.config.setting("EXCLUDE_MOUNTPOINTS") else None)
                   or ("holds the backup target " + self.config.get("BACKUP_DUPLICITY_URL")
                       if target == target_mount and target != "/" else None))
         if reason is None and fsroot != "/" and fstype != "btrfs":
@@ -2390,30 +2751,35 @@ class LayoutCapture:
         crypttab = parse_crypttab(self.probe.read_text("/etc/crypttab") or "")
         vgs_needed = {self.vg_of(n) for n in needed.values()} - {None}
         for node in sorted(needed.values(), key=lambda n: n.name):
-            if node.type in UNSUPPORTED_NODE_TYPES or node.fstype in UNSUPPORTED_FSTYPES:
-                what = UNSUPPORTED_NODE_TYPES.get(node.type) or UNSUPPORTED_FSTYPES[node.fstype]
-                self.unsupported_item(node.name, node.type, f"{what}: will not be recreated")
-            elif not node.parents or node.type.startswith("raid") or node.type == "md":
-                if node.type.startswith("raid") or node.type == "md":
-                    array = self.md_array(node)
-                    layout.md_arrays += [array] if array else []
-                    if not any(self.nodes[c].type == "part" for c in node.children if c in self.nodes):
-                        continue
-                disk, parts = self.disk(node, by_id)
-                layout.disks.append(disk)
-                layout.partitions.extend(parts)
-            elif node.type == "crypt":
-                luks = self.luks(node, crypttab)
-                layout.luks += [luks] if luks else []
-            elif node.type == "lvm" and not any(lv.id == node.name for lv in self.lvs):
-                self.unsupported_item(node.name, "lvm", "an LVM volume the lvm tools did not report "
-                                      "(are they installed?): not recreated")
+            add_items(layout, self.node_items(node, by_id, crypttab))
         layout.volume_groups = [vg for vg in self.vgs if vg.name in vgs_needed]
         layout.physical_volumes = [pv for pv in self.pvs if pv.vg in vgs_needed]
         layout.logical_volumes = [lv for lv in self.lvs if lv.vg in vgs_needed]
         # read_lvm reported unsupported LVs of every VG: keep those of the VGs in scope.
         self.unsupported = [u for u in self.unsupported if u.kind != "lvm" or u.what.startswith("/")
                             or u.what.split("/")[0] in vgs_needed or u.what == "lvm"]
+
+    def node_items(self, node: BlockNode, by_id: Dict[str, str],
+                   crypttab: Dict[str, Tuple[str, str]]) -> List[object]:
+        """The layout items one block device gives: a disk and its partitions, an md array
+        (and, when partitioned, its table), a LUKS device; LVM comes from the lvm reports."""
+        is_md = node.type.startswith("raid") or node.type == "md"
+        if node.type in UNSUPPORTED_NODE_TYPES or node.fstype in UNSUPPORTED_FSTYPES:
+            what = UNSUPPORTED_NODE_TYPES.get(node.type) or UNSUPPORTED_FSTYPES[node.fstype]
+            self.unsupported_item(node.name, node.type, f"{what}: will not be recreated")
+            return []
+        if is_md or not node.parents:
+            items: List[object] = [a for a in [self.md_array(node)] if a] if is_md else []
+            if not is_md or any(self.nodes[c].type == "part" for c in node.children if c in self.nodes):
+                disk, parts = self.disk(node, by_id)
+                items += [disk] + parts
+            return items
+        if node.type == "crypt":
+            return [x for x in [self.luks(node, crypttab)] if x]
+        if node.type == "lvm" and not any(lv.id == node.name for lv in self.lvs):
+            self.unsupported_item(node.name, "lvm", "an LVM volume the lvm tools did not report "
+                                  "(are they installed?): not recreated")
+        return []
 
     def vgcfg(self, vg: str) -> Optional[str]:
         result = self.probe.run(["vgcfgbackup", "-f", "OUTPUT", vg], output_arg=2)
@@ -2461,12 +2827,17 @@ def capture_layout(probe: Probe, config: Config, hostname: str) -> Captured:
 
 
 class LayoutTree:
-    """The readable view: disk -> partitions -> RAID/LUKS/PV -> VG -> LV -> filesystem -> mount."""
+    """The readable view: disk -> partitions -> RAID/LUKS/PV -> VG -> LV -> filesystem -> mount.
+    What stands on several devices (an array, a volume group) is drawn once, below the first."""
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self.shown_vgs: Set[str] = set()         # a VG or an array with several members
-        self.shown_arrays: Set[str] = set()      # is drawn once, below its first member
+        self.shown: Set[str] = set()
+        self.standing_on: Dict[str, List[Tuple[Kind, object]]] = {}     # in the order of KINDS
+        for kind in (k for k in KINDS if k.label):
+            for item in getattr(layout, kind.items):
+                for device in kind.stands_on(item):
+                    self.standing_on.setdefault(device, []).append((kind, item))
 
     def render(self) -> str:
         lines: List[str] = []
@@ -2489,50 +2860,15 @@ class LayoutTree:
     def users(self, device: str) -> List[Tuple[str, Optional[str]]]:
         """(label, device whose users come next) for everything standing on `device`."""
         out: List[Tuple[str, Optional[str]]] = []
-        lay = self.layout
-        for p in (p for p in lay.partitions if p.disk == device):
-            flags = " boot" if p.bootable else ""
-            name = f" '{p.name}'" if p.name else ""
-            out.append((f"{p.id}  {human_size(p.size * self.sector_size(device))}  #{p.number} {p.role} "
-                        f"type {p.type}{name}{flags}", p.id))
-        for md in (m for m in lay.md_arrays if device in m.devices + m.spares):
-            role = " (spare)" if device in md.spares else ""
-            if md.id in self.shown_arrays:
-                out.append((f"{md.id}{role} (shown above)", None))
+        for kind, item in self.standing_on.get(device, []):
+            line, child, again = kind.label(item, self.layout, device)
+            if child and again and child in self.shown:
+                out.append((again, None))
                 continue
-            self.shown_arrays.add(md.id)
-            out.append((f"{md.id}  {md.level}{role}, {len(md.devices)} devices, metadata {md.metadata}, "
-                        f"UUID {md.uuid}", md.id))
-        for lk in (x for x in lay.luks if x.device == device):
-            out.append((f"{lk.id}  LUKS{lk.version} {lk.cipher} {lk.key_size}-bit, UUID {lk.uuid}", lk.id))
-        for pv in (x for x in lay.physical_volumes if x.device == device):
-            out.append(self.pv_label(pv))
-        for lv in (x for x in lay.logical_volumes if x.vg == device):
-            out.append((f"{lv.vg}/{lv.name}  {human_size(lv.size)}  {lv.segment_type}", lv.id))
-        for fs in (f for f in lay.filesystems if f.device == device):
-            out.append((self.fs_label(fs), None))
-        for swap in (s for s in lay.swaps if s.device == device):
-            out.append((f"swap  UUID={swap.uuid}" + (f" LABEL={swap.label}" if swap.label else ""), None))
+            if child:
+                self.shown.add(child)
+            out.append((line, child))
         return out
-
-    def pv_label(self, pv: PhysicalVolume) -> Tuple[str, Optional[str]]:
-        vg = next((v for v in self.layout.volume_groups if v.name == pv.vg), None)
-        if vg is None or vg.name in self.shown_vgs:
-            return (f"LVM PV of {pv.vg} (shown above)", None)
-        self.shown_vgs.add(vg.name)
-        return (f"LVM PV -> VG {vg.name}  {human_size(vg.size)}, extents {human_size(vg.extent_size)}, "
-                f"{len(vg.pvs)} PV{'s' if len(vg.pvs) != 1 else ''}", vg.name)
-
-    def fs_label(self, fs: Filesystem) -> str:
-        label = f" LABEL={fs.label}" if fs.label else ""
-        mounts = [m for m in self.layout.mounts if m.device == fs.device]
-        where = ", ".join(m.mountpoint + (f" (subvolume {m.subvolume})" if m.subvolume else "") for m in mounts)
-        used = f"  {human_size(fs.used)} used of {human_size(fs.size)}" if fs.size else ""
-        return f"{fs.type}  UUID={fs.uuid}{label}" + (f"  -> {where}" if where else "") + used
-
-    def sector_size(self, device: str) -> int:
-        disk = next((d for d in self.layout.disks if d.id == device), None)
-        return disk.partition_table.sector_size if disk and disk.partition_table else 512
 
     def disk_label(self, disk: Disk) -> str:
         table = disk.partition_table
@@ -2559,31 +2895,19 @@ def format_layout(layout: Layout) -> str:
     return LayoutTree(layout).render()
 
 
-# Fields that change while a system runs and say nothing about how to recreate it.
-VOLATILE_FIELDS = {"filesystems": {"used"}}
-
-COMPARED = [("disks", "disk", lambda d: d.id), ("partitions", "partition", lambda p: p.id),
-            ("md_arrays", "RAID", lambda m: m.id), ("luks", "LUKS", lambda x: x.id),
-            ("physical_volumes", "PV", lambda p: p.device), ("volume_groups", "VG", lambda v: v.name),
-            ("logical_volumes", "LV", lambda lv: f"{lv.vg}/{lv.name}"),
-            ("filesystems", "filesystem", lambda f: f.device), ("swaps", "swap", lambda s: s.device),
-            ("mounts", "mount", lambda m: m.mountpoint), ("unsupported", "unsupported", lambda u: u.what)]
-
-
 def diff_layouts(old: Layout, new: Layout) -> List[str]:
     """Readable differences: 'LV vg0/data added', '/ grew from 8 GiB to 10 GiB'."""
     changes: List[str] = []
-    for attr, kind, key in COMPARED:
-        before = {key(x): dataclasses.asdict(x) for x in getattr(old, attr)}
-        after = {key(x): dataclasses.asdict(x) for x in getattr(new, attr)}
+    for kind in (k for k in KINDS if k.compared):
+        before = {kind.name(x): dataclasses.asdict(x) for x in getattr(old, kind.items)}
+        after = {kind.name(x): dataclasses.asdict(x) for x in getattr(new, kind.items)}
         for name in sorted(set(before) | set(after)):
             if name not in after:
-                changes.append(f"{kind} {name} removed")
+                changes.append(f"{kind.title} {name} removed")
             elif name not in before:
-                changes.append(f"{kind} {name} added")
+                changes.append(f"{kind.title} {name} added")
             else:
-                changes += field_changes(kind, name, before[name], after[name],
-                                         VOLATILE_FIELDS.get(attr, set()), new)
+                changes += field_changes(kind.title, name, before[name], after[name], kind.volatile, new)
     for name in ("firmware", "bootloader", "esp", "grub_disks", "family", "tools"):
         a, b = getattr(old.boot, name), getattr(new.boot, name)
         if a != b:
@@ -2591,7 +2915,7 @@ def diff_layouts(old: Layout, new: Layout) -> List[str]:
     return changes
 
 
-def field_changes(kind: str, name: str, a: dict, b: dict, ignore: Set[str], new: Layout) -> List[str]:
+def field_changes(kind: str, name: str, a: dict, b: dict, ignore: FrozenSet[str], new: Layout) -> List[str]:
     out = []
     for fname in sorted(set(a) | set(b)):
         if fname in ignore or a.get(fname) == b.get(fname):
@@ -2616,11 +2940,11 @@ def save_layout_files(captured: Captured, directory: Path) -> None:
     lvm_dir = directory / "lvm"
     lvm_dir.mkdir(parents=True, exist_ok=True)
     for name, text in captured.vgcfg.items():
-        write_atomically(lvm_dir / f"{name}.vgcfg", text)
+        write_file(lvm_dir / f"{name}.vgcfg", text)
     for stale in lvm_dir.glob("*.vgcfg"):
         if stale.stem not in captured.vgcfg:
             stale.unlink()
-    write_atomically(directory / "layout.json", layout_to_json(captured.layout))
+    write_file(directory / "layout.json", layout_to_json(captured.layout))
 
 
 def capture_for(ctx: Context, what: str) -> Captured:
@@ -2700,7 +3024,7 @@ DUPLICITY_LAUNCHER = (
 
 def duplicity_command(config: Config) -> Tuple[List[str], Dict[str, str]]:
     """argv prefix and extra environment that run duplicity."""
-    prog = config.get("DUPLICITY_PROG")
+    prog = config.setting("DUPLICITY_PROG")
     if prog:
         return [prog], {}
     site = bundled_duplicity_dir()
@@ -2713,35 +3037,39 @@ def duplicity_command(config: Config) -> Tuple[List[str], Dict[str, str]]:
 LAYOUT_TARGET = "layout"              # below the host's target URL
 
 
+def url_join(url: str, *names: str) -> str:
+    """url with more path components (names, each one component), from the parsed URL."""
+    parsed = urllib.parse.urlsplit(url)
+    return parsed._replace(path="/".join([parsed.path.rstrip("/")] + list(names))).geturl()
+
+
 def backup_url(config: Config) -> str:
     """Where this host's chain lives: $BACKUP_DUPLICITY_URL/$HOSTNAME, as ReaR does."""
-    base = config.get("BACKUP_DUPLICITY_URL")
+    method = config.setting("BACKUP")
+    if method.upper() != "DUPLICITY":
+        raise ConfigError(f"BACKUP={method}: rescue implements BACKUP=DUPLICITY only",
+                          "set BACKUP=DUPLICITY and the BACKUP_DUPLICITY_* variables (see conf/default.conf)")
+    base = config.setting("BACKUP_DUPLICITY_URL")
     if not base:
         raise ConfigError("BACKUP_DUPLICITY_URL is not set",
                           "set it in local.conf, e.g. BACKUP_DUPLICITY_URL=\"rsync://root@server//srv/backup\"")
-    if "://" not in base:
-        raise ConfigError(f"BACKUP_DUPLICITY_URL is not a URL: {base}",
-                          "write it as scheme://…, e.g. file:///srv/backup or rsync://user@host//path")
-    base = base.rstrip("/")
     # Plain sftp:// and scp:// mean paramiko to duplicity, which is not bundled: go through the
     # system's ssh instead (pexpect), which also reads the user's ssh configuration.
     scheme = base.split("://", 1)[0]
     if scheme in ("sftp", "scp"):
         base = "pexpect+" + base
-    return base + "/" + backup_host(config)
+    return url_join(base, backup_host(config))
+
+
+def layout_url(url: str) -> str:
+    """The layout chain beside the host's backup chains."""
+    return url_join(url, LAYOUT_TARGET)
 
 
 def default_archive_dir() -> str:
     """duplicity's own default (its cache of the chain's metadata), made explicit so that it
     can be excluded from the backup."""
     return str(Path(os.environ.get("HOME") or "/root") / ".cache" / "duplicity")
-
-
-def local_target(url: str) -> Optional[str]:
-    """The directory of a file:// URL (it must not back itself up)."""
-    if not url.startswith("file://"):
-        return None
-    return os.path.abspath(urllib.parse.unquote(url[len("file://"):]))
 
 
 def ssh_login(url: str, ssh_options: str) -> Optional[List[str]]:
@@ -2808,15 +3136,15 @@ def diagnose(output: str) -> Optional[Tuple[str, str]]:
 def prepare_target(ctx: "Context", url: str, *more: str) -> None:
     """Create the target directory, and those of more URLs on the same server (ReaR:
     "Checking backup-path at server ...")."""
-    if local_target(url):
-        for each in [p for p in map(local_target, (url,) + more) if p]:     # the same scheme: all file://
+    if url_path(url):
+        for each in [p for p in map(url_path, (url,) + more) if p]:     # the same scheme: all file://
             try:
                 os.makedirs(each, mode=0o700, exist_ok=True)
             except OSError as exc:
                 raise RescueError(f"cannot create the backup directory {each}: {exc.strerror}",
                                   "check BACKUP_DUPLICITY_URL and the permissions there") from None
         return
-    argv = ssh_mkdir_command(url, SSH_SHARING.options(ctx.config), *more)
+    argv = ssh_mkdir_command(url, ctx.ssh_options(), *more)
     if argv:
         ctx.log.info(f"Checking the backup directory at {urllib.parse.urlsplit(url).hostname}")
         result = ctx.runner.run(argv, check=False, timeout=120)
@@ -2838,8 +3166,8 @@ def check_backup_there(ctx: "Context", url: str, needed: bool = True) -> bool:
     there? duplicity would retry an unreachable server for minutes and then print a
     traceback, and call a missing directory "no backup chains"; this says which it is, at
     once. needed=False (status): a missing directory is no error, the answer is False."""
-    place = local_target(url)
-    argv = ssh_login(url, SSH_SHARING.options(ctx.config))
+    place = url_path(url)
+    argv = ssh_login(url, ctx.ssh_options())
     if place is not None:
         present = os.path.isdir(place)
     elif argv is not None and remote_path(url):
@@ -2926,8 +3254,8 @@ def backup_selection(in_scope: Sequence[str], excluded: Sequence[Tuple[str, str]
     --filter-literal cannot be used: it rejects every path when the source is /); the user's
     patterns are duplicity glob patterns.
     """
-    user_excludes = config.get_list("BACKUP_DUPLICITY_EXCLUDE")
-    includes = config.get_list("BACKUP_DUPLICITY_INCLUDE")
+    user_excludes = config.setting("BACKUP_DUPLICITY_EXCLUDE")
+    includes = config.setting("BACKUP_DUPLICITY_INCLUDE")
     args: List[str] = []
     for path in own_paths:
         args += ["--exclude", glob_escape(path)]
@@ -2974,7 +3302,7 @@ def encryption(config: Config, passphrase: str) -> Encryption:
     keys = config.get("BACKUP_DUPLICITY_GPG_ENC_KEY").split()
     hidden = config.get("BACKUP_DUPLICITY_GPG_HIDDEN_ENC_KEY").split()
     sign_key = config.get("BACKUP_DUPLICITY_GPG_SIGN_KEY").strip()
-    if "--no-encryption" in config_words(config, "BACKUP_DUPLICITY_OPTIONS"):
+    if "--no-encryption" in config.setting("BACKUP_DUPLICITY_OPTIONS"):
         return Encryption([], {}, [])
     if not keys and not hidden and not passphrase:
         raise ConfigError("no encryption is configured for the backup",
@@ -3000,72 +3328,95 @@ def encryption(config: Config, passphrase: str) -> Encryption:
 
 # -- command lines -----------------------------------------------------------------------------
 
-def common_options(config: Config, archive_dir: str, tempdir: Optional[str] = None,
-                   name_suffix: str = "") -> List[str]:
-    """Options every duplicity run of this host gets. The tuning comes before the user's own
-    options, so that BACKUP_DUPLICITY_OPTIONS wins where both set the same one."""
-    args = ["--name", (config.get("BACKUP_DUPLICITY_NAME") or "rear-backup") + name_suffix,
-            "--archive-dir", archive_dir]
+LAYOUT_SUFFIX = "-layout"             # the layout chain's --name suffix
+
+
+@dataclass(frozen=True)
+class DuplicityOptions:
+    """What every duplicity command line of one run shares. The builders below are pure
+    functions of it: the I/O that finds these values (the ssh sharing, a work directory)
+    happens before, in the code that runs the commands."""
+    name: str                    # --name: BACKUP_DUPLICITY_NAME (each chain adds its suffix)
+    archive_dir: str             # duplicity's cache of the chains' metadata
+    ssh_options: str             # for --ssh-options ("" when the target is not reached by ssh)
+    extra: List[str]             # rescue's tuning, then the user's own options (so theirs win)
+    crypt: Encryption
+
+
+def duplicity_options(config: Config, crypt: Encryption, archive_dir: str, ssh_options: str) -> DuplicityOptions:
+    return DuplicityOptions(config.setting("BACKUP_DUPLICITY_NAME"), archive_dir, ssh_options,
+                            config.setting("BACKUP_DUPLICITY_TUNING") + config.setting("BACKUP_DUPLICITY_OPTIONS"),
+                            crypt)
+
+
+def common_options(opts: DuplicityOptions, name_suffix: str = "", tempdir: Optional[str] = None) -> List[str]:
+    args = ["--name", opts.name + name_suffix, "--archive-dir", opts.archive_dir]
     if tempdir:
         args += ["--tempdir", tempdir]
-    ssh_options = SSH_SHARING.options(config)
-    if ssh_options:
-        args.append(f"--ssh-options={ssh_options}")
-    args += config_words(config, "BACKUP_DUPLICITY_TUNING")
-    return args + config_words(config, "BACKUP_DUPLICITY_OPTIONS")
+    if opts.ssh_options:
+        args.append(f"--ssh-options={opts.ssh_options}")
+    return args + opts.extra + opts.crypt.args
 
 
 def retention_commands(config: Config) -> List[List[str]]:
     """The remove-* actions configured, in ReaR's order of strictness (each with --force)."""
-    commands = []
-    value = config.get("BACKUP_DUPLICITY_MAX_SETS")
-    if value:
-        commands.append(["remove-all-but-n-full", positive_count("BACKUP_DUPLICITY_MAX_SETS", value)])
-    value = config.get("BACKUP_DUPLICITY_MAX_SETS_KEEP_FULL")
-    if value:
-        commands.append(["remove-all-inc-of-but-n-full",
-                         positive_count("BACKUP_DUPLICITY_MAX_SETS_KEEP_FULL", value)])
-    value = config.get("BACKUP_DUPLICITY_MAX_TIME")
-    if value:
-        commands.append(["remove-older-than", duplicity_time(config, "BACKUP_DUPLICITY_MAX_TIME", value)])
-    return [action + ["--force"] for action in commands]
+    commands = [(action, config.setting(name)) for action, name in (
+        ("remove-all-but-n-full", "BACKUP_DUPLICITY_MAX_SETS"),
+        ("remove-all-inc-of-but-n-full", "BACKUP_DUPLICITY_MAX_SETS_KEEP_FULL"),
+        ("remove-older-than", "BACKUP_DUPLICITY_MAX_TIME"))]
+    return [[action, str(value), "--force"] for action, value in commands if value]
 
 
-def backup_command(config: Config, selection: Selection, crypt: Encryption, url: str,
-                   archive_dir: str, tempdir: str, name_suffix: str = "",
-                   chain_options: Sequence[str] = ()) -> List[str]:
+def retention_command(opts: DuplicityOptions, action: Sequence[str], url: str, name_suffix: str = "") -> List[str]:
+    return list(action) + ["-v4"] + common_options(opts, name_suffix) + [url]
+
+
+def backup_command(opts: DuplicityOptions, selection: Selection, url: str, tempdir: str,
+                   name_suffix: str = "", chain_options: Sequence[str] = (),
+                   full_if_older: Optional[str] = None) -> List[str]:
     """duplicity's arguments for the backup (full or incremental, as duplicity decides)."""
-    args = ["-v5"] + common_options(config, archive_dir, tempdir, name_suffix) + list(chain_options) + crypt.args
-    full_if_older = config.get("BACKUP_DUPLICITY_FULL_IF_OLDER_THAN")
+    args = ["-v5"] + common_options(opts, name_suffix, tempdir) + list(chain_options)
     if full_if_older:
-        args += ["--full-if-older-than",
-                 duplicity_time(config, "BACKUP_DUPLICITY_FULL_IF_OLDER_THAN", full_if_older)]
+        args += ["--full-if-older-than", full_if_older]
     return args + selection.args + [selection.source, url]
 
 
+def layout_store_command(opts: DuplicityOptions, staging: str, url: str, tempdir: str) -> List[str]:
+    """A full backup of the staged layout files into the layout chain beside the backup."""
+    return ["full", "-v4", "--allow-source-mismatch"] + common_options(opts, LAYOUT_SUFFIX, tempdir) + \
+        [staging, layout_url(url)]
+
+
 def restore_time(config: Config, override: Optional[str]) -> Optional[str]:
-    value = override or config.get("BACKUP_DUPLICITY_RESTORE_TIME")
-    if not value:
-        return None
-    name = "--restore-time" if override else "BACKUP_DUPLICITY_RESTORE_TIME"
-    return duplicity_time(config, name, value)
+    return time_option("--restore-time", override) if override else config.setting("BACKUP_DUPLICITY_RESTORE_TIME")
 
 
-def restore_command(config: Config, crypt: Encryption, url: str, target: str, archive_dir: str,
-                    tempdir: str, time_: Optional[str], renames: Sequence[Tuple[str, str]],
-                    name_suffix: str = "", each_file: bool = False) -> List[str]:
+def restore_command(opts: DuplicityOptions, url: str, target: str, tempdir: str, time_: Optional[str],
+                    renames: Sequence[Tuple[str, str]] = (), name_suffix: str = "",
+                    each_file: bool = False) -> List[str]:
     """duplicity's arguments to restore the whole backup into target. --numeric-owner: the
     rescue system's /etc/passwd is not the original's, so names would map to wrong ids.
-    each_file: -v5, a line for each file, as ReaR's restore logs. Only with rescue -d: for
-    25,000 small files duplicity alone took 6.0-6.4 s at -v5 and 5.3 s at -v4, and the whole
-    1 GB benchmark restore 13.5 s instead of 12.5 s (rescue reads and logs every line too)."""
+    each_file: -v5, a line for each file, as ReaR's restore logs; only with rescue -d, as
+    duplicity is measurably slower so and rescue reads and logs every line (bench/backup.py)."""
     args = ["restore", "-v5" if each_file else "-v4", "--force", "--numeric-owner"]
-    args += common_options(config, archive_dir, tempdir, name_suffix) + crypt.args
+    args += common_options(opts, name_suffix, tempdir)
     if time_:
         args += ["--restore-time", time_]
     for old, new in renames:
         args += ["--rename", old, new]
     return args + [url, target]
+
+
+def status_command(opts: DuplicityOptions, url: str, name_suffix: str = "") -> List[str]:
+    return ["collection-status", "-v4"] + common_options(opts, name_suffix) + [url]
+
+
+def verify_command(opts: DuplicityOptions, selection: Selection, url: str, tempdir: str,
+                   time_: Optional[str], name_suffix: str = "") -> List[str]:
+    """--compare-data always: without it duplicity 3 compares nothing at all
+    (path.ROPath.compare_verbose returns "equal" at once), so a changed file would pass."""
+    args = ["verify", "-v4", "--compare-data"] + (["--restore-time", time_] if time_ else [])
+    return args + common_options(opts, name_suffix, tempdir) + selection.args + [url, selection.source]
 
 
 # -- reading duplicity's output ----------------------------------------------------------------
@@ -3090,24 +3441,16 @@ def parse_backup_statistics(lines: Sequence[str]) -> Dict[str, float]:
     return stats
 
 
-def size_text(size: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if abs(size) < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    return ""
-
-
 def describe_statistics(stats: Dict[str, float], kind: str) -> str:
     """One readable paragraph of duplicity's statistics."""
     get = lambda name: stats.get(name, 0)    # noqa: E731
     elapsed = get("ElapsedTime") or 0.0
-    rate = get("SourceFileSize") / elapsed / 1e6 if elapsed else 0.0
-    return (f"Backup done ({kind}): {get('SourceFiles'):.0f} files, {size_text(get('SourceFileSize'))} "
-            f"in scope; {get('NewFiles'):.0f} new ({size_text(get('NewFileSize'))}), "
-            f"{get('ChangedFiles'):.0f} changed ({size_text(get('ChangedFileSize'))}), "
-            f"{get('DeletedFiles'):.0f} deleted; {size_text(get('TotalDestinationSizeChange'))} "
-            f"stored in {elapsed:.1f} s ({rate:.1f} MB/s read); {get('Errors'):.0f} errors")
+    rate = get("SourceFileSize") / elapsed if elapsed else 0.0
+    return (f"Backup done ({kind}): {get('SourceFiles'):.0f} files, {human_size(get('SourceFileSize'))} "
+            f"in scope; {get('NewFiles'):.0f} new ({human_size(get('NewFileSize'))}), "
+            f"{get('ChangedFiles'):.0f} changed ({human_size(get('ChangedFileSize'))}), "
+            f"{get('DeletedFiles'):.0f} deleted; {human_size(get('TotalDestinationSizeChange'))} "
+            f"stored in {elapsed:.1f} s ({human_size(rate)}/s read); {get('Errors'):.0f} errors")
 
 
 class DuplicityOutput:
@@ -3201,7 +3544,7 @@ class WriteProgress:
     def text(self) -> str:
         elapsed = time.monotonic() - self.started
         written = self.written()
-        return (f"{self.what}: {size_text(written)} written, {written / max(elapsed, 0.001) / 1e6:.0f} MB/s, "
+        return (f"{self.what}: {human_size(written)} written, {human_size(written / max(elapsed, 0.001))}/s, "
                 f"{elapsed:.0f} s")
 
     def run(self) -> None:
@@ -3269,16 +3612,14 @@ def part_id(path: str) -> str:
 
 def part_chain(url: str, path: str) -> Tuple[str, str]:
     """Where the part's chain lives below the host's URL, and its --name suffix."""
-    return f"{url}/{part_id(path)}", "-" + part_id(path)
+    return url_join(url, part_id(path)), "-" + part_id(path)
 
 
 def parallel_workers(config: Config) -> int:
     """BACKUP_DUPLICITY_PARALLEL: how many duplicity processes run at once ("auto": one per
     CPU, at most 4)."""
-    value = config.get("BACKUP_DUPLICITY_PARALLEL").strip() or "auto"
-    if value.lower() == "auto":
-        return max(1, min(os.cpu_count() or 1, 4))
-    return int(positive_count("BACKUP_DUPLICITY_PARALLEL", value))
+    value = config.setting("BACKUP_DUPLICITY_PARALLEL")
+    return max(1, min(os.cpu_count() or 1, 4)) if value == "auto" else value
 
 
 def part_selection(args: Sequence[str], part: str) -> Optional[List[str]]:
@@ -3406,12 +3747,12 @@ def compressed_share(directory: str, samples: int = 48, chunk: int = 65536, scan
 
 def chain_options(config: Config, path: str) -> List[str]:
     """A part whose data does not compress is stored without gpg's compression, which would
-    only cost time (gpg's zlib ran at 75 MB/s on random data here, and stored 0.03 % more).
+    only cost time (gpg's zlib is slow on such data and stores slightly more).
     Off with BACKUP_DUPLICITY_COMPRESSION_CHECK=no, or when the user's options set gpg's
     compression themselves."""
-    if (config.get("BACKUP_DUPLICITY_COMPRESSION_CHECK").strip().lower() or "yes") not in TRUE_WORDS:
+    if not config.setting("BACKUP_DUPLICITY_COMPRESSION_CHECK"):
         return []
-    if "compress" in " ".join(config_words(config, "BACKUP_DUPLICITY_OPTIONS")):
+    if "compress" in " ".join(config.setting("BACKUP_DUPLICITY_OPTIONS")):
         return []
     share = compressed_share(path)
     return ["--gpg-options=--compress-algo none"] if share is not None and share >= INCOMPRESSIBLE else []
@@ -3541,9 +3882,7 @@ def collect_metadata(roots: Sequence[str], mountpoints: Sequence[str], skip: Seq
     sizes, when given, gets the bytes of the regular files directly in each directory."""
     counts = {"xattr": 0, "links": 0, "sparse": 0, "symlink": 0}
     links: Dict[Tuple[int, int], List[str]] = {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    with gzip.open(str(partial), "wt", encoding="ascii", compresslevel=6) as stream:
+    with atomic_output(out) as raw, gzip.open(raw, "wt", encoding="ascii", compresslevel=6) as stream:
         for root in walk_roots(roots, mountpoints):
             others = set(mountpoints) - {root}
             for path, st in walk_filesystem(root, others, skip):
@@ -3560,8 +3899,6 @@ def collect_metadata(roots: Sequence[str], mountpoints: Sequence[str], skip: Seq
             if len(paths) > 1:
                 counts["links"] += 1
                 stream.write(json.dumps({"links": sorted(paths)}) + "\n")
-    os.chmod(str(partial), 0o600)
-    os.replace(str(partial), str(out))
     return counts
 
 
@@ -3657,7 +3994,7 @@ def check_gpg_keys(ctx: "Context") -> None:
     for variable, kind, key in wanted:
         listing = "--list-secret-keys" if kind == "sign" else "--list-keys"
         result = ctx.runner.run(["gpg", "--batch", "--with-colons", listing, "--", key],
-                                check=False, readonly=True)
+                                check=False)
         problem = key_problem(kind, result.stdout)
         if problem:
             raise RescueError(f"the GPG key in {variable} ({key}) {problem[0]}", problem[1])
@@ -3669,16 +4006,16 @@ def passphrase(ctx: "Context", purpose: str) -> str:
     config = ctx.config
     configured = config.get("BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE")
     symmetric = not (config.get("BACKUP_DUPLICITY_GPG_ENC_KEY") or config.get("BACKUP_DUPLICITY_GPG_HIDDEN_ENC_KEY"))
-    asking = (purpose == "restore" and config.is_true("BACKUP_DUPLICITY_ASK_PASSPHRASE")) or (
+    asking = (purpose == "restore" and config.setting("BACKUP_DUPLICITY_ASK_PASSPHRASE")) or (
         symmetric and not configured)
-    if not asking or "--no-encryption" in config_words(config, "BACKUP_DUPLICITY_OPTIONS"):
+    if not asking or "--no-encryption" in config.setting("BACKUP_DUPLICITY_OPTIONS"):
         return configured
     if ctx.args.non_interactive:
         if configured:
             return configured
         raise RescueError(f"the duplicity passphrase is needed for the {purpose}, and --non-interactive forbids asking",
                           "set BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE, or run without --non-interactive")
-    timeout = float(config.get("USER_INPUT_TIMEOUT") or 300)
+    timeout = config.setting("USER_INPUT_TIMEOUT")
     answer = ask_secret(f"Enter the duplicity passphrase for the {purpose} [{timeout:g} secs]: ", timeout)
     if not answer:
         raise RescueError(f"no passphrase given: the {purpose} is aborted", "run again and type the passphrase")
@@ -3687,7 +4024,7 @@ def passphrase(ctx: "Context", purpose: str) -> str:
 
 
 def backup_encryption(ctx: "Context", purpose: str) -> Encryption:
-    if purpose == "backup" and ctx.config.is_true("BACKUP_DUPLICITY_ASK_PASSPHRASE"):
+    if purpose == "backup" and ctx.config.setting("BACKUP_DUPLICITY_ASK_PASSPHRASE"):
         ctx.log.say("The duplicity passphrase will be asked for on restore (BACKUP_DUPLICITY_ASK_PASSPHRASE)")
     crypt = encryption(ctx.config, passphrase(ctx, purpose))
     for key in crypt.keys:
@@ -3739,15 +4076,10 @@ def prometheus_text(record: Dict[str, object], host: str) -> str:
 
 
 def save_backup_record(ctx: "Context", record: Dict[str, object]) -> None:
-    write_in_place(var_dir(ctx.config) / LAST_BACKUP_FILE, json.dumps(record, indent=2) + "\n")
+    write_file(var_dir(ctx.config) / LAST_BACKUP_FILE, json.dumps(record, indent=2) + "\n", keep_dir_time=True)
     directory = ctx.config.get("NODE_EXPORTER_TEXTFILE_DIR")
     if directory:
-        text = prometheus_text(record, backup_host(ctx.config))
-        path = Path(directory) / PROMETHEUS_FILE
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(text, encoding="utf-8")
-        os.chmod(str(partial), 0o644)
-        os.replace(str(partial), str(path))
+        write_file(Path(directory) / PROMETHEUS_FILE, prometheus_text(record, backup_host(ctx.config)), 0o644)
 
 
 def previous_record(config: Config) -> Dict[str, object]:
@@ -3760,7 +4092,7 @@ def previous_record(config: Config) -> Dict[str, object]:
 # -- running duplicity -------------------------------------------------------------------------
 
 def mounted_now(runner: Runner) -> List[Dict[str, object]]:
-    result = runner.run(["findmnt", "-J", "-l", "-o", "TARGET,SOURCE,FSTYPE"], readonly=True)
+    result = runner.run(["findmnt", "-J", "-l", "-o", "TARGET,SOURCE,FSTYPE"])
     return parse_findmnt(result.stdout)
 
 
@@ -3772,11 +4104,11 @@ def mounts_to_back_up(ctx: "Context", layout: "Layout") -> Tuple[List[str], List
 
 def progress_line(config: Config) -> bool:
     """Progress as one updating line (on a terminal, PROGRESS_MODE=ANSI), else lines."""
-    return sys.stdout.isatty() and config.get("PROGRESS_MODE", "ANSI").upper() == "ANSI"
+    return sys.stdout.isatty() and config.setting("PROGRESS_MODE") == "ANSI"
 
 
 def progress_interval(config: Config) -> float:
-    return float(config.get("PROGRESS_WAIT_SECONDS") or 1)
+    return config.setting("PROGRESS_WAIT_SECONDS")
 
 
 def duplicity_run(ctx: "Context", args: Sequence[str], crypt: Encryption, what: str,
@@ -3788,7 +4120,7 @@ def duplicity_run(ctx: "Context", args: Sequence[str], crypt: Encryption, what: 
     full_env = dict(base_env, **crypt.env, **(env or {}))
     ansi = progress_line(ctx.config) and not shared_console
     output = DuplicityOutput(ctx.log, what, ansi, progress_interval(ctx.config))
-    result = ctx.runner.run(prefix + list(args), env=full_env, check=False, on_line=output)
+    result = ctx.runner.run(prefix + list(args), env=full_env, check=False, on_line=output, program="duplicity")
     if ansi:
         ctx.log.end_status()
     return result.returncode, output
@@ -3811,15 +4143,13 @@ def run_checked(ctx: "Context", args: Sequence[str], crypt: Encryption, what: st
     return output
 
 
-def run_retention(ctx: "Context", url: str, crypt: Encryption, archive_dir: str,
-                  parts: Sequence[str]) -> None:
+def run_retention(ctx: "Context", opts: DuplicityOptions, url: str, parts: Sequence[str]) -> None:
     """The remove-* actions for the main chain and each part's chain (retired ones too, so
     that their old sets go as well)."""
     for action in retention_commands(ctx.config):
         ctx.log.say(f"Removing old backups: {' '.join(action[:2])}")
         for chain_url, suffix in [(url, "")] + [part_chain(url, p) for p in parts]:
-            args = action + ["-v4"] + common_options(ctx.config, archive_dir, name_suffix=suffix) + crypt.args
-            run_checked(ctx, args + [chain_url], crypt, "removing old backups")
+            run_checked(ctx, retention_command(opts, action, chain_url, suffix), opts.crypt, "removing old backups")
 
 
 def without_usage(value: object) -> object:
@@ -3843,7 +4173,7 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def upload_layout(ctx: "Context", url: str, crypt: Encryption, archive_dir: str, workdir: Path) -> str:
+def upload_layout(ctx: "Context", opts: DuplicityOptions, url: str, workdir: Path) -> str:
     """A full backup of the layout and the configuration (no secrets) to URL/layout, unless the
     last backup already stored the same (a restore as of any time then finds an equal one).
     Returns what identifies the stored content, for last-backup.json."""
@@ -3852,7 +4182,7 @@ def upload_layout(ctx: "Context", url: str, crypt: Encryption, archive_dir: str,
     layout = layout_dir(ctx.config)
     if layout.is_dir():
         shutil.copytree(str(layout), str(staging / "layout"), symlinks=True)
-    write_private(staging / STORED_CONFIG_FILE, config_without_secrets(ctx.config))
+    write_file(staging / STORED_CONFIG_FILE, config_without_secrets(ctx.config))
     plan = var_dir(ctx.config) / PARTS_FILE
     if plan.is_file():
         shutil.copy2(str(plan), str(staging / PARTS_FILE))
@@ -3860,22 +4190,19 @@ def upload_layout(ctx: "Context", url: str, crypt: Encryption, archive_dir: str,
     if previous_record(ctx.config).get("layout_digest") == digest:
         ctx.log.info("The layout and configuration on the target are up to date")
         return digest
-    ctx.log.say(f"Storing the layout and configuration in {url}/{LAYOUT_TARGET}")
-    args = ["full", "-v4", "--allow-source-mismatch"]
-    args += common_options(ctx.config, archive_dir, str(workdir), name_suffix="-layout") + crypt.args
-    run_checked(ctx, args + [str(staging), f"{url}/{LAYOUT_TARGET}"], crypt, "storing the layout")
-    max_time = ctx.config.get("BACKUP_DUPLICITY_MAX_TIME")
+    ctx.log.say(f"Storing the layout and configuration in {ctx.log.redact(layout_url(url))}")
+    run_checked(ctx, layout_store_command(opts, str(staging), url, str(workdir)), opts.crypt, "storing the layout")
+    max_time = ctx.config.setting("BACKUP_DUPLICITY_MAX_TIME")
     if max_time:
-        args = ["remove-older-than", duplicity_time(ctx.config, "BACKUP_DUPLICITY_MAX_TIME", max_time),
-                "--force", "-v4"] + common_options(ctx.config, archive_dir, name_suffix="-layout")
-        run_checked(ctx, args + crypt.args + [f"{url}/{LAYOUT_TARGET}"], crypt, "removing old layouts")
+        args = retention_command(opts, ["remove-older-than", max_time, "--force"], layout_url(url), LAYOUT_SUFFIX)
+        run_checked(ctx, args, opts.crypt, "removing old layouts")
     return digest
 
 
 def own_paths(config: Config, archive_dir: str, workdir: Path) -> List[str]:
     """rescue's and duplicity's own files, never backed up."""
     paths = [archive_dir, str(workdir), str(var_dir(config) / LAST_BACKUP_FILE)]
-    target = local_target(config.get("BACKUP_DUPLICITY_URL"))
+    target = url_path(config.setting("BACKUP_DUPLICITY_URL"))
     return paths + ([target] if target else [])
 
 
@@ -3893,8 +4220,8 @@ def merge_statistics(all_stats: Sequence[Dict[str, float]]) -> Dict[str, float]:
     return merged
 
 
-def run_backup(ctx: "Context", crypt: Encryption, chains: Sequence[Chain], archive_dir: str,
-               workdir: Path, store_layout: Callable[[], str]) -> int:
+def run_backup(ctx: "Context", opts: DuplicityOptions, chains: Sequence[Chain], workdir: Path,
+               store_layout: Callable[[], str]) -> int:
     """Store the layout and back up every chain, side by side: the largest first, up to
     twice parallel_workers() at a time (much of a duplicity run is waiting for ssh and gpg,
     which others use to compute)."""
@@ -3903,16 +4230,16 @@ def run_backup(ctx: "Context", crypt: Encryption, chains: Sequence[Chain], archi
     if len(chains) > 1:
         at_once = "side by side" if workers >= len(chains) else f"{workers} at a time"
         ctx.log.say(f"Backing up in {len(chains)} chains {at_once}: the main chain and "
-                    + ", ".join(f"{c.label} ({size_text(c.size)})" for c in chains[1:]))
+                    + ", ".join(f"{c.label} ({human_size(c.size)})" for c in chains[1:]))
 
     def back_up(chain: Chain) -> Tuple[int, DuplicityOutput]:
         tempdir = workdir / ("tmp" + chain.name_suffix)
         tempdir.mkdir()
-        args = backup_command(ctx.config, chain.selection, crypt, chain.url, archive_dir, str(tempdir),
-                              chain.name_suffix, chain.options)
+        args = backup_command(opts, chain.selection, chain.url, str(tempdir), chain.name_suffix, chain.options,
+                              ctx.config.setting("BACKUP_DUPLICITY_FULL_IF_OLDER_THAN"))
         ctx.log.say("Running: duplicity " + ctx.log.redact(" ".join(shlex.quote(a) for a in args)))
         what = "Backup" if len(chains) == 1 else f"Backup of {chain.label}"
-        return duplicity_run(ctx, args, crypt, what, shared_console=len(chains) > 1)
+        return duplicity_run(ctx, args, opts.crypt, what, shared_console=len(chains) > 1)
 
     def layout() -> Tuple[Optional[str], Optional[RescueError]]:
         try:
@@ -3959,11 +4286,8 @@ def choose_parts(ctx: "Context", previous: PartsPlan, selection: Selection,
     if old and still == old and previous.workers == workers:
         parts = old
     else:
-        min_mb = ctx.config.get("BACKUP_DUPLICITY_PART_MIN_MB").strip() or "64"
-        if not min_mb.isdigit():
-            raise ConfigError(f"BACKUP_DUPLICITY_PART_MIN_MB={min_mb!r} is not a whole number", "set it to e.g. 64")
         parts = plan_parts(totals, walk_roots(selection.roots, mountpoints), workers, eligible,
-                           int(min_mb) * 1024 * 1024)
+                           ctx.config.setting("BACKUP_DUPLICITY_PART_MIN_MB") * 1024 * 1024)
     return PartsPlan(parts, sorted((set(previous.retired) | set(old)) - set(parts)), workers)
 
 
@@ -3974,8 +4298,9 @@ def make_backup(ctx: "Context") -> int:
     check_gpg_keys(ctx)
     layout = save_layout_for_backup(ctx)
     ctx.log.say(f"Creating duplicity archives on '{ctx.log.redact(url)}'")
-    prepare_target(ctx, url + "/" + LAYOUT_TARGET)
+    prepare_target(ctx, layout_url(url))
     archive_dir = default_archive_dir()
+    opts = duplicity_options(config, crypt, archive_dir, ctx.ssh_options())
     plan_file = var_dir(config) / PARTS_FILE
     previous = read_parts_plan(plan_file)
     with work_directory("rescue-backup-") as workdir:
@@ -3984,25 +4309,24 @@ def make_backup(ctx: "Context") -> int:
         selection = backup_selection(in_scope, excluded, config, own)
         ctx.log.say("Backing up: " + ", ".join(in_scope))
         ctx.log.info("Leaving out: " + ", ".join(f"{p} ({why})" for p, why in selection.excluded))
-        run_retention(ctx, url, crypt, archive_dir, previous.parts + previous.retired)
-        write_private(var_dir(config) / STORED_CONFIG_FILE, config_without_secrets(config))
+        run_retention(ctx, opts, url, previous.parts + previous.retired)
+        write_file(var_dir(config) / STORED_CONFIG_FILE, config_without_secrets(config))
         if not (var_dir(config) / LAST_BACKUP_FILE).exists():
-            write_in_place(var_dir(config) / LAST_BACKUP_FILE, "{}\n")   # before the backup sees VAR_DIR
+            write_file(var_dir(config) / LAST_BACKUP_FILE, "{}\n")   # before the backup sees VAR_DIR
         mountpoints = in_scope + [p for p, _ in excluded]
         sizes: Dict[str, int] = {}
         counts = collect_metadata(selection.roots, mountpoints, own, var_dir(config) / METADATA_FILE, sizes)
         ctx.log.info(f"Recorded what duplicity does not keep: {counts}")
         totals = subtree_sizes(sizes)
         plan = choose_parts(ctx, previous, selection, mountpoints, own, totals)
-        write_private(plan_file, plan.to_json())
+        write_file(plan_file, plan.to_json())
         chains = backup_chains(url, selection, plan.parts, totals, lambda path: chain_options(config, path))
         for chain in chains[1:]:
             if chain.options:
                 ctx.log.info(f"{chain.label}: its data does not compress, stored without gpg's compression")
         if len(chains) > 1:
             prepare_target(ctx, *[c.url for c in chains[1:]])
-        return run_backup(ctx, crypt, chains, archive_dir, workdir,
-                          lambda: upload_layout(ctx, url, crypt, archive_dir, workdir))
+        return run_backup(ctx, opts, chains, workdir, lambda: upload_layout(ctx, opts, url, workdir))
 
 
 # =============================================================================================
@@ -4081,8 +4405,8 @@ def private_gnupg_home(runner: Runner, crypt: Optional[Encryption] = None) -> "I
 
     In the copy, the encryption keys are protected anew (same passphrase) with a cheap key
     derivation: gpg-agent derives the key from the cached passphrase at every decryption,
-    with the count calibrated at key creation (0.3 s here), one decryption at a time, and a
-    restore decrypts every volume and metadata file (4 at once took 1.3 s; now 0.01 s). The
+    with the count calibrated at key creation (a noticeable fraction of a second), one
+    decryption at a time, and a restore decrypts every volume and metadata file. The
     copy lives in /run (a tmpfs, mode 0700) and is removed afterwards; the keyring itself is
     not touched."""
     home = Path(tempfile.mkdtemp(prefix="rescue-home-", dir="/run" if os.access("/run", os.W_OK) else None))
@@ -4115,30 +4439,28 @@ def private_gnupg_home(runner: Runner, crypt: Optional[Encryption] = None) -> "I
 def restore_workspace(config: Config, target: Path) -> "contextlib.AbstractContextManager[Path]":
     """duplicity's temporary files: on a tmpfs with BACKUP_DUPLICITY_TEMP_RAMDISK, else on the
     target's filesystem (where there is room for a volume)."""
-    if config.is_true("BACKUP_DUPLICITY_TEMP_RAMDISK"):
+    if config.setting("BACKUP_DUPLICITY_TEMP_RAMDISK"):
         return work_directory("rescue-restore-", "/dev/shm" if os.path.isdir("/dev/shm") else None)
     return work_directory(".rescue-tmp-", str(target))
 
 
-def restore_layout_chain(ctx: "Context", crypt: Encryption, home: Dict[str, str], work: Path,
+def restore_layout_chain(ctx: "Context", opts: DuplicityOptions, home: Dict[str, str], work: Path,
                          destination: Path, time_: Optional[str]) -> Tuple[int, DuplicityOutput]:
     """Restore URL/layout (the layout, configuration and chain plan) into destination."""
-    args = ["restore", "-v4", "--force"] + common_options(ctx.config, str(work / "archive"), str(work),
-                                                          name_suffix="-layout")
-    args += crypt.args + (["--restore-time", time_] if time_ else [])
-    url = backup_url(ctx.config) + "/" + LAYOUT_TARGET
-    return duplicity_run(ctx, args + [url, str(destination)], crypt, "Fetching the layout", env=home)
+    args = restore_command(opts, layout_url(backup_url(ctx.config)), str(destination), str(work), time_,
+                           name_suffix=LAYOUT_SUFFIX)
+    return duplicity_run(ctx, args, opts.crypt, "Fetching the layout", env=home)
 
 
 NO_CHAIN_MESSAGES = ("No backup chains found", "No signatures found")
 
 
-def stored_parts(ctx: "Context", crypt: Encryption, home: Dict[str, str], work: Path,
+def stored_parts(ctx: "Context", opts: DuplicityOptions, home: Dict[str, str], work: Path,
                  time_: Optional[str], what: str = "restore") -> List[str]:
     """The parts (chains of their own) of the backup as of time_, from the plan stored with
     the layout. A backup without a layout chain (made by ReaR) is one chain."""
     destination = work / "stored-layout"
-    returncode, output = restore_layout_chain(ctx, crypt, home, work, destination, time_)
+    returncode, output = restore_layout_chain(ctx, opts, home, work, destination, time_)
     if returncode != 0:
         if any(m in line for line in output.lines for m in NO_CHAIN_MESSAGES):
             ctx.log.info("No layout stored beside the backup (made by ReaR?): it is one chain")
@@ -4175,21 +4497,131 @@ def place_part(staging: Path, target: Path, part: str) -> None:
     os.utime(str(parent), ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
 
 
+@dataclass(frozen=True)
+class RestoreStep:
+    """One chain to restore: duplicity writes it into a new staging directory on the
+    filesystem it belongs to (onto), from where it is renamed into place."""
+    label: str                                    # "main", or the part's path
+    url: str
+    name_suffix: str
+    onto: str                                     # the directory the staging directory goes in
+    renames: Tuple[Tuple[str, str], ...] = ()     # names that go through ../NAME into the tree
+
+
+def restore_steps(url: str, target: str, filesystems: Sequence[str], parts: Sequence[str]) -> List[RestoreStep]:
+    """The chains of a restore into target (a tree of the mounted filesystems): the main
+    chain onto target's own filesystem, sending the top-level names that hold a mountpoint
+    through --rename onto theirs, and each part onto the filesystem that holds it."""
+    redirected = redirected_names(target, filesystems)
+    steps = [RestoreStep("main", url, "", target, tuple((n, "../" + n) for n in redirected))]
+    for part in parts:
+        chain_url, suffix = part_chain(url, part)
+        steps.append(RestoreStep(part, chain_url, suffix, nearest_mount(below(Path(target), part), filesystems) or target))
+    return steps
+
+
+class RestoreRun:
+    """Runs restore steps (each duplicity into its own staging directory) and then puts what
+    they restored into place. Several steps may run at once, from different threads."""
+
+    def __init__(self, ctx: "Context", opts: DuplicityOptions, target: Path, work: Path,
+                 home: Dict[str, str], time_: Optional[str]) -> None:
+        self.ctx, self.opts, self.target, self.work, self.home, self.time_ = ctx, opts, target, work, home, time_
+        self.staged: Dict[str, Path] = {}         # step label -> its staging directory
+        self.lock = threading.Lock()
+
+    def run(self, step: RestoreStep) -> DuplicityOutput:
+        prefix = ".rescue-restore-" if step.label == "main" else ".rescue-part-"
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=step.onto))
+        with self.lock:
+            self.staged[step.label] = staging
+        args = restore_command(self.opts, step.url, str(staging), str(self.work), self.time_, step.renames,
+                               step.name_suffix, each_file=self.ctx.log.debug_enabled)
+        what = "Restore" if step.label == "main" else f"Restore of {step.label}"
+        return run_checked(self.ctx, args, self.opts.crypt, what, env=self.home, shared_console=True)  # WriteProgress
+
+    def attempt(self, step: RestoreStep) -> Union[DuplicityOutput, RescueError]:
+        """run(), with a failure returned instead of raised (for a step that may turn out unneeded)."""
+        try:
+            return self.run(step)
+        except RescueError as exc:
+            return exc
+
+    def discard(self, label: str) -> None:
+        with self.lock:
+            staging = self.staged.pop(label, None)
+        if staging is not None:
+            shutil.rmtree(str(staging), ignore_errors=True)
+
+    def place(self) -> os.stat_result:
+        """Rename everything restored into place; returns the attributes of the backed-up root."""
+        main = self.staged["main"]
+        move_into_place(main, self.target)
+        root = os.lstat(str(main))
+        for label, staging in self.staged.items():
+            if label != "main":
+                place_part(staging, self.target, label)
+        return root
+
+    def clean_up(self) -> None:
+        for label in list(self.staged):
+            self.discard(label)
+
+
+def restore_parts(ctx: "Context", run: RestoreRun, url: str, filesystems: Sequence[str], workers: int) -> None:
+    """The parts of the backup (from the plan stored with its layout), every part's chain at
+    once. When this machine made the latest backup, its own plan is most likely the stored
+    one: those parts start at once, beside reading the stored plan, which decides; should it
+    differ, what was restored for the guess is thrown away."""
+    def steps(parts: Sequence[str]) -> List[RestoreStep]:
+        return restore_steps(url, str(run.target), filesystems, parts)[1:]
+
+    def stored() -> List[str]:
+        return stored_parts(ctx, run.opts, run.home, run.work, run.time_)
+
+    guess = local_parts(ctx, url, run.time_)
+    if guess:
+        done = in_parallel(ctx.runner, [stored] + [lambda s=s: run.attempt(s) for s in steps(guess)], 2 * workers)
+        parts, outputs = done[0], done[1:]
+        if sorted(parts) == sorted(guess):
+            say_parts(ctx, parts)
+            for output in outputs:
+                if isinstance(output, RescueError):
+                    raise output
+            return
+        ctx.log.say("The stored plan of chains differs from this machine's: restoring its parts instead")
+        for part in guess:
+            run.discard(part)
+    else:
+        parts = stored()
+    say_parts(ctx, parts)
+    in_parallel(ctx.runner, [lambda s=s: run.run(s) for s in steps(parts)], 2 * workers - 1)   # beside the main chain
+
+
+def say_parts(ctx: "Context", parts: Sequence[str]) -> None:
+    if parts:
+        ctx.log.say(f"The backup has {len(parts)} more chains (parts), restored alongside: " + ", ".join(parts))
+
+
+def check_restore_target(target: Path, mounts: Sequence[str]) -> None:
+    """A directory (or one that can be made): empty but for the stand-ins of mountpoints."""
+    if target.exists() and not target.is_dir():
+        raise RescueError(f"the restore target {target} is not a directory",
+                          "give a directory: new, empty, or with freshly made filesystems mounted there")
+    clash = unexpected_entries(target_entries(target), redirected_names(str(target), mounts)) if target.is_dir() else []
+    if clash:
+        raise RescueError(f"the restore target {target} is not empty: {', '.join(clash[:5])}",
+                          "restore into an empty directory, or a tree of freshly made filesystems")
+
+
 def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
     """Restore the backup (latest, or as of time_) into target, which may be a tree of
     mountpoints; then put back what duplicity does not keep. Returns the bytes written.
     The main chain and the parts' chains restore side by side."""
     url = backup_url(ctx.config)
     target = target.resolve()
-    if target.exists() and not target.is_dir():
-        raise RescueError(f"the restore target {target} is not a directory",
-                          "give a directory: new, empty, or with freshly made filesystems mounted there")
     mounts = [str(m["target"]) for m in mounted_now(ctx.runner)]
-    redirected = redirected_names(str(target), mounts)
-    clash = unexpected_entries(target_entries(target), redirected) if target.is_dir() else []
-    if clash:
-        raise RescueError(f"the restore target {target} is not empty: {', '.join(clash[:5])}",
-                          "restore into an empty directory, or a tree of freshly made filesystems")
+    check_restore_target(target, mounts)
     check_backup_there(ctx, url)
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -4200,73 +4632,23 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
     filesystems = [str(target)] + [m for m in mounts if path_within(m, str(target))]
     workers = parallel_workers(ctx.config)
     with private_gnupg_home(ctx.runner, crypt) as home, restore_workspace(ctx.config, target) as work:
-        staging = Path(tempfile.mkdtemp(prefix=".rescue-restore-", dir=str(target)))
-        stagings: Dict[str, Path] = {}
+        opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options())
+        run = RestoreRun(ctx, opts, target, work, home, time_)
+        main = restore_steps(url, str(target), filesystems, [])[0]
         ctx.log.say(f"Restoring from '{ctx.log.redact(url)}' into {target}" + (f" as of {time_}" if time_ else ""))
-
-        def restore(chain_url: str, suffix: str, into: Path, renames: List[Tuple[str, str]],
-                    what: str) -> DuplicityOutput:
-            args = restore_command(ctx.config, crypt, chain_url, str(into), str(work / "archive"),
-                                   str(work), time_, renames, suffix, each_file=ctx.log.debug_enabled)
-            return run_checked(ctx, args, crypt, what, env=home, shared_console=True)   # WriteProgress
-
-        def restore_part(part: str) -> DuplicityOutput:
-            stagings[part] = Path(tempfile.mkdtemp(prefix=".rescue-part-",
-                                                   dir=nearest_mount(below(target, part), filesystems)))
-            return restore(*part_chain(url, part), stagings[part], [], f"Restore of {part}")
-
-        def restore_parts() -> None:
-            """The plan (from the stored layout), then every part's chain at once. When this
-            machine made the latest backup, its own plan is most likely the stored one: those
-            parts start at once, beside reading the stored plan (2.4 s here), which decides;
-            should it differ, what was restored for the guess is thrown away."""
-            def guessed(part: str) -> object:
-                try:
-                    return restore_part(part)
-                except RescueError as exc:       # matters only if the stored plan has the part
-                    return exc
-
-            guess = local_parts(ctx, url, time_)
-            if guess:
-                done = in_parallel(ctx.runner, [lambda: stored_parts(ctx, crypt, home, work, time_)]
-                                   + [lambda p=p: guessed(p) for p in guess], 2 * workers)
-                parts, outputs = done[0], done[1:]
-                if sorted(parts) == sorted(guess):
-                    say_parts(parts)
-                    for output in outputs:
-                        if isinstance(output, RescueError):
-                            raise output
-                    return
-                ctx.log.say("The stored plan of chains differs from this machine's: restoring its parts instead")
-                for part in guess:
-                    shutil.rmtree(str(stagings.pop(part)), ignore_errors=True)
-            else:
-                parts = stored_parts(ctx, crypt, home, work, time_)
-            say_parts(parts)
-            in_parallel(ctx.runner, [lambda p=p: restore_part(p) for p in parts],
-                        2 * workers - 1)             # with the main chain: twice the workers
-
-        def say_parts(parts: Sequence[str]) -> None:
-            if parts:
-                ctx.log.say(f"The backup has {len(parts)} more chains (parts), restored alongside: " + ", ".join(parts))
-
         progress = WriteProgress(ctx.log, "Restoring", filesystems, progress_line(ctx.config),
                                  progress_interval(ctx.config))
         try:
-            main = lambda: restore(url, "", staging, [(n, "../" + n) for n in redirected], "Restore")  # noqa: E731
             with progress:
+                parts = lambda: restore_parts(ctx, run, url, filesystems, workers)   # noqa: E731
                 if workers > 1:
-                    in_parallel(ctx.runner, [main, restore_parts], 2)
+                    in_parallel(ctx.runner, [lambda: run.run(main), parts], 2)
                 else:
-                    main()
-                    restore_parts()
-            move_into_place(staging, target)
-            root = os.lstat(str(staging))
-            for part, place in stagings.items():
-                place_part(place, target, part)
+                    run.run(main)
+                    parts()
+            root = run.place()
         finally:
-            for leftover in [staging] + list(stagings.values()):
-                shutil.rmtree(str(leftover), ignore_errors=True)
+            run.clean_up()
     sidecar = Path(below(target, str(var_dir(ctx.config) / METADATA_FILE)))
     if sidecar.is_file():
         done = apply_metadata(ctx.runner, target, read_metadata(sidecar))
@@ -4285,7 +4667,8 @@ def fetch_layout(ctx: "Context", destination: Path, time_: Optional[str]) -> Non
     if any(os.scandir(str(destination))):
         raise RescueError(f"{destination} is not empty", "give an empty or new directory")
     with private_gnupg_home(ctx.runner, crypt) as home, work_directory("rescue-layout-") as work:
-        returncode, output = restore_layout_chain(ctx, crypt, home, work, destination, time_)
+        opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options())
+        returncode, output = restore_layout_chain(ctx, opts, home, work, destination, time_)
         if returncode != 0:
             raise duplicity_failure("fetching the layout", returncode, output, ctx.log)
 
@@ -4357,12 +4740,11 @@ def collection_status(ctx: "Context") -> Dict[str, object]:
     status.update(host=backup_host(ctx.config), url=ctx.log.redact(url), parts=[])
     if not check_backup_there(ctx, url, needed=False):
         return status
-    crypt = backup_encryption(ctx, "status")
+    opts = duplicity_options(ctx.config, backup_encryption(ctx, "status"), default_archive_dir(), ctx.ssh_options())
     parts = read_parts_plan(var_dir(ctx.config) / PARTS_FILE).parts
 
     def read(chain_url: str, suffix: str) -> Dict[str, object]:
-        args = ["collection-status", "-v4"] + common_options(ctx.config, default_archive_dir(), name_suffix=suffix)
-        output = run_checked(ctx, args + crypt.args + [chain_url], crypt, "reading the collection status")
+        output = run_checked(ctx, status_command(opts, chain_url, suffix), opts.crypt, "reading the collection status")
         return parse_collection_status("\n".join(output.lines))
 
     status.update(read(url, ""))
@@ -4379,19 +4761,17 @@ def verify_backup(ctx: "Context", time_: Optional[str]) -> Tuple[int, int, List[
     config = ctx.config
     url = backup_url(config)
     check_backup_there(ctx, url)
-    crypt = backup_encryption(ctx, "verify")
     archive_dir = default_archive_dir()
+    opts = duplicity_options(config, backup_encryption(ctx, "verify"), archive_dir, ctx.ssh_options())
     with work_directory("rescue-verify-") as workdir:
         in_scope, excluded = mounts_to_back_up(ctx, saved_layout(config))
         selection = backup_selection(in_scope, excluded, config, own_paths(config, archive_dir, workdir))
-        chains = backup_chains(url, selection, stored_parts(ctx, crypt, {}, workdir, time_, "verify"), {})
+        chains = backup_chains(url, selection, stored_parts(ctx, opts, {}, workdir, time_, "verify"), {})
 
         def verify(chain: Chain) -> Tuple[int, int, List[str]]:
-            args = ["verify", "-v4", "--compare-data"] + (["--restore-time", time_] if time_ else [])
-            args += common_options(config, archive_dir, str(workdir), chain.name_suffix)
-            args += crypt.args + chain.selection.args + [chain.url, chain.selection.source]
+            args = verify_command(opts, chain.selection, chain.url, str(workdir), time_, chain.name_suffix)
             what = "Verify" if len(chains) == 1 else f"Verify of {chain.label}"
-            returncode, output = duplicity_run(ctx, args, crypt, what, shared_console=len(chains) > 1)
+            returncode, output = duplicity_run(ctx, args, opts.crypt, what, shared_console=len(chains) > 1)
             match = VERIFY_RE.search("\n".join(output.lines))
             if match is None or returncode not in (0, 1):
                 raise duplicity_failure(what[0].lower() + what[1:], returncode, output, ctx.log)
@@ -4467,7 +4847,7 @@ def wf_dump(ctx: Context) -> int:
 def wf_duplicity(ctx: Context) -> int:
     argv, env = duplicity_command(ctx.config)
     result = ctx.runner.run(argv + ctx.args.duplicity_args, env=env, capture=False, check=False,
-                            inherit_env=True)
+                            inherit_env=True, program="duplicity")
     return result.returncode
 
 
@@ -4552,7 +4932,7 @@ def verify_arguments(parser: argparse.ArgumentParser) -> None:
 @workflow("verify", "compare the latest (or --time) backup with the live system; exit 1 on differences",
           needs_root=True, arguments=verify_arguments)
 def wf_verify(ctx: Context) -> int:
-    time_ = duplicity_time(ctx.config, "--time", ctx.args.time) if ctx.args.time else None
+    time_ = time_option("--time", ctx.args.time) if ctx.args.time else None
     compared, differences, lines = verify_backup(ctx, time_)
     for line in lines[:50]:
         ctx.log.say("  " + line)
@@ -4582,14 +4962,14 @@ def wf_restoreonly(ctx: Context) -> int:
         return 0
     started = time.monotonic()
     written = restore_backup(ctx, target, time_)
-    ctx.log.say(f"Restore done: {size_text(written)} written into {target} in {time.monotonic() - started:.1f} s")
+    ctx.log.say(f"Restore done: {human_size(written)} written into {target} in {time.monotonic() - started:.1f} s")
     return 0
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports usage errors in rescue's one-line form."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]
+    def error(self, message: str) -> NoReturn:
         raise ConfigError(message, f"see '{self.prog} --help'")
 
 
@@ -4669,7 +5049,7 @@ def run_workflow(args: argparse.Namespace, parser: argparse.ArgumentParser, log:
         with Lock(Path(config.get("LOCKFILE") or "/run/lock/rescue.lock"), wf.name):
             return wf.func(ctx)
     finally:
-        SSH_SHARING.close(ctx.runner)
+        ctx.ssh.close(ctx.runner)
 
 
 class Terminated(BaseException):

@@ -1,6 +1,8 @@
 """Shared helpers for rescue's tests: run the CLI as a user would, with an isolated config."""
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +41,47 @@ def pyenv_python(minor):
 
 # The backup tests' real gpg keys and sshd (session-wide).
 from backup_fixtures import gnupg_keys, sshd_server  # noqa: E402,F401
+
+
+# -- every program rescue ran in this session is in its table of tools ---------------------------
+
+RUN_LINE = re.compile(r"^\S+ \S+ INFO  running(?: (\S+) as)?: (.*)$")
+
+
+def programs_run(log_text):
+    """argv[0] of every command a rescue log says it ran (environment assignments skipped)."""
+    for line in log_text.splitlines():
+        match = RUN_LINE.match(line)
+        if not match:
+            continue
+        if match.group(1):
+            yield match.group(1)
+            continue
+        try:
+            words = shlex.split(match.group(2))
+        except ValueError:
+            continue
+        words = [w for w in words if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", w)][:1]
+        if words:
+            yield words[0]
+
+
+def tool_name(argv0):
+    import rescue
+    name = os.path.basename(argv0)
+    return "python3" if re.fullmatch(r"python3(\.\d+)?", name) else rescue.tool_of(argv0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_program_run_is_in_tools(tmp_path_factory):
+    """After the session: the logs of every rescue run the tests made name only programs that
+    TOOLS lists (the one table mkrescue copies from and errors take their hints from)."""
+    yield
+    import rescue
+    seen = {}
+    for log in Path(tmp_path_factory.getbasetemp()).rglob("*.log*"):
+        if log.is_file() and log.name.startswith("rescue"):
+            for argv0 in programs_run(log.read_text(errors="replace")):
+                seen.setdefault(tool_name(argv0), str(log))
+    unknown = {name: where for name, where in seen.items() if name not in rescue.TOOLS}
+    assert not unknown, f"programs run but not in TOOLS: {unknown}"

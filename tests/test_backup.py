@@ -26,7 +26,7 @@ def config(text="", **values):
     """A Config as load_config would give, from KEY=value pairs (lists stay arrays)."""
     merged = {"BACKUP_DUPLICITY_NAME": "rear-backup", "VAR_DIR": "/var/lib/rescue"}
     merged.update(values)
-    return rescue.Config(merged, set(), [])
+    return rescue.config_from_values(merged)
 
 
 # -- selection --------------------------------------------------------------------------------
@@ -128,26 +128,43 @@ def test_backup_command_matches_rears_shape_with_tuning_before_user_options():
                   BACKUP_DUPLICITY_FULL_IF_OLDER_THAN="1M", BACKUP_DUPLICITY_SSH_OPTIONS="-p 22 -i /k")
     selection = rescue.Selection("/", ["--exclude", "/proc"], [], ["/"])
     crypt = rescue.Encryption(["--encrypt-key", "KEY"], {"PASSPHRASE": "x"}, ["KEY"])
-    argv = rescue.backup_command(conf, selection, crypt, "rsync://u@h//b/host", "/a", "/t")
+    opts = rescue.duplicity_options(conf, crypt, "/a", "-p 22 -i /k")
+    argv = rescue.backup_command(opts, selection, "rsync://u@h//b/host", "/t",
+                                 full_if_older=conf.setting("BACKUP_DUPLICITY_FULL_IF_OLDER_THAN"))
     assert argv == ["-v5", "--name", "rear-backup", "--archive-dir", "/a", "--tempdir", "/t",
                     "--ssh-options=-p 22 -i /k", "--volsize", "200", "--volsize", "50",
                     "--encrypt-key", "KEY", "--full-if-older-than", "1M",
                     "--exclude", "/proc", "/", "rsync://u@h//b/host"]
 
 
+def test_every_other_command_line_is_built_from_the_same_options():
+    crypt = rescue.Encryption(["--encrypt-key", "KEY"], {"PASSPHRASE": "x"}, ["KEY"])
+    opts = rescue.duplicity_options(config(BACKUP_DUPLICITY_TUNING=[]), crypt, "/a", "")
+    common = ["--name", "rear-backup-x", "--archive-dir", "/a", "--encrypt-key", "KEY"]
+    assert rescue.status_command(opts, "file:///b/h", "-x") == ["collection-status", "-v4"] + common + ["file:///b/h"]
+    assert rescue.retention_command(opts, ["remove-older-than", "1Y", "--force"], "file:///b/h", "-x") == \
+        ["remove-older-than", "1Y", "--force", "-v4"] + common + ["file:///b/h"]
+    selection = rescue.Selection("/srv", ["--exclude", "/srv/x"], [], ["/srv"])
+    verify = rescue.verify_command(opts, selection, "file:///b/h", "/t", "2D", "-x")
+    assert verify[:5] == ["verify", "-v4", "--compare-data", "--restore-time", "2D"]
+    assert verify[-4:] == ["--exclude", "/srv/x", "file:///b/h", "/srv"]
+    store = rescue.layout_store_command(opts, "/stage", "file:///b/h", "/t")
+    assert store[:3] == ["full", "-v4", "--allow-source-mismatch"] and store[-2:] == ["/stage", "file:///b/h/layout"]
+    assert "rear-backup-layout" in store
+
+
 def test_options_as_an_array_keep_spaces_inside_one_option():
     conf = config(BACKUP_DUPLICITY_OPTIONS=["--ssh-options=-i /root/my key", "--num-retries=2"])
-    assert rescue.config_words(conf, "BACKUP_DUPLICITY_OPTIONS") == ["--ssh-options=-i /root/my key",
-                                                                     "--num-retries=2"]
+    assert conf.setting("BACKUP_DUPLICITY_OPTIONS") == ["--ssh-options=-i /root/my key", "--num-retries=2"]
 
 
 def test_restore_command_forces_numeric_owners_and_renames_mountpoints():
     crypt = rescue.Encryption([], {"PASSPHRASE": "x"}, [])
-    argv = rescue.restore_command(config(), crypt, "file:///b/h", "/mnt/local/.s", "/w/a", "/w", "1D",
-                                  [("boot", "../boot")])
+    opts = rescue.duplicity_options(config(), crypt, "/w/a", "")
+    argv = rescue.restore_command(opts, "file:///b/h", "/mnt/local/.s", "/w", "1D", [("boot", "../boot")])
     assert argv[:4] == ["restore", "-v4", "--force", "--numeric-owner"]
     assert argv[-7:] == ["--restore-time", "1D", "--rename", "boot", "../boot", "file:///b/h", "/mnt/local/.s"]
-    each_file = rescue.restore_command(config(), crypt, "file:///b/h", "/t", "/w/a", "/w", None, [], each_file=True)
+    each_file = rescue.restore_command(opts, "file:///b/h", "/t", "/w", None, each_file=True)
     assert each_file[:2] == ["restore", "-v5"]
 
 
@@ -188,7 +205,7 @@ def test_statistics_block_of_the_seed_is_parsed_and_described():
     assert stats["SourceFiles"] == 47785 and stats["ElapsedTime"] == 14.17
     assert stats["TotalDestinationSizeChange"] == 134573979 and stats["Errors"] == 0
     text = rescue.describe_statistics(stats, "incremental")
-    assert "47785 files, 2.2 GB in scope" in text and "128.3 MB stored in 14.2 s" in text
+    assert "47785 files, 2.2 GiB in scope" in text and "128.3 MiB stored in 14.2 s" in text
 
 
 COLLECTION_STATUS = """\
@@ -252,8 +269,8 @@ def test_prometheus_metrics_keep_the_last_success_after_a_failure():
 
 
 def test_stored_configuration_has_no_secrets_and_loads_again(tmp_path):
-    conf = rescue.Config({"BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE": "CANARY-x1", "SSH_ROOT_PASSWORD": "pw",
-                          "BACKUP_DUPLICITY_EXCLUDE": ["/a b", "/c"], "BACKUP": "DUPLICITY"}, set(), [])
+    conf = rescue.config_from_values({"BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE": "CANARY-x1", "SSH_ROOT_PASSWORD": "pw",
+                          "BACKUP_DUPLICITY_EXCLUDE": ["/a b", "/c"], "BACKUP": "DUPLICITY"})
     text = rescue.config_without_secrets(conf)
     assert "CANARY-x1" not in text and "pw'" not in text
     path = tmp_path / "rescue.conf"

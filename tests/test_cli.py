@@ -114,7 +114,7 @@ def test_duplicity_passthrough_returns_the_exit_code_and_logs_redacted(tmp_path,
     assert proc.returncode == 7                       # truthful: the tool's own exit code
     assert proc.stdout == "out\nCANARY-pp-0042\n"     # the tool's own output is its business
     text = log.read_text()
-    assert "running: /bin/sh -c 'echo out; echo *** ; exit 7'".replace(" ;", ";") in text
+    assert "running duplicity as: /bin/sh -c 'echo out; echo *** ; exit 7'".replace(" ;", ";") in text
     assert "CANARY-pp-0042" not in text
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
     assert (tmp_path / "log" / "rescue.log.old").read_text() == "previous run\n"

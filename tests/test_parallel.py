@@ -104,11 +104,11 @@ def test_statistics_of_chains_side_by_side_add_up_and_span_all_of_them():
 
 
 def test_parallel_workers_auto_is_the_cpus_at_most_four_and_bad_values_are_refused():
-    config = rescue.Config({"BACKUP_DUPLICITY_PARALLEL": "auto"}, set(), [])
+    config = rescue.config_from_values({"BACKUP_DUPLICITY_PARALLEL": "auto"})
     assert rescue.parallel_workers(config) == max(1, min(os.cpu_count(), 4))
-    assert rescue.parallel_workers(rescue.Config({"BACKUP_DUPLICITY_PARALLEL": "3"}, set(), [])) == 3
+    assert rescue.parallel_workers(rescue.config_from_values({"BACKUP_DUPLICITY_PARALLEL": "3"})) == 3
     with pytest.raises(rescue.ConfigError, match="BACKUP_DUPLICITY_PARALLEL"):
-        rescue.parallel_workers(rescue.Config({"BACKUP_DUPLICITY_PARALLEL": "0"}, set(), []))
+        rescue.config_from_values({"BACKUP_DUPLICITY_PARALLEL": "0"})
 
 
 def test_tasks_run_side_by_side_in_order_of_results_and_the_first_error_is_raised():
@@ -339,8 +339,8 @@ def test_chains_asking_for_ssh_options_at_once_share_one_connection_directory():
     the ssh options; a lazily made directory must be made once (it leaked, empty, before)."""
     import threading
     sharing = rescue.SshSharing()
-    config = rescue.Config({"BACKUP_DUPLICITY_URL": "rsync://root@backup.example//srv/b",
-                            "BACKUP_DUPLICITY_SSH_OPTIONS": ""}, set(), [])
+    config = rescue.config_from_values({"BACKUP_DUPLICITY_URL": "rsync://root@backup.example//srv/b",
+                            "BACKUP_DUPLICITY_SSH_OPTIONS": ""})
     barrier = threading.Barrier(16)
     seen = []
 
