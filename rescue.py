@@ -10,23 +10,30 @@ Map of this file (sections in the order data flows; each uses only the sections 
   2. config           a parser for the safe subset of bash that ReaR configs use -> Config
   3. settings         every setting, typed and checked when the configuration is loaded
   4. tools            every external program, named once, with the package that provides it
-  5. runner           the only code that starts processes (and only programs named in tools)
+  5. runner           the only code that starts processes
   6. run state        the Context a workflow gets, rescue's directories and files, the lock,
                       questions to the user, shared ssh connections
   7. layout model     dataclasses for disks, partitions, RAID, LUKS, LVM, filesystems, mounts,
                       boot, one table of facts per kind; versioned, deterministic layout.json
   8. capture          pure parsers of tool output -> the model; a Probe that runs the tools,
                       records their outputs or replays a recording
-  9. duplicity and the backup target
+  9. recreate: the disks here and the mapping
+                      which disk here takes the place of each disk of the layout (pure)
+ 10. recreate: the plan
+                      layout + disks + mapping -> ordered Steps with exact commands (pure)
+ 11. duplicity and the backup target
                       where duplicity comes from; the target URLs; reaching the server
- 10. backup: command lines
+ 12. backup: command lines
                       pure argv builders (selection, encryption, retention, backup, restore)
                       and readers of duplicity's output
- 11. backup: chains and runs
+ 13. backup: chains and runs
                       rescue's own metadata record, parallel chains, the backup run
- 12. restore          a tree of mountpoints restored from the chains
- 13. status and verify
- 14. cli              argparse; each workflow is a short function composing the above
+ 14. restore          a tree of mountpoints restored from the chains
+ 15. status and verify
+ 16. recreate: execute
+                      the layout to start from, confirmation, passphrases, the journaled loop
+                      over a plan's steps that resumes after a failure
+ 17. cli              argparse; each workflow is a short function composing the above
 
 Usage: rescue [-c CONFIG_DIR] [-C EXTRA_CONF]... [-v] [-d] [--non-interactive]
               [--expose-secrets] WORKFLOW [args]
@@ -40,6 +47,7 @@ import dataclasses
 import datetime
 import difflib
 import fcntl
+import functools
 import gzip
 import hashlib
 import heapq
@@ -60,6 +68,7 @@ import tempfile
 import termios
 import threading
 import time
+import typing
 import urllib.parse
 import zlib
 from dataclasses import dataclass, field
@@ -1071,6 +1080,11 @@ SETTINGS = _settings(
     Setting("USE_STATIC_NETWORKING", bool_value, "the rescue system's network as this machine's"),
     Setting("SSH_ROOT_PASSWORD", TEXT, "root's password for ssh into the rescue system"),
     Setting("LAYOUT_DIR", path_value, "where savelayout keeps layout.json", "/var/lib/rescue/layout"),
+    Setting("TARGET_FS_ROOT", path_value, "where recover mounts the recreated filesystems", "/mnt/local"),
+    Setting("AUTORESIZE_PARTITIONS", LIST, "false: no partition is resized onto a disk of another size", [], whole=True),
+    Setting("AUTORESIZE_LV", TEXT, "VG/LV that grows or shrinks with its resized PV (empty: the last)"),
+    Setting("LUKS_KEY_FILE", path_value, "a file holding the passphrase of recreated LUKS devices"),
+    Setting("USER_INPUT_WIPE_DISKS_CONFIRMATION", TEXT, "a preset answer to recover's confirmation"),
     Setting("EXCLUDE_MOUNTPOINTS", LIST, "mountpoints left out of the layout", [], whole=True),
     Setting("EXCLUDE_VG", LIST, "volume groups left out of the layout", [], whole=True),
     Setting("ONLY_INCLUDE_VG", LIST, "only these volume groups are in the layout", [], whole=True),
@@ -1165,19 +1179,22 @@ def warn_unknown(name: str, known: Set[str], path: Path, line: int, log: Log) ->
     log.warn(f"{path}:{line}: {name} is not a known variable; {advice}")
 
 
+def config_directory(config_dir: Optional[str]) -> Path:
+    """-c CONFIG_DIR, else /etc/rescue, else (for an existing ReaR setup) /etc/rear."""
+    if config_dir is None:
+        return Path("/etc/rescue" if Path("/etc/rescue").is_dir() else "/etc/rear")
+    return Path(config_dir)
+
+
 def config_files(config_dir: Optional[str], extra: Sequence[str]) -> List[Path]:
     """default.conf, then CONFIG_DIR/{site,local}.conf, then each -C file, as ReaR does."""
     if not DEFAULT_CONF.is_file():
         raise RescueError(f"{DEFAULT_CONF} is missing",
                           "run rescue from its source tree or as dist/rescue.pyz, which carries conf/")
-    if config_dir is None:
-        config_dir = "/etc/rescue" if Path("/etc/rescue").is_dir() else "/etc/rear"
-        directory = Path(config_dir)
-    else:
-        directory = Path(config_dir)
-        if not directory.is_dir():
-            raise ConfigError(f"configuration directory {directory} does not exist",
-                              "give an existing directory with -c, or leave -c out")
+    directory = config_directory(config_dir)
+    if config_dir is not None and not directory.is_dir():
+        raise ConfigError(f"configuration directory {directory} does not exist",
+                          "give an existing directory with -c, or leave -c out")
     files = [DEFAULT_CONF] + [p for p in (directory / "site.conf", directory / "local.conf") if p.is_file()]
     for name in extra:
         files.append(resolve_extra_conf(name, directory))
@@ -1242,16 +1259,27 @@ TOOLS = _tools(
     ("fallocate",         "util-linux",      "util-linux",        "util-linux",      ("restore",)),
     ("findmnt",           "util-linux",      "util-linux",        "util-linux",      ("capture", "backup", "restore")),
     ("lsblk",             "util-linux",      "util-linux",        "util-linux",      ("capture",)),
-    ("blkid",             "util-linux",      "util-linux",        "util-linux",      ("capture",)),
-    ("sfdisk",            "fdisk",           "util-linux",        "util-linux",      ("capture",)),
-    ("lvm",               "lvm2",            "lvm2",              "lvm2",            ("capture",)),
+    ("blkid",             "util-linux",      "util-linux",        "util-linux",      ("capture", "recreate")),
+    ("sfdisk",            "fdisk",           "util-linux",        "util-linux",      ("capture", "recreate")),
+    ("lvm",               "lvm2",            "lvm2",              "lvm2",            ("capture", "recreate")),
     ("vgcfgbackup",       "lvm2",            "lvm2",              "lvm2",            ("capture",)),
-    ("mdadm",             "mdadm",           "mdadm",             "mdadm",           ("capture",)),
-    ("cryptsetup",        "cryptsetup-bin",  "cryptsetup",        "cryptsetup",      ("capture",)),
+    ("mdadm",             "mdadm",           "mdadm",             "mdadm",           ("capture", "recreate")),
+    ("cryptsetup",        "cryptsetup-bin",  "cryptsetup",        "cryptsetup",      ("capture", "recreate")),
     ("dumpe2fs",          "e2fsprogs",       "e2fsprogs",         "e2fsprogs",       ("capture",)),
     ("xfs_info",          "xfsprogs",        "xfsprogs",          "xfsprogs",        ("capture",)),
-    ("btrfs",             "btrfs-progs",     "btrfs-progs (not in RHEL 8/9)", "btrfsprogs", ("capture",)),
+    ("btrfs",             "btrfs-progs",     "btrfs-progs (not in RHEL 8/9)", "btrfsprogs", ("capture", "recreate")),
     ("efibootmgr",        "efibootmgr",      "efibootmgr",        "efibootmgr",      ("capture", "finalize")),
+    ("wipefs",            "util-linux",      "util-linux",        "util-linux",      ("recreate",)),
+    ("partx",             "util-linux",      "util-linux",        "util-linux",      ("recreate",)),
+    ("mount",             "mount",           "util-linux",        "util-linux",      ("recreate",)),
+    ("umount",            "mount",           "util-linux",        "util-linux",      ("recreate",)),
+    ("dd",                "coreutils",       "coreutils",         "coreutils",       ("recreate",)),
+    ("dmsetup",           "dmsetup",         "device-mapper",     "device-mapper",   ("recreate",)),
+    ("mke2fs",            "e2fsprogs",       "e2fsprogs",         "e2fsprogs",       ("recreate",)),
+    ("mkfs.xfs",          "xfsprogs",        "xfsprogs",          "xfsprogs",        ("recreate",)),
+    ("mkfs.vfat",         "dosfstools",      "dosfstools",        "dosfstools",      ("recreate",)),
+    ("mkfs.btrfs",        "btrfs-progs",     "btrfs-progs (not in RHEL 8/9)", "btrfsprogs", ("recreate",)),
+    ("mkswap",            "util-linux",      "util-linux",        "util-linux",      ("recreate",)),
     # Found (not run) by savelayout, for the boot section of the layout; recover runs them.
     ("grub-install",      "grub2-common",    "",                  "",                ("finalize",)),
     ("grub2-install",     "",                "grub2-tools",       "grub2",           ("finalize",)),
@@ -1664,26 +1692,34 @@ class Lock:
             self.fd = None
 
 
-def ask_secret(prompt: str, timeout: float) -> str:
-    """Read one line without echo (on a terminal), giving up after timeout seconds."""
+def ask_line(prompt: str, timeout: float, echo: bool = True) -> Optional[str]:
+    """Read one line (without echo on a terminal when echo is False); None when no answer came
+    within timeout seconds or the input ended."""
     stream = sys.stdin
     old = termios.tcgetattr(stream.fileno()) if stream.isatty() else None
     sys.stderr.write(prompt)
     sys.stderr.flush()
     try:
-        if old is not None:
+        if old is not None and not echo:
             quiet = list(old)
             quiet[3] &= ~termios.ECHO
             termios.tcsetattr(stream.fileno(), termios.TCSADRAIN, quiet)
         ready, _, _ = select.select([stream], [], [], timeout)
         answer = stream.readline() if ready else None
     finally:
-        if old is not None:
+        if old is not None and not echo:
             termios.tcsetattr(stream.fileno(), termios.TCSADRAIN, old)
-        sys.stderr.write("\n")
-    if answer is None:
+        if not echo or not answer:
+            sys.stderr.write("\n")
+    return answer.rstrip("\n") if answer else None
+
+
+def ask_secret(prompt: str, timeout: float) -> str:
+    """A passphrase typed without echo; empty when nothing was typed before the input ended."""
+    answer = ask_line(prompt, timeout, echo=False)
+    if answer is None and select.select([sys.stdin], [], [], 0)[0] == []:
         raise RescueError(f"no answer within {timeout:g} seconds", "run again and type the passphrase")
-    return answer.rstrip("\n")
+    return answer or ""
 
 
 # =============================================================================================
@@ -1762,6 +1798,8 @@ class Luks:
     hash: Optional[str] = None
     pbkdf: Optional[str] = None
     crypttab_options: Optional[str] = None
+    sector_size: Optional[int] = None  # LUKS2 data sector size
+    label: Optional[str] = None        # LUKS2 label
 
 
 @dataclass
@@ -1968,30 +2006,79 @@ def sort_layout(layout: Layout) -> Layout:
     return layout
 
 
+def layout_digest(data: dict) -> str:
+    """sha256 of a layout's content (its JSON without the digest itself)."""
+    content = {k: v for k, v in data.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def layout_to_json(layout: Layout) -> str:
-    return json.dumps(dataclasses.asdict(sort_layout(layout)), indent=2, sort_keys=True) + "\n"
+    data = dataclasses.asdict(sort_layout(layout))
+    data["digest"] = layout_digest(data)
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def layout_from_json(text: str, source: str = "layout.json") -> Layout:
+    """A layout.json read back, with every field checked against the model: a recovery must
+    not start from a file that is truncated, of another version, or changed by accident."""
     try:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
         if data.get("version") != LAYOUT_VERSION:
             raise RescueError(f"{source} has layout version {data.get('version')!r}, this rescue "
                               f"reads version {LAYOUT_VERSION}", "recreate it with rescue savelayout")
-        items = {kind.items: [item_from_dict(kind.cls, d) for d in data.get(kind.items, [])] for kind in KINDS}
-        boot = item_from_dict(Boot, data["boot"])
+        if "digest" in data and data["digest"] != layout_digest(data):
+            raise RescueError(f"{source} was changed after rescue savelayout wrote it (its digest does not match)",
+                              'if you changed it on purpose, delete its "digest" line; else make it anew '
+                              "with rescue savelayout")
+        items = {kind.items: [item_from_dict(kind.cls, d, f"{kind.items}[{n}]") for n, d in enumerate(data.get(kind.items, []))]
+                 for kind in KINDS}
+        boot = item_from_dict(Boot, data["boot"], "boot")
+        if not isinstance(data["hostname"], str):
+            raise ValueError("hostname: not a string")
         return Layout(hostname=data["hostname"], boot=boot, **items)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RescueError(f"{source} is not a valid layout: {exc}",
                           "recreate it with rescue savelayout") from None
 
 
-def item_from_dict(cls, data: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in data.items() if k in names}     # ignore fields from newer versions
-    if cls is Disk and values.get("partition_table"):
-        values["partition_table"] = item_from_dict(PartitionTable, values["partition_table"])
+def item_from_dict(cls, data: dict, where: str):
+    """An item of the model from its JSON object, each field of the type the model says
+    (fields from newer versions are ignored)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise ValueError(f"{where}: {f.name} is missing")
+            continue
+        value = data[f.name]
+        if cls is Disk and f.name == "partition_table" and value is not None:
+            value = item_from_dict(PartitionTable, value, f"{where}.partition_table")
+        elif not fits_type(value, hints[f.name]):
+            raise ValueError(f"{where}: {f.name} is {json.dumps(value)[:40]}, not of the right type")
+        values[f.name] = value
     return cls(**values)
+
+
+def fits_type(value: object, hint: object) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return any(fits_type(value, a) for a in args)
+    if origin in (list, List):
+        return isinstance(value, list) and all(fits_type(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin in (dict, Dict):
+        return isinstance(value, dict)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is object:
+        return True
+    return isinstance(value, hint) if isinstance(hint, type) else True
 
 
 # =============================================================================================
@@ -2188,6 +2275,10 @@ def parse_luks_dump(text: str) -> Dict[str, object]:
         out["key_size"] = int(key.group(1)) if key else None
         out["hash"] = values.get("hash")
         out["pbkdf"] = values.get("pbkdf")
+        sector = re.search(r"^\s*sector:\s*(\d+) \[bytes\]", text, re.M)
+        out["sector_size"] = int(sector.group(1)) if sector else None
+        label = values.get("label")
+        out["label"] = None if label in (None, "", "(no label)") else label
     return out
 
 
@@ -2686,7 +2777,8 @@ class LayoutCapture:
         info = parse_luks_dump(text)
         name = os.path.basename(node.name)
         return Luks(node.name, name, device, int(info["version"]), info["uuid"], info["cipher"],
-                    info["key_size"], info["hash"], info["pbkdf"], crypttab.get(name, ("", None))[1])
+                    info["key_size"], info["hash"], info["pbkdf"], crypttab.get(name, ("", None))[1],
+                    info.get("sector_size"), info.get("label"))
 
     def filesystem(self, node: BlockNode, mount: Optional[Mount]) -> Filesystem:
         fstype = node.fstype or (mount.type if mount else "unknown")
@@ -2982,7 +3074,1029 @@ def saved_layout(config: Config) -> "Layout":
 
 
 # =============================================================================================
-# 9. duplicity and the backup target
+# 9. recreate: the disks here and the mapping
+#
+# Before anything is written, recover looks at the disks of the machine it runs on (through a
+# Probe, so a recording made anywhere can stand in for them) and decides, by rules it prints,
+# which disk takes the place of each disk of the layout. A disk that is in use (mounted, swap,
+# holding the running system, the rescue medium or the backup) is never a candidate: it is
+# left out with the reason. All of it is pure: facts in, a mapping or a refusal out.
+# =============================================================================================
+
+@dataclass
+class DiskHere:
+    """A disk of the machine recover runs on."""
+    path: str
+    size: int
+    logical_sector_size: int = 512
+    physical_sector_size: int = 512
+    model: Optional[str] = None
+    serial: Optional[str] = None
+    wwn: Optional[str] = None
+    transport: Optional[str] = None
+    removable: bool = False
+    by_id: List[str] = field(default_factory=list)
+    partitions: List[str] = field(default_factory=list)       # as they are now (to wipe)
+    holders: List[Tuple[str, str]] = field(default_factory=list)  # (kind, name) to stop, deepest first
+    in_use: Optional[str] = None                               # why it must not be touched
+    excluded: Optional[str] = None                             # why it is no candidate by itself
+
+    def identity(self) -> Dict[str, object]:
+        """What says it is the same disk on a re-run (names can change between boots)."""
+        return {"path": self.path, "size": self.size, "serial": self.serial, "wwn": self.wwn}
+
+
+EMMC_AREA_RE = re.compile(r"mmcblk\d+(boot\d+|rpmb)$")
+RESCUE_MEDIUM_FS = frozenset({"iso9660", "udf"})
+
+
+def node_descendants(nodes: Dict[str, BlockNode], name: str) -> List[BlockNode]:
+    """Everything standing on a node (partitions, arrays, LUKS, LVs …), parents before children."""
+    out: List[BlockNode] = []
+    pending = [name]
+    seen: Set[str] = set()
+    while pending:
+        current = pending.pop(0)
+        for child in nodes[current].children if current in nodes else []:
+            if child not in seen and child in nodes:
+                seen.add(child)
+                out.append(nodes[child])
+                pending.append(child)
+    return out
+
+
+def disks_here(nodes: Dict[str, BlockNode], mounts: Sequence[Dict[str, object]],
+               swaps: Sequence[Tuple[str, str]], by_id: Dict[str, str], vg_of_pv: Dict[str, str],
+               backup_dir: Optional[str]) -> List[DiskHere]:
+    """The disks of this machine, each with what stands on it now and whether it may be used."""
+    by_majmin = {n.majmin: n.name for n in nodes.values() if n.majmin}
+    mounted: Dict[str, str] = {}
+    for entry in mounts:
+        source = re.sub(r"\[.*\]$", "", str(entry.get("source") or ""))
+        name = source if source in nodes else by_majmin.get(str(entry.get("maj:min") or ""))
+        if name:
+            mounted.setdefault(name, str(entry.get("target")))
+    backup_mount = max((str(e["target"]) for e in mounts if backup_dir and path_within(backup_dir, str(e["target"]))),
+                       key=len, default=None)
+    swapping = {path for path, kind in swaps if kind == "partition"}
+    out = []
+    for node in sorted((n for n in nodes.values() if not n.parents), key=lambda n: n.name):
+        below = node_descendants(nodes, node.name)
+        disk = DiskHere(node.name, node.size, node.log_sec, node.phy_sec, node.model, node.serial, node.wwn,
+                        node.tran, node.removable,
+                        sorted(n for n, target in by_id.items() if target in (node.name, node.kname)),
+                        [n.name for n in below if n.type == "part" and node.name in n.parents])
+        disk.in_use = disk_in_use(node, below, mounted, swapping, backup_mount)
+        disk.excluded = disk_exclusion(node, below)
+        disk.holders = stale_holders(below, vg_of_pv)
+        out.append(disk)
+    return out
+
+
+def disk_in_use(node: BlockNode, below: Sequence[BlockNode], mounted: Dict[str, str],
+                swapping: Set[str], backup_mount: Optional[str]) -> Optional[str]:
+    for n in [node] + list(below):
+        if n.name in mounted:
+            where = mounted[n.name]
+            if where == backup_mount:
+                return f"it holds the backup ({n.name} is mounted at {where})"
+            if where == "/":
+                return f"it holds the running system ({n.name} is mounted at /)"
+            return f"{n.name} is mounted at {where}"
+        if n.name in swapping:
+            return f"{n.name} is in use as swap"
+    return None
+
+
+def disk_exclusion(node: BlockNode, below: Sequence[BlockNode]) -> Optional[str]:
+    """Why a disk is not a candidate unless --map names it (in use is a different, hard no)."""
+    kind = virtual_disk_kind(node)
+    if kind:
+        return kind
+    if EMMC_AREA_RE.search(node.name):
+        return "an eMMC boot or RPMB area, not a disk"
+    if any(n.fstype in RESCUE_MEDIUM_FS for n in [node] + list(below)):
+        return "it holds an ISO 9660 image (a rescue or installation medium)"
+    if node.tran == "usb" or node.removable:
+        return "removable/USB media"
+    if node.size <= 0:
+        return "it has no size (no medium?)"
+    return None
+
+
+def stale_holders(below: Sequence[BlockNode], vg_of_pv: Dict[str, str]) -> List[Tuple[str, str]]:
+    """What stands on a disk and would keep it busy (an auto-assembled array, an open LUKS
+    device, active LVs): to be stopped before the disk is wiped, the deepest first."""
+    out: List[Tuple[str, str]] = []
+    for n in reversed(list(below)):
+        if n.type == "lvm":
+            vg = next((vg_of_pv[p] for p in n.parents if p in vg_of_pv), None)
+            entry = ("lvm", vg) if vg else ("dm", n.name)
+        elif n.type == "crypt":
+            entry = ("crypt", os.path.basename(n.name))
+        elif n.type.startswith("raid") or n.type == "md":
+            entry = ("md", n.name)
+        else:
+            continue
+        if entry not in out:
+            out.append(entry)
+    return out
+
+
+@dataclass
+class Mapping:
+    """Which disk here takes the place of each disk of the layout, and why (for people)."""
+    disks: Dict[str, str]                          # layout disk -> disk here
+    reasons: Dict[str, str]                        # layout disk -> the rule that chose it
+    left_out: List[Tuple[str, str]]                # (disk here, why it is no candidate)
+    guessed: bool = False                          # a rule chose among equal candidates
+
+    def new_name(self, device: str, layout: Layout) -> str:
+        """The device's name on the disks here: a mapped disk, or a partition of one (named as
+        the kernel names partitions of that disk); everything else keeps its name."""
+        if device in self.disks:
+            return self.disks[device]
+        part = next((p for p in layout.partitions if p.id == device), None)
+        if part is not None and part.disk in self.disks:
+            return partition_device(self.disks[part.disk], part.number)
+        return device
+
+
+MAPPING_RULES = ("explicit --map or the mapping file", "the same WWN", "the same serial", "the same /dev/disk/by-id name",
+                 "the same name and size", "the same size", "the smallest disk that is large enough",
+                 "the largest disk left (smaller than the original)")
+
+
+def parse_mapping_file(text: str, source: str) -> Dict[str, str]:
+    """ReaR's disk_mappings format: `OLD NEW` per line, '#' comments."""
+    out: Dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) != 2:
+            raise RescueError(f"{source}:{n}: expected 'OLD-DISK NEW-DISK', got {line.strip()!r}",
+                              "one mapping per line, e.g. /dev/sda /dev/nvme0n1")
+        out[words[0]] = words[1]
+    return out
+
+
+def map_disks(layout: Layout, here: Sequence[DiskHere], explicit: Dict[str, str]) -> Mapping:
+    """The mapping by the rules, in this order: explicit mappings; the same WWN, serial or
+    by-id name; the same name and size; the same size (the first by name); the smallest disk
+    that is large enough; else the largest disk left. Each disk here is used at most once.
+    A disk in use is never mapped; one excluded (removable, an ISO medium …) only explicitly."""
+    old_disks = [d for d in layout.disks if d.id not in {m.id for m in layout.md_arrays}]
+    by_path = {d.path: d for d in here}
+    chosen: Dict[str, str] = {}
+    reasons: Dict[str, str] = {}
+    guessed = False
+    for old, new in explicit.items():
+        if old not in {d.id for d in old_disks}:
+            raise RescueError(f"the mapping names {old}, which is not a disk of the layout",
+                              "the layout's disks: " + ", ".join(d.id for d in old_disks))
+        disk = by_path.get(new) or next((d for d in here if new in ("/dev/disk/by-id/" + b for b in d.by_id)), None)
+        if disk is None:
+            raise RescueError(f"the mapping names {new}, which is not a disk here",
+                              "the disks here: " + ", ".join(d.path for d in here) if here else "no disks were found")
+        if disk.in_use:
+            raise RescueError(f"{disk.path} cannot take the place of {old}: {disk.in_use}",
+                              "map another disk, or unmount it first")
+        if disk.path in chosen.values():
+            raise RescueError(f"the mapping puts two disks onto {disk.path}", "map each disk of the layout to its own disk")
+        chosen[old], reasons[old] = disk.path, MAPPING_RULES[0]
+    free = lambda: [d for d in here if not d.in_use and not d.excluded and d.path not in chosen.values()]  # noqa: E731
+    for old in (d for d in old_disks if d.id not in chosen):
+        match = identity_match(old, free())
+        if match:
+            chosen[old.id], reasons[old.id] = match
+    for old in (d for d in old_disks if d.id not in chosen):
+        candidates = free()
+        same = [d for d in candidates if d.size == old.size]
+        bigger = sorted((d for d in candidates if d.size > old.size), key=lambda d: (d.size, d.path))
+        smaller = sorted((d for d in candidates if d.size < old.size), key=lambda d: (-d.size, d.path))
+        named = [d for d in same if d.path == old.id]
+        if named:
+            pick, rule = named[0], MAPPING_RULES[4]
+        elif same:
+            pick, rule = sorted(same, key=lambda d: d.path)[0], MAPPING_RULES[5]
+            guessed = guessed or len(same) > 1
+        elif bigger:
+            pick, rule = bigger[0], MAPPING_RULES[6]
+            guessed = guessed or (len(bigger) > 1 and bigger[1].size == bigger[0].size)
+        elif smaller:
+            pick, rule = smaller[0], MAPPING_RULES[7]
+        else:
+            raise no_disk_for(old, here, chosen)
+        chosen[old.id], reasons[old.id] = pick.path, rule
+    used = set(chosen.values())
+    left_out = [(d.path, d.in_use or d.excluded or "not needed") for d in here if d.path not in used]
+    return Mapping(chosen, reasons, left_out, guessed)
+
+
+def identity_match(old: Disk, candidates: Sequence[DiskHere]) -> Optional[Tuple[str, str]]:
+    """A disk here that says it is the same disk (WWN, serial, by-id name), if exactly one does."""
+    for rule, same in ((MAPPING_RULES[1], lambda d: old.wwn and d.wwn == old.wwn),
+                       (MAPPING_RULES[2], lambda d: old.serial and d.serial == old.serial),
+                       (MAPPING_RULES[3], lambda d: set(old.by_id) & set(d.by_id))):
+        hits = [d for d in candidates if same(d)]
+        if len(hits) == 1:
+            return hits[0].path, rule
+    return None
+
+
+def no_disk_for(old: Disk, here: Sequence[DiskHere], chosen: Dict[str, str]) -> RescueError:
+    why = [f"{d.path}: {d.in_use or d.excluded or 'taken by another disk of the layout'}"
+           for d in here if d.in_use or d.excluded or d.path in chosen.values()]
+    return RescueError(f"no disk here can take the place of {old.id} ({human_size(old.size)})"
+                       + (f"; left out: {'; '.join(why)}" if why else "; no disks were found"),
+                       "attach a disk, or name one with --map OLD=NEW (e.g. --map /dev/sda=/dev/sdb)")
+
+
+def describe_mapping(mapping: Mapping, layout: Layout, here: Sequence[DiskHere]) -> List[str]:
+    """The comparison of disks, as a user reads it before confirming."""
+    sizes = {d.path: d.size for d in here}
+    lines = []
+    for old in layout.disks:
+        if old.id in mapping.disks:
+            new = mapping.disks[old.id]
+            size = sizes.get(new, 0)
+            same = "the same size" if size == old.size else ("larger" if size > old.size else "SMALLER")
+            lines.append(f"{old.id} ({human_size(old.size)}) -> {new} ({human_size(size)}, {same}): "
+                         f"{mapping.reasons[old.id]}")
+    lines += [f"{path}: left alone: {why}" for path, why in mapping.left_out]
+    return lines
+
+
+# =============================================================================================
+# 10. recreate: the plan
+#
+# plan = recreate_plan(layout, disks here, mapping, options): an ordered list of Steps, each a
+# value with the exact command (or a named action and its parameters), what it depends on and
+# why. Nothing here runs anything, so a plan can be printed, written as a shell script, compared
+# in a test, or made on another machine from a recording. One function per kind of item
+# (plan_item, dispatched on the item's class), in a topological order of the layout's graph.
+# =============================================================================================
+
+MIB = 1024 * 1024
+# LVM without udev (a minimal rescue system may have none): LVM makes the device nodes itself
+# and waits for nobody; no devices file (that of the original system pins the old disks); no
+# metadata backups in the rescue system.
+LVM_CONFIG = ("devices { obtain_device_list_from_udev=0 use_devicesfile=0 } "
+              "activation { udev_sync=0 udev_rules=0 } backup { backup=0 archive=0 }")
+# The same for device-mapper users (cryptsetup): libdevmapper makes the nodes itself.
+NO_UDEV_ENV = {"DM_DISABLE_UDEV": "1"}
+EXT_FEATURES_NOT_SET = frozenset({"needs_recovery", "orphan_present", "journal_dev", "snapshot_bitmap"})
+MOUNT_OPTIONS_DROPPED = ("ro", "rw", "defaults", "noauto", "auto", "user", "users", "nouser", "owner",
+                         "nofail", "seclabel", "_netdev")
+MOUNT_OPTION_PREFIXES_DROPPED = ("x-", "subvol=", "subvolid=", "context=", "fscontext=", "defcontext=",
+                                 "rootcontext=", "comment=")
+LVCREATE_TYPES = frozenset({"linear", "striped", "raid0", "raid1", "raid4", "raid5", "raid6", "raid10",
+                            "mirror", "thin-pool", "thin"})
+
+
+@dataclass
+class Step:
+    """One thing recover does, as a value: printed by --plan, written by --script, journaled."""
+    id: str                                        # unique and stable (the journal's key)
+    title: str
+    argv: List[str] = field(default_factory=list)  # the command, or empty for an action
+    action: str = ""                               # a named action (wait, mount) with params
+    params: Dict[str, object] = field(default_factory=dict)
+    input: str = ""                                # stdin (an sfdisk script); never a secret
+    secret: str = ""                               # the secret given on stdin at run time
+    env: Dict[str, str] = field(default_factory=dict)
+    after: List[str] = field(default_factory=list)  # ids of the steps it needs done first
+    fallback: List[str] = field(default_factory=list)  # the command again with fewer options
+    note: str = ""                                 # why, when it is not obvious
+    optional: bool = False                         # may fail: it stops what may not be there (a re-run)
+
+
+@dataclass
+class RecreateOptions:
+    target_root: str = "/mnt/local"
+    resize: bool = True                            # the last partition (and its LV) grows or shrinks
+    grow_lv: str = ""                              # "VG/LV" to grow or shrink ("": the last of the VG)
+    vgcfg: Dict[str, Tuple[str, str]] = field(default_factory=dict)   # VG -> (path, vgcfgbackup text)
+
+
+@dataclass
+class Plan:
+    mapping: Mapping
+    wipe: List[str]                                # the disks here that are wiped
+    steps: List[Step]
+    notes: List[str]                               # resizes, new UUIDs, what is not recreated
+    secrets: List[Tuple[str, str]]                 # (name, what for): asked before anything runs
+    target_root: str
+
+
+class PlanContext:
+    """What the plan_* functions share: the layout, where everything goes, sizes after resizing."""
+
+    def __init__(self, layout: Layout, here: Sequence[DiskHere], mapping: Mapping, options: RecreateOptions) -> None:
+        self.layout, self.mapping, self.options = layout, mapping, options
+        self.here = {d.path: d for d in here}
+        self.notes: List[str] = []
+        self.secrets: List[Tuple[str, str]] = []
+        self.tables: Dict[str, List[Tuple[Partition, int, Optional[int]]]] = {}  # disk -> (part, start, size)
+        self.grown: Set[str] = set()               # devices made larger than the original
+        self.lv_extents: Dict[str, int] = {}       # LV id -> extents, where they differ from the layout
+        self.made: Dict[str, str] = {}             # device (new name) -> id of the step that made it
+
+    def name(self, device: str) -> str:
+        return self.mapping.new_name(device, self.layout)
+
+    def after(self, *devices: str) -> List[str]:
+        return sorted({self.made[self.name(d)] for d in devices if self.name(d) in self.made})
+
+
+def recreate_plan(layout: Layout, here: Sequence[DiskHere], mapping: Mapping, options: RecreateOptions) -> Plan:
+    ctx = PlanContext(layout, here, mapping, options)
+    for item in layout.unsupported:
+        ctx.notes.append(f"not recreated: {item.what} ({item.kind}): {item.reason}")
+    for disk in layout.disks:
+        if disk.id in mapping.disks:
+            ctx.tables[disk.id] = partition_table_plan(ctx, disk)
+    resize_volumes(ctx)
+    steps: List[Step] = []
+    for item in creation_order(layout, set(mapping.disks)):
+        made = plan_item(item, ctx)
+        steps += made
+    return Plan(mapping, [mapping.disks[d.id] for d in layout.disks if d.id in mapping.disks], steps,
+                ctx.notes, ctx.secrets, options.target_root)
+
+
+def creation_order(layout: Layout, roots: Set[str]) -> List[object]:
+    """The layout's items (not the excluded ones), each after what it stands on (KINDS). A
+    volume group also comes after its PVs; a partitioned md array's table after the array."""
+    items = [(kind, item) for kind in KINDS if kind.cls is not Exclusion for item in getattr(layout, kind.items)]
+    providers: Dict[str, List[int]] = {}
+    for n, (kind, item) in enumerate(items):
+        provided = kind.provides(item)
+        if provided:
+            providers.setdefault(provided, []).append(n)
+    needs: Dict[int, Set[int]] = {}
+    for n, (kind, item) in enumerate(items):
+        wanted = list(kind.stands_on(item))
+        if isinstance(item, VolumeGroup):
+            needs[n] = {m for m, (_, other) in enumerate(items) if isinstance(other, PhysicalVolume) and other.vg == item.name}
+        elif isinstance(item, Disk):
+            needs[n] = set(m for m in providers.get(item.id, []) if m != n)
+        else:
+            needs[n] = set()
+        for device in wanted:
+            found = [m for m in providers.get(device, []) if m != n]
+            if not found and device not in roots:
+                raise RescueError(f"the layout's {kind.title} {kind.name(item)} stands on {device}, "
+                                  "which the layout does not describe",
+                                  "make a new layout on the original machine (rescue savelayout); see its "
+                                  "'Not recreated' list for what rescue cannot recreate")
+            needs[n] |= set(found)
+    order: List[int] = []
+    state: Dict[int, int] = {}
+
+    def visit(n: int) -> None:
+        if state.get(n) == 2:
+            return
+        if state.get(n) == 1:
+            kind, item = items[n]
+            raise RescueError(f"the layout's {kind.title} {kind.name(item)} depends on itself",
+                              "the layout is broken: make it again with rescue savelayout")
+        state[n] = 1
+        for m in sorted(needs[n]):
+            visit(m)
+        state[n] = 2
+        order.append(n)
+
+    for n in range(len(items)):
+        visit(n)
+    return [items[n][1] for n in order]
+
+
+# -- partition tables and resizing ---------------------------------------------------------------
+
+def align_down(value: int, unit: int) -> int:
+    return value // unit * unit
+
+
+def partition_table_plan(ctx: PlanContext, disk: Disk) -> List[Tuple[Partition, int, Optional[int]]]:
+    """(partition, start, size) in the target's sectors; size None: to the end of the disk (the
+    partition grows). The last partition grows onto a larger disk or shrinks onto a smaller one
+    when options.resize allows it and what it holds fits; everything else keeps its place."""
+    parts = [p for p in ctx.layout.partitions if p.disk == disk.id]
+    if not parts or disk.partition_table is None:
+        return []
+    target = ctx.here[ctx.mapping.disks[disk.id]]
+    old_ss, new_ss = disk.partition_table.sector_size, target.logical_sector_size
+    reserved = (16384 // new_ss + 1) if disk.partition_table.label == "gpt" else 0     # the GPT backup
+    last_usable = target.size // new_ss - 1 - reserved
+    rows = []
+    for p in parts:
+        start_bytes, size_bytes = p.start * old_ss, p.size * old_ss
+        if start_bytes % new_ss:
+            aligned = -(-start_bytes // MIB) * MIB
+            ctx.notes.append(f"{p.id}: its start is not a whole {new_ss}-byte sector of {target.path}; "
+                             f"it starts at {aligned // MIB} MiB instead")
+            size_bytes -= aligned - start_bytes
+            start_bytes = aligned
+        rows.append([p, start_bytes // new_ss, size_bytes // new_ss])
+    last = max((r for r in rows if r[0].role != "extended"), key=lambda r: r[1] + r[2])
+    end = last[1] + last[2] - 1
+    if target.size != disk.size and ctx.options.resize:
+        last[2] = resized_last_partition(ctx, disk, target, last, last_usable)
+    elif end > last_usable:
+        raise RescueError(f"{target.path} is too small for {disk.id}: {human_size((end - last_usable) * new_ss)} short",
+                          "use a larger disk, or allow the last partition to shrink (AUTORESIZE_PARTITIONS=yes)")
+    for r in rows:
+        if r[0].role == "extended" and last[0].role == "logical":
+            r[2] = None if last[2] is None else max(r[2], last[1] + last[2] - r[1])
+        if r is not last and r[0].role != "extended" and r[1] + r[2] - 1 > last_usable:
+            raise RescueError(f"{target.path} is too small for {disk.id}: {r[0].id} would end "
+                              f"{human_size((r[1] + r[2] - 1 - last_usable) * new_ss)} past its end",
+                              "use a larger disk: only the last partition can shrink")
+    return [(p, start, size) for p, start, size in rows]
+
+
+def resized_last_partition(ctx: PlanContext, disk: Disk, target: DiskHere, last: list,
+                           last_usable: int) -> Optional[int]:
+    """The last partition's new size in sectors (None: to the end of the disk)."""
+    part, start, size = last
+    ss = target.logical_sector_size
+    room = align_down((last_usable - start + 1) * ss, MIB) // ss
+    if room >= size:
+        if disk.partition_table.label == "dos" and start + room > 2 ** 32:
+            room = 2 ** 32 - 1 - start
+            ctx.notes.append(f"{part.id}: an MBR partition ends at 2 TiB; use GPT for more")
+        ctx.notes.append(f"{part.id} grows from {human_size(size * ss)} to {human_size(room * ss)} "
+                         f"(onto the larger {target.path})")
+        ctx.grown.add(part.id)
+        return None if room == align_down((last_usable - start + 1) * ss, MIB) // ss else room
+    need = content_need(ctx, part.id)
+    if room <= 0:
+        raise RescueError(f"{target.path} ({human_size(target.size)}) is too small for {disk.id}: the partitions "
+                          f"before {part.id} alone need {human_size(start * ss)}", "use a larger disk")
+    if need is None or room * ss < need:
+        short = f"; it needs {human_size(need)}, {human_size(need - room * ss)} more" if need else ""
+        raise RescueError(f"{target.path} is too small for {disk.id}: {part.id} would shrink from "
+                          f"{human_size(size * ss)} to {human_size(room * ss)}{short}"
+                          + ("" if need else " (what it holds cannot be made smaller)"),
+                          "use a larger disk")
+    ctx.notes.append(f"{part.id} shrinks from {human_size(size * ss)} to {human_size(room * ss)} "
+                     f"(onto the smaller {target.path}; {human_size(need)} needed)")
+    ctx.grown.add(part.id)        # its contents are sized anew too
+    return room
+
+
+def fs_need(fs: Optional[Filesystem]) -> Optional[int]:
+    """The bytes a filesystem needs to be made anew and restored: what it used, plus a margin."""
+    if fs is None or fs.used is None:
+        return None
+    floor = 300 * MIB if fs.type == "xfs" else 16 * MIB      # mkfs.xfs refuses less than 300 MiB
+    return max(int(fs.used * 1.1) + 64 * MIB, floor)
+
+
+def content_need(ctx: PlanContext, device: str) -> Optional[int]:
+    """The bytes what stands on device needs, or None when it cannot be made smaller (an md
+    member, LUKS, a PV shared with other PVs, a filesystem of unknown usage)."""
+    lay = ctx.layout
+    fs = next((f for f in lay.filesystems if f.device == device), None)
+    if fs is not None:
+        return fs_need(fs)
+    if any(s.device == device for s in lay.swaps):
+        return 64 * MIB
+    pv = next((p for p in lay.physical_volumes if p.device == device), None)
+    vg = next((v for v in lay.volume_groups if pv and v.name == pv.vg), None)
+    if vg is None or len(vg.pvs) != 1:
+        return None
+    lv = growing_lv(ctx, vg)
+    others = sum(x.size for x in lay.logical_volumes if x.vg == vg.name and x is not lv)
+    lv_need = content_need(ctx, lv.id) if lv else 0
+    return None if lv_need is None else others + lv_need + vg.extent_size + MIB
+
+
+def growing_lv(ctx: PlanContext, vg: VolumeGroup) -> Optional[LogicalVolume]:
+    """The LV that takes what a resized PV gains or loses: options.grow_lv, else the LV that
+    ends last on the VG's PVs (vgcfgbackup's segments say where), else the VG's last LV."""
+    lvs = [lv for lv in ctx.layout.logical_volumes if lv.vg == vg.name and lv.segment_type in ("linear", "striped")]
+    named = [lv for lv in lvs if f"{lv.vg}/{lv.name}" == ctx.options.grow_lv]
+    if named:
+        return named[0]
+    text = ctx.options.vgcfg.get(vg.name, ("", ""))[1]
+    ends = vgcfg_lv_ends(text)
+    return max(lvs, key=lambda lv: (ends.get(lv.name, -1), lvs.index(lv)), default=None)
+
+
+def vgcfg_lv_ends(text: str) -> Dict[str, int]:
+    """LV name -> the highest physical extent its segments start at, from a vgcfgbackup file."""
+    ends: Dict[str, int] = {}
+    section = re.search(r"logical_volumes \{(.*)", text, re.S)
+    if not section:
+        return ends
+    for match in re.finditer(r"^\t\t(\S+) \{(.*?)^\t\t\}", section.group(1), re.S | re.M):
+        offsets = [int(x) for x in re.findall(r'"pv\d+", (\d+)', match.group(2))]
+        if offsets:
+            ends[match.group(1)] = max(offsets)
+    return ends
+
+
+def resize_volumes(ctx: PlanContext) -> None:
+    """A grown or shrunk partition that is a PV resizes its VG's growing LV with it."""
+    for part in sorted(ctx.grown):
+        pv = next((p for p in ctx.layout.physical_volumes if p.device == part), None)
+        vg = next((v for v in ctx.layout.volume_groups if pv and v.name == pv.vg), None)
+        lv = growing_lv(ctx, vg) if vg else None
+        if vg is None or lv is None:
+            continue
+        disk, start, size = next((d, s, z) for d, rows in ctx.tables.items() for p, s, z in rows if p.id == part)
+        if size is None:
+            ctx.lv_extents[lv.id] = -1                  # all that is free, after the others
+            ctx.notes.append(f"LV {lv.vg}/{lv.name} grows into the larger PV {ctx.name(part)}")
+        else:
+            ss = ctx.here[ctx.mapping.disks[disk]].logical_sector_size
+            others = sum(x.size for x in ctx.layout.logical_volumes if x.vg == vg.name and x is not lv)
+            extents = (size * ss - MIB) // vg.extent_size - others // vg.extent_size
+            ctx.lv_extents[lv.id] = extents
+            ctx.notes.append(f"LV {lv.vg}/{lv.name} shrinks to {human_size(extents * vg.extent_size)}")
+        ctx.grown.add(lv.id)
+
+
+def sfdisk_script(disk: Disk, rows: Sequence[Tuple[Partition, int, Optional[int]]], new_disk: str) -> str:
+    table = disk.partition_table
+    lines = [f"label: {table.label}"] + ([f"label-id: {table.id}"] if table.id else []) + ["unit: sectors", ""]
+    for part, start, size in rows:
+        fields = [f"start={start}"] + ([f"size={size}"] if size is not None else []) + [f"type={part.type}"]
+        if part.uuid and table.label == "gpt":
+            fields.append(f"uuid={part.uuid}")
+        if part.name:
+            fields.append('name="%s"' % part.name.replace('"', "'"))
+        if part.attrs:
+            fields.append(f'attrs="{part.attrs}"')
+        if part.bootable:
+            fields.append("bootable")
+        lines.append(f"{partition_device(new_disk, part.number)} : " + ", ".join(fields))
+    return "\n".join(lines) + "\n"
+
+
+# -- one plan function per kind ---------------------------------------------------------------
+
+@functools.singledispatch
+def plan_item(item: object, ctx: PlanContext) -> List[Step]:
+    raise RescueError(f"rescue cannot recreate {type(item).__name__} items", "report this with the layout")
+
+
+@plan_item.register
+def plan_disk(disk: Disk, ctx: PlanContext) -> List[Step]:
+    """A mapped disk: stop what stands on it now, wipe it, write its partition table. A
+    partitioned md array (not mapped): only its table, once the array exists."""
+    new = ctx.mapping.disks.get(disk.id, disk.id)
+    here = ctx.here.get(new)
+    steps: List[Step] = []
+    if here is not None:
+        steps += stop_steps(new, here.holders)
+        steps += wipe_steps(new, here)
+    rows = ctx.tables.get(disk.id) or ([(p, p.start, p.size) for p in ctx.layout.partitions if p.disk == disk.id]
+                                      if disk.partition_table else [])
+    if rows:
+        steps.append(Step(f"partition {new}", f"Disk {new}: {disk.partition_table.label} partition table with "
+                          f"{len(rows)} partitions", ["sfdisk", "--wipe", "always", "--wipe-partitions", "always", new],
+                          input=sfdisk_script(disk, rows, new), after=ctx.after(disk.id)))
+        parts = [[p.number, partition_device(new, p.number)] for p, _, _ in rows]
+        steps.append(Step(f"wait for {new}", f"Disk {new}: wait until the kernel shows its partitions",
+                          action="partitions", params={"disk": new, "partitions": parts}, after=[steps[-1].id]))
+    if steps:
+        ctx.made[new] = steps[-1].id
+    return steps
+
+
+def stop_steps(disk: str, holders: Sequence[Tuple[str, str]]) -> List[Step]:
+    """Stale users of a disk (an array that assembled itself, LVs that activated, an open LUKS
+    device) keep it busy and its old metadata alive: stop them, the deepest first."""
+    out = []
+    for kind, name in holders:
+        argv = {"lvm": ["lvm", "vgchange", "--config", LVM_CONFIG, "-an", name],
+                "dm": ["dmsetup", "remove", name], "crypt": ["cryptsetup", "close", name],
+                "md": ["mdadm", "--stop", name]}[kind]
+        out.append(Step(f"stop {kind} {name}", f"Stop {name}, which stands on {disk} now", argv,
+                        env=dict(NO_UDEV_ENV) if kind in ("dm", "crypt") else {}, optional=True))
+    return out
+
+
+def wipe_steps(disk: str, here: DiskHere) -> List[Step]:
+    """Every signature of the old partitions and of the disk, and the first and last 16 MiB
+    (old GPT backup headers and md 0.90/1.0 superblocks live at the end)."""
+    steps = [Step(f"wipe {p}", f"Wipe the signatures on {p}", ["wipefs", "-a", "-f", p], optional=True)
+             for p in reversed(here.partitions)]
+    steps.append(Step(f"wipe {disk}", f"Wipe the signatures on {disk}", ["wipefs", "-a", "-f", disk]))
+    mib = here.size // MIB
+    count = min(16, mib)
+    steps.append(Step(f"zero start of {disk}", f"Zero the first {count} MiB of {disk}",
+                      ["dd", "if=/dev/zero", f"of={disk}", "bs=1M", f"count={count}", "conv=fsync", "status=none"]))
+    if mib > 16:
+        steps.append(Step(f"zero end of {disk}", f"Zero the last 16 MiB of {disk}",
+                          ["dd", "if=/dev/zero", f"of={disk}", "bs=1M", f"seek={mib - 16}", "count=16", "conv=fsync",
+                           "status=none"]))
+    return steps
+
+
+def wipe_new(device: str, after: List[str]) -> Step:
+    """Before something is made on a new device: old metadata there becomes visible only now."""
+    return Step(f"wipe new {device}", f"Wipe old signatures on the new {device}", ["wipefs", "-a", "-f", device],
+                after=after)
+
+
+@plan_item.register
+def plan_partition(part: Partition, ctx: PlanContext) -> List[Step]:
+    new = ctx.name(part.id)
+    if part.role == "extended":
+        return []
+    step = wipe_new(new, ctx.after(part.disk))
+    ctx.made[new] = step.id
+    return [step]
+
+
+@plan_item.register
+def plan_md(md: MdArray, ctx: PlanContext) -> List[Step]:
+    members = [ctx.name(d) for d in md.devices]
+    total = md.raid_devices or len(members)
+    missing = ["missing"] * max(0, total - len(members))
+    argv = ["mdadm", "--create", md.id, "--run", "--assume-clean", f"--level={md.level}", f"--raid-devices={total}"]
+    argv += [f"--metadata={md.metadata}"] if md.metadata else []
+    argv += [f"--uuid={md.uuid}"] if md.uuid else []
+    argv += [f"--name={md.name}"] if md.name else []
+    argv += [f"--chunk={md.chunk_size}"] if md.chunk_size and "raid1" != md.level else []
+    argv += [f"--layout={md.layout}"] if md.layout and md.level in ("raid5", "raid6", "raid10") else []
+    argv += [f"--spare-devices={len(md.spares)}"] if md.spares else []
+    argv += members + missing + [ctx.name(d) for d in md.spares]
+    stop = Step(f"stop old {md.id}", f"RAID {md.id}: stop it if it runs (a re-run)", ["mdadm", "--stop", md.id],
+                after=ctx.after(*md.devices, *md.spares), optional=True)
+    create = Step(f"create {md.id}", f"RAID {md.id}: {md.level} of {', '.join(members + missing)}", argv,
+                  after=[stop.id], note="degraded: a member was missing when the layout was saved" if missing else "")
+    wait = Step(f"wait for {md.id}", f"RAID {md.id}: wait for the device", action="devices",
+                params={"devices": [md.id]}, after=[create.id])
+    wipe = wipe_new(md.id, [wait.id])
+    ctx.made[md.id] = wipe.id
+    return [stop, create, wait, wipe]
+
+
+@plan_item.register
+def plan_luks(lk: Luks, ctx: PlanContext) -> List[Step]:
+    device = ctx.name(lk.device)
+    argv = ["cryptsetup", "luksFormat", "--batch-mode", "--type", f"luks{lk.version}"]
+    for option, value in (("--uuid", lk.uuid), ("--cipher", lk.cipher), ("--key-size", lk.key_size),
+                          ("--hash", lk.hash), ("--sector-size", lk.sector_size if lk.version == 2 else None),
+                          ("--label", lk.label if lk.version == 2 else None),
+                          ("--pbkdf", lk.pbkdf if lk.version == 2 else None)):
+        if value:
+            argv += [option, str(value)]
+    secret = f"luks:{lk.name}"
+    ctx.secrets.append((secret, f"the LUKS device {lk.name} on {device}"))
+    close = ["cryptsetup", "close", lk.name]
+    steps = [Step(f"close old {lk.id}", f"Close {lk.name} if it is open (a re-run)", close, env=dict(NO_UDEV_ENV),
+                  after=ctx.after(lk.device), optional=True),
+             Step(f"format {lk.id}", f"LUKS{lk.version} {lk.name} on {device}", argv + ["--key-file=-", device],
+                  secret=secret, env=dict(NO_UDEV_ENV)),
+             Step(f"close again {lk.id}", f"Close {lk.name} if a killed run opened it", close, env=dict(NO_UDEV_ENV),
+                  optional=True),
+             Step(f"open {lk.id}", f"Open {lk.name}", ["cryptsetup", "open", "--type", f"luks{lk.version}",
+                                                       "--key-file=-", device, lk.name],
+                  secret=secret, env=dict(NO_UDEV_ENV))]
+    steps.append(wipe_new(lk.id, []))
+    for n in range(1, len(steps)):
+        steps[n].after = steps[n].after or [steps[n - 1].id]
+    ctx.made[lk.id] = steps[-1].id
+    return steps
+
+
+def lvm(*args: str) -> List[str]:
+    return ["lvm", args[0], "--config", LVM_CONFIG] + list(args[1:])
+
+
+@plan_item.register
+def plan_pv(pv: PhysicalVolume, ctx: PlanContext) -> List[Step]:
+    vg = next(v for v in ctx.layout.volume_groups if v.name == pv.vg)
+    device = ctx.name(pv.device)
+    restore = vgcfg_restorable(ctx, vg)
+    source = ["--restorefile", ctx.options.vgcfg[vg.name][0]] if restore else ["--norestorefile"]
+    step = Step(f"pv {device}", f"LVM PV {device} of {pv.vg}", lvm("pvcreate", "-ff", "-y", "--uuid", pv.uuid, *source, device),
+                after=ctx.after(pv.device))
+    ctx.made[f"pv:{pv.device}"] = step.id
+    return [step]
+
+
+def vgcfg_restorable(ctx: PlanContext, vg: VolumeGroup) -> bool:
+    """vgcfgrestore keeps every UUID and extent, but only for the same PVs, sizes and plain
+    segments (it cannot make a thin pool's or a RAID LV's data consistent)."""
+    lvs = [lv for lv in ctx.layout.logical_volumes if lv.vg == vg.name]
+    return (vg.name in ctx.options.vgcfg and all(lv.segment_type in ("linear", "striped") for lv in lvs)
+            and not any(ctx.lv_extents.get(lv.id, -1) >= 0 for lv in lvs))
+
+
+@plan_item.register
+def plan_vg(vg: VolumeGroup, ctx: PlanContext) -> List[Step]:
+    pvs = [ctx.name(p) for p in vg.pvs]
+    after = sorted({ctx.made[f"pv:{p}"] for p in vg.pvs if f"pv:{p}" in ctx.made})
+    if vgcfg_restorable(ctx, vg):
+        steps = [Step(f"vg {vg.name}", f"LVM VG {vg.name}: restore its metadata (every LV with its UUID and extents)",
+                      lvm("vgcfgrestore", "-f", ctx.options.vgcfg[vg.name][0], vg.name), after=after)]
+    else:
+        steps = [Step(f"vg {vg.name}", f"LVM VG {vg.name} on {', '.join(pvs)}",
+                      lvm("vgcreate", "-y", "--physicalextentsize", f"{vg.extent_size // 1024}k", vg.name, *pvs), after=after)]
+        reason = ("no vgcfgbackup file" if vg.name not in ctx.options.vgcfg else
+                  "an LV shrinks or is not linear/striped")
+        ctx.notes.append(f"VG {vg.name} is made anew ({reason}): the VG and its LVs get new UUIDs")
+        steps += lvcreate_steps(ctx, vg, steps[0].id)
+    steps.append(Step(f"activate {vg.name}", f"Activate the LVs of {vg.name}", lvm("vgchange", "-ay", vg.name),
+                      after=[steps[-1].id]))
+    ctx.made[vg.name] = steps[-1].id
+    for lv in (x for x in ctx.layout.logical_volumes if x.vg == vg.name):
+        ctx.made[lv.id] = steps[-1].id
+    return steps
+
+
+def lvcreate_steps(ctx: PlanContext, vg: VolumeGroup, after: str) -> List[Step]:
+    lvs = [lv for lv in ctx.layout.logical_volumes if lv.vg == vg.name]
+    pools = [lv for lv in lvs if lv.segment_type == "thin-pool"]
+    plain = [lv for lv in lvs if lv.segment_type not in ("thin-pool", "thin")]
+    thin = [lv for lv in lvs if lv.segment_type == "thin"]
+    grow = [lv for lv in plain if ctx.lv_extents.get(lv.id) == -1]
+    ordered = pools + [lv for lv in plain if lv not in grow] + grow + thin     # what grows takes the rest
+    steps = []
+    for lv in ordered:
+        if lv.segment_type not in LVCREATE_TYPES:
+            raise RescueError(f"rescue cannot recreate the LV {lv.vg}/{lv.name} (segment type {lv.segment_type})",
+                              "leave its VG out (EXCLUDE_VG) or recreate it by hand after layoutonly")
+        steps.append(Step(f"lv {lv.vg}/{lv.name}", f"LVM LV {lv.vg}/{lv.name} ({lv.segment_type})",
+                          lvm("lvcreate", "-y", "-Wy", "-Zy", "-n", lv.name, *lvcreate_args(ctx, lv, vg), vg.name),
+                          after=[steps[-1].id if steps else after]))
+    return steps
+
+
+def lvcreate_args(ctx: PlanContext, lv: LogicalVolume, vg: VolumeGroup) -> List[str]:
+    extents = ctx.lv_extents.get(lv.id, lv.size // vg.extent_size if vg.extent_size else 0)
+    size = ["-l", "100%FREE"] if extents == -1 else ["-l", str(extents)]
+    kind = lv.segment_type
+    if kind == "thin":
+        return ["--type", "thin", "-V", f"{lv.size // 1024}k", "--thinpool", lv.pool or ""]
+    args = ["--type", kind] + size
+    if kind == "striped" and lv.stripes > 1:
+        args += ["-i", str(lv.stripes), "-I", f"{lv.stripe_size // 1024}k"]
+    elif kind in ("raid1", "mirror"):
+        args += ["-m", str(max(1, lv.data_copies - 1))]
+    elif kind in ("raid0", "raid4", "raid5", "raid6", "raid10") and lv.stripes > 1:
+        args += ["-i", str(lv.stripes)]
+    if kind == "thin-pool" and lv.metadata_size:
+        args += ["--poolmetadatasize", f"{lv.metadata_size // 1024}k"]
+    return args
+
+
+@plan_item.register
+def plan_lv(lv: LogicalVolume, ctx: PlanContext) -> List[Step]:
+    """LVs come with their VG (vgcfgrestore or lvcreate); a restored VG whose PV grew gives
+    the growing LV what the PV gained."""
+    vg = next(v for v in ctx.layout.volume_groups if v.name == lv.vg)
+    if ctx.lv_extents.get(lv.id) != -1 or not vgcfg_restorable(ctx, vg):
+        return []
+    pv = next(p for p in ctx.layout.physical_volumes if p.vg == lv.vg)
+    steps = [Step(f"pvresize {ctx.name(pv.device)}", f"LVM PV {ctx.name(pv.device)}: use the larger partition",
+                  lvm("pvresize", ctx.name(pv.device)), after=[ctx.made[lv.id]]),
+             Step(f"lvextend {lv.vg}/{lv.name}", f"LVM LV {lv.vg}/{lv.name}: grow into what the PV gained",
+                  lvm("lvextend", "-l", "+100%FREE", f"{lv.vg}/{lv.name}"))]
+    steps[1].after = [steps[0].id]
+    ctx.made[lv.id] = steps[1].id
+    return steps
+
+
+@plan_item.register
+def plan_filesystem(fs: Filesystem, ctx: PlanContext) -> List[Step]:
+    device = ctx.name(fs.device)
+    resized = fs.device in ctx.grown or ctx.name(fs.device) in ctx.grown
+    argv, fallback, note = mkfs_command(fs, device, resized)
+    step = Step(f"mkfs {device}", f"{fs.type} on {device}" + (f" (UUID {fs.uuid})" if fs.uuid else ""), argv,
+                fallback=fallback, note=note, after=ctx.after(fs.device))
+    steps = [step] + btrfs_subvolume_steps(fs, device, ctx, step.id)
+    if fs.type == "xfs" and resized:
+        ctx.notes.append(f"{device}: XFS cannot shrink or be resized in place; it is made new at its new size "
+                         "(its files come from the backup)")
+    if not fs.uuid:
+        ctx.notes.append(f"{device}: the layout has no UUID for its {fs.type} filesystem; it gets a new one")
+    ctx.made[f"fs:{fs.device}"] = steps[-1].id
+    return steps
+
+
+def mkfs_command(fs: Filesystem, device: str, resized: bool) -> Tuple[List[str], List[str], str]:
+    """(mkfs argv with the original's UUID, label and options, the same with only UUID and
+    label for a tool that rejects an option, why) for each filesystem type rescue makes."""
+    opts, uuid, label = fs.options or {}, fs.uuid, fs.label
+    if fs.type in ("ext2", "ext3", "ext4"):
+        base = ["mke2fs", "-F", "-q", "-t", fs.type] + (["-U", uuid] if uuid else []) + (["-L", label] if label else [])
+        extra = ext_options(opts, resized)
+        return base + extra + [device], (base + [device] if extra else []), ""
+    if fs.type == "xfs":
+        meta = ["uuid=" + uuid] if uuid else []
+        base = ["mkfs.xfs", "-f"] + (["-m", ",".join(meta)] if meta else []) + (["-L", label] if label else [])
+        return xfs_command(opts, uuid, label, resized) + [device], base + [device], \
+            "mkfs.xfs -m uuid= (not xfs_admin -U, whose incompat flag GRUB cannot read: ReaR #1065)"
+    if fs.type == "vfat":
+        volume_id = (opts.get("volume_id") or "").replace("-", "")
+        argv = ["mkfs.vfat"] + (["-F", str(opts["fat_size"])] if opts.get("fat_size") else [])
+        argv += (["-i", volume_id] if volume_id else []) + (["-n", label] if label else [])
+        return argv + [device], [], ""
+    if fs.type == "btrfs":
+        return ["mkfs.btrfs", "-f"] + (["-U", uuid] if uuid else []) + (["-L", label] if label else []) + [device], [], ""
+    raise RescueError(f"rescue cannot make {fs.type} filesystems ({fs.device})",
+                      "leave it out of the layout (EXCLUDE_MOUNTPOINTS) and recreate it by hand")
+
+
+def ext_options(opts: Dict[str, object], resized: bool) -> List[str]:
+    out: List[str] = []
+    if opts.get("block_size"):
+        out += ["-b", str(opts["block_size"])]
+    if opts.get("inode_size"):
+        out += ["-I", str(opts["inode_size"])]
+    if opts.get("inode_count") and not resized:
+        out += ["-N", str(opts["inode_count"])]
+    elif opts.get("bytes_per_inode"):
+        out += ["-i", str(opts["bytes_per_inode"])]
+    blocks, reserved = opts.get("block_count"), opts.get("reserved_blocks")
+    if blocks and reserved is not None:
+        out += ["-m", f"{100 * int(reserved) / int(blocks):.2f}".rstrip("0").rstrip(".")]
+    features = [f for f in opts.get("features") or [] if f not in EXT_FEATURES_NOT_SET]
+    if features:
+        out += ["-O", "none," + ",".join(features)]
+    return out
+
+
+def xfs_command(opts: Dict[str, Dict[str, str]], uuid: Optional[str], label: Optional[str], resized: bool) -> List[str]:
+    meta = opts.get("meta-data", {})
+    data, naming = opts.get("data", {}), opts.get("naming", {})
+    m = (["uuid=" + uuid] if uuid else []) + [f"{k}={meta[k]}" for k in ("crc", "finobt", "rmapbt", "reflink",
+                                                                          "bigtime", "inobtcount") if k in meta]
+    argv = ["mkfs.xfs", "-f"] + (["-m", ",".join(m)] if m else []) + (["-L", label] if label else [])
+    inode = [f"size={meta['isize']}"] if "isize" in meta else []
+    inode += [f"sparse={meta['sparse']}"] if "sparse" in meta else []
+    argv += ["-i", ",".join(inode)] if inode else []
+    argv += ["-b", f"size={data['bsize']}"] if "bsize" in data else []
+    argv += ["-n", f"ftype={naming['ftype']}"] if "ftype" in naming else []
+    if "agcount" in meta and not resized:
+        argv += ["-d", f"agcount={meta['agcount']}"]
+    return argv
+
+
+def btrfs_subvolume_steps(fs: Filesystem, device: str, ctx: PlanContext, after: str) -> List[Step]:
+    """Subvolumes parent first, then the default one (ReaR #2067), in the filesystem's top level
+    mounted aside for a moment."""
+    subvolumes = (fs.options or {}).get("subvolumes") or []
+    if fs.type != "btrfs" or not subvolumes:
+        return []
+    top = f"/run/rescue/btrfs-{len(ctx.made)}"
+    steps = [Step(f"btrfs top {device}", f"btrfs {device}: mount its top level at {top}", action="mount",
+                  params={"device": device, "path": top, "type": "btrfs", "options": "subvolid=5"}, after=[after])]
+    for sub in sorted(subvolumes, key=lambda s: (str(s["path"]).count("/"), str(s["path"]))):
+        steps.append(Step(f"btrfs subvolume {device} {sub['path']}", f"btrfs {device}: subvolume {sub['path']}",
+                          ["btrfs", "subvolume", "create", f"{top}/{sub['path']}"], after=[steps[-1].id]))
+    default = next((s for s in subvolumes if s["id"] == (fs.options or {}).get("default_subvolume")), None)
+    if default:
+        steps.append(Step(f"btrfs default {device}", f"btrfs {device}: default subvolume {default['path']}",
+                          ["btrfs", "subvolume", "set-default", f"{top}/{default['path']}"], after=[steps[-1].id]))
+    steps.append(Step(f"btrfs done {device}", f"btrfs {device}: unmount its top level", ["umount", top],
+                      after=[steps[-1].id]))
+    ctx.notes.append(f"{device}: btrfs subvolumes get new IDs; mounts name them by path (subvol=)")
+    return steps
+
+
+@plan_item.register
+def plan_swap(swap: Swap, ctx: PlanContext) -> List[Step]:
+    device = ctx.name(swap.device)
+    argv = ["mkswap", "-f"] + (["-U", swap.uuid] if swap.uuid else []) + (["-L", swap.label] if swap.label else [])
+    return [Step(f"mkswap {device}", f"swap on {device}", argv + [device], after=ctx.after(swap.device))]
+
+
+@plan_item.register
+def plan_mount(mount: Mount, ctx: PlanContext) -> List[Step]:
+    device = ctx.name(mount.device)
+    path = os.path.normpath(ctx.options.target_root + "/" + mount.mountpoint)
+    after = [ctx.made[f"fs:{mount.device}"]] if f"fs:{mount.device}" in ctx.made else []
+    if mount.parent:
+        after.append(ctx.made[f"mount:{mount.parent}"])
+    step = Step(f"mount {mount.mountpoint}", f"Mount {device} at {path}", action="mount",
+                params={"device": device, "path": path, "type": mount.type,
+                        "options": recovery_mount_options(mount)}, after=after)
+    ctx.made[f"mount:{mount.mountpoint}"] = step.id
+    return [step]
+
+
+def recovery_mount_options(mount: Mount) -> str:
+    """The original options, without what would stop a restore or mount the wrong thing (ro,
+    noauto, an old subvolume ID, SELinux contexts); btrfs: the subvolume by path."""
+    kept = [o for o in mount.options.split(",") if o and o not in MOUNT_OPTIONS_DROPPED
+            and not o.startswith(MOUNT_OPTION_PREFIXES_DROPPED)]
+    if mount.type == "btrfs" and mount.subvolume:
+        kept.append("subvol=" + mount.subvolume)
+    return ",".join(kept)
+
+
+# -- mountonly: the tree as it is --------------------------------------------------------------
+
+def mountonly_plan(layout: Layout, target_root: str) -> List[Step]:
+    """Assemble the arrays, open the LUKS devices, activate the VGs and mount every filesystem
+    of the layout by its UUID under target_root: nothing is created, and a filesystem whose
+    UUID is not there is an error, not a guess."""
+    steps: List[Step] = []
+    filesystems = {f.device: f for f in layout.filesystems}
+    for item in creation_order(layout, {d.id for d in layout.disks}):
+        if isinstance(item, MdArray):
+            steps += [Step(f"assemble {item.id}", f"RAID {item.id}: assemble it", ["mdadm", "--assemble", item.id, "--run"]
+                           + ([f"--uuid={item.uuid}"] if item.uuid else []), optional=True),
+                      Step(f"wait for {item.id}", f"RAID {item.id}: wait for the device", action="devices",
+                           params={"devices": [item.id]})]
+        elif isinstance(item, Luks):
+            if not item.uuid:
+                raise RescueError(f"the layout has no UUID for the LUKS device {item.name}", "make the layout anew")
+            steps.append(Step(f"open {item.id}", f"Open {item.name}", action="open_luks",
+                              params={"uuid": item.uuid, "name": item.name}, secret=f"luks:{item.name}"))
+        elif isinstance(item, VolumeGroup):
+            steps.append(Step(f"activate {item.name}", f"Activate the LVs of {item.name}", lvm("vgchange", "-ay", item.name)))
+        elif isinstance(item, Mount):
+            fs = filesystems.get(item.device)
+            if fs is None or not fs.uuid:
+                raise RescueError(f"the layout has no filesystem UUID for {item.mountpoint}", "make the layout anew")
+            steps.append(Step(f"mount {item.mountpoint}", f"Mount UUID={fs.uuid} at {item.mountpoint}", action="mount",
+                              params={"device": f"UUID={fs.uuid}", "path": os.path.normpath(target_root + "/" + item.mountpoint),
+                                      "type": item.type, "options": recovery_mount_options(item)}))
+    return steps
+
+
+# -- how a plan is shown ----------------------------------------------------------------------
+
+def step_command(step: Step) -> str:
+    """The step as one shell command line (actions as the commands that do the same)."""
+    env = "".join(f"{k}={v} " for k, v in sorted(step.env.items()))
+    if step.argv:
+        line = env + " ".join(shlex.quote(a) for a in step.argv)
+        if step.secret:
+            line = f'printf %s "${secret_variable(step.secret)}" | ' + line
+        return line
+    p = step.params
+    if step.action == "mount":
+        options = ["-o", str(p["options"])] if p.get("options") else []
+        mount = " ".join(shlex.quote(a) for a in ["mount", "-t", str(p["type"])] + options + [str(p["device"]), str(p["path"])])
+        return f"mkdir -p {shlex.quote(str(p['path']))} && {{ mountpoint -q {shlex.quote(str(p['path']))} || {mount}; }}"
+    if step.action == "partitions":
+        checks = " && ".join(f"[ -b {shlex.quote(path)} ]" for _, path in p["partitions"])
+        return f"until {checks}; do partx -u {shlex.quote(str(p['disk']))}; sleep 0.2; done"
+    if step.action == "devices":
+        checks = " && ".join(f"[ -b {shlex.quote(str(d))} ]" for d in p["devices"])
+        return f"until {checks}; do sleep 0.2; done"
+    return f"# {step.action} {p}"
+
+
+def secret_variable(secret: str) -> str:
+    return "SECRET_" + re.sub(r"[^A-Za-z0-9]", "_", secret).upper()
+
+
+def describe_plan(plan: Plan, layout: Layout, here: Sequence[DiskHere]) -> str:
+    lines = ["Disks (the layout's -> the disks here):"]
+    lines += ["  " + line for line in describe_mapping(plan.mapping, layout, here)]
+    lines += ["", "Disks to be wiped completely: " + (", ".join(plan.wipe) or "none")]
+    if plan.notes:
+        lines += ["", "Notes:"] + [f"  {note}" for note in plan.notes]
+    lines += ["", f"Steps ({len(plan.steps)}):"]
+    for n, step in enumerate(plan.steps, 1):
+        lines.append(f"  {n:3}. {step.title}")
+        lines.append(f"       {step_command(step)}")
+        if step.input:
+            lines += [f"         | {line}" for line in step.input.rstrip("\n").splitlines()]
+    return "\n".join(lines)
+
+
+def plan_script(plan: Plan, layout: Layout, here: Sequence[DiskHere]) -> str:
+    """The plan as a bash script a person could read and run by hand in the rescue system."""
+    out = ["#!/bin/bash", f"# rescue {__version__}: recreate the storage of {layout.hostname} (made by layoutonly --script).",
+           "# Review it first: it WIPES " + (", ".join(plan.wipe) or "nothing") + ".", "set -euo pipefail", ""]
+    out += ["# " + line for line in describe_mapping(plan.mapping, layout, here)] + [""]
+    for name, what in plan.secrets:
+        out += [f"# {what}: the passphrase, typed once here",
+                f"read -r -s -p 'Passphrase for {what}: ' {secret_variable(name)}; echo"]
+    out += ["# " + note for note in plan.notes]
+    for n, step in enumerate(plan.steps, 1):
+        out += ["", f"# {n}. {step.title}" + (f" ({step.note})" if step.note else "")]
+        if step.input:
+            out.append(step_command(step) + " <<'EOF'")
+            out += step.input.rstrip("\n").splitlines() + ["EOF"]
+        else:
+            out.append(step_command(step))
+    return "\n".join(out) + "\n"
+
+
+def plan_json(plan: Plan, layout: Layout) -> str:
+    return json.dumps({"hostname": layout.hostname, "mapping": plan.mapping.disks, "rules": plan.mapping.reasons,
+                       "left_out": plan.mapping.left_out, "wipe": plan.wipe, "notes": plan.notes,
+                       "secrets": [name for name, _ in plan.secrets], "target_root": plan.target_root,
+                       "steps": [dataclasses.asdict(s) for s in plan.steps]}, indent=2)
+
+
+# =============================================================================================
+# 11. duplicity and the backup target
 #
 # dist/rescue.pyz carries duplicity (pure Python once, plus _librsync for CPython 3.9-3.13), so
 # one copied file works where duplicity is not installed; DUPLICITY_PROG selects another one.
@@ -3187,7 +4301,7 @@ def check_backup_there(ctx: "Context", url: str, needed: bool = True) -> bool:
 
 
 # =============================================================================================
-# 10. backup: command lines
+# 12. backup: command lines
 #
 # duplicity does the work; rescue decides what it is given. Pure builders turn the
 # configuration and the mounts into argv lists (selection, encryption, retention, backup,
@@ -3565,7 +4679,7 @@ class WriteProgress:
 
 
 # =============================================================================================
-# 11. backup: chains and runs
+# 13. backup: chains and runs
 #
 # A backup run: the layout first, then what duplicity does not keep (rescue's own record),
 # the plan of parallel chains, retention, and the chains side by side, with a truthful record
@@ -4153,9 +5267,10 @@ def run_retention(ctx: "Context", opts: DuplicityOptions, url: str, parts: Seque
 
 
 def without_usage(value: object) -> object:
-    """A layout.json value without "used" (how full a filesystem is: it changes all the time)."""
+    """A layout.json value without "used" (how full a filesystem is: it changes all the time)
+    and without the digest, which covers it."""
     if isinstance(value, dict):
-        return {k: without_usage(v) for k, v in value.items() if k != "used"}
+        return {k: without_usage(v) for k, v in value.items() if k not in ("used", "digest")}
     if isinstance(value, list):
         return [without_usage(v) for v in value]
     return value
@@ -4330,7 +5445,7 @@ def make_backup(ctx: "Context") -> int:
 
 
 # =============================================================================================
-# 12. restore
+# 14. restore
 #
 # duplicity 3.x refuses to restore into a directory that is not empty, even with --force, and
 # recovery restores into /mnt/local where the child filesystems (/boot, /home, …) are already
@@ -4674,7 +5789,7 @@ def fetch_layout(ctx: "Context", destination: Path, time_: Optional[str]) -> Non
 
 
 # =============================================================================================
-# 13. status and verify
+# 15. status and verify
 # =============================================================================================
 
 SET_LINE_RE = re.compile(r"^\s*(Full|Incremental)\s+(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\s+(\d+)\s*$")
@@ -4788,7 +5903,404 @@ def verify_backup(ctx: "Context", time_: Optional[str]) -> Tuple[int, int, List[
 
 
 # =============================================================================================
-# 14. cli
+# 16. recreate: execute
+#
+# One short loop runs a plan's steps through the Runner, each timed and logged, and journals
+# each finished step (VAR_DIR/recreate.json: the layout's digest, the mapping with each disk's
+# identity, the plan, the steps done), so that a re-run after a failure or a kill checks that
+# the disks are the same and resumes at the step that did not finish. Before the first step:
+# the programs the plan needs, the one confirmation, the passphrases.
+# =============================================================================================
+
+RECREATE_STATE = "recreate.json"
+WAIT_SECONDS = 60.0
+
+
+@dataclass
+class RecreateState:
+    layout_digest: str
+    mapping: Dict[str, Dict[str, object]]      # layout disk -> the identity of the disk here
+    plan: Dict[str, object]                    # plan_json's content
+    done: List[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+
+def read_recreate_state(path: Path) -> Optional[RecreateState]:
+    try:
+        data = json.loads(path.read_text())
+        state = RecreateState(str(data["layout_digest"]), dict(data["mapping"]), dict(data["plan"]),
+                              [str(s) for s in data.get("done", [])])
+        [Step(**step) for step in state.plan["steps"]]
+        return state
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RescueError(f"cannot read the journal of an earlier layoutonly ({path}): {exc}",
+                          "start over with --restart (the disks are planned and confirmed anew)") from None
+
+
+def plan_from_state(state: RecreateState) -> List[Step]:
+    return [Step(**step) for step in state.plan["steps"]]
+
+
+def programs_needed(steps: Sequence[Step]) -> List[str]:
+    names = {s.argv[0] for s in steps if s.argv}
+    names |= {"mount", "mkdir"} if any(s.action == "mount" for s in steps) else set()
+    names |= {"partx"} if any(s.action == "partitions" for s in steps) else set()
+    return sorted(names)
+
+
+def check_programs(steps: Sequence[Step]) -> None:
+    missing = [p for p in programs_needed(steps) if not shutil_which(p)]
+    if missing:
+        errors = [missing_program(p) for p in missing]
+        raise RescueError(f"this system lacks what the layout needs: {', '.join(missing)}",
+                          "; ".join(e.hint for e in errors) + " (or use rescue media made on the original machine)")
+
+
+def confirm(ctx: Context, question: str, preset: str) -> bool:
+    """yes or no, asked once: --yes or a preset answer from the configuration say yes; "no",
+    anything else, a timeout (USER_INPUT_TIMEOUT) and the end of input say no."""
+    if ctx.args.yes:
+        ctx.log.say(f"{question} yes (--yes)")
+        return True
+    if preset:
+        ctx.log.say(f"{question} {preset} (preset by the configuration)")
+        return preset.lower() in TRUE_WORDS
+    if ctx.args.non_interactive:
+        ctx.log.say(f"{question} no (--non-interactive without --yes)")
+        return False
+    timeout = ctx.config.setting("USER_INPUT_TIMEOUT")
+    answer = ask_line(f"{question} [yes/no, no after {timeout:g} secs]: ", timeout)
+    ctx.log.info(f"answer: {answer!r}")
+    return (answer or "").strip().lower() in ("y", "yes")
+
+
+def luks_secrets(ctx: Context, secrets: Sequence[Tuple[str, str]], new: bool = True) -> Dict[str, str]:
+    """The passphrase of each (new) LUKS device: LUKS_KEY_FILE's content (one trailing newline
+    taken off, as cryptsetup does with a typed one), else typed at the prompt (twice if new)."""
+    out: Dict[str, str] = {}
+    if not secrets:
+        return out
+    key_file = ctx.config.setting("LUKS_KEY_FILE")
+    if key_file:
+        try:
+            text = Path(key_file).read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError as exc:
+            raise RescueError(f"cannot read LUKS_KEY_FILE {key_file}: {exc.strerror}",
+                              "give a readable file, or leave LUKS_KEY_FILE empty to type the passphrase") from None
+        value = text[:-1] if text.endswith("\n") else text
+        if not value:
+            raise RescueError(f"LUKS_KEY_FILE {key_file} is empty", "write the passphrase into it")
+        out = {name: value for name, _ in secrets}
+    elif ctx.args.non_interactive:
+        raise RescueError("a passphrase is needed for " + ", ".join(what for _, what in secrets)
+                          + ", and --non-interactive forbids asking", "set LUKS_KEY_FILE to a file that holds it")
+    else:
+        timeout = ctx.config.setting("USER_INPUT_TIMEOUT")
+        for name, what in secrets:
+            first = ask_secret(f"{'New passphrase' if new else 'Passphrase'} for {what} [{timeout:g} secs]: ", timeout)
+            if not first or (new and ask_secret("The same passphrase again: ", timeout) != first):
+                raise RescueError(f"no passphrase for {what}, or the two differed", "run again (nothing was touched)")
+            out[name] = first
+    for value in out.values():
+        ctx.log.add_secret(value)
+    return out
+
+
+def run_plan_steps(ctx: Context, steps: Sequence[Step], state: RecreateState, state_path: Path,
+                   secrets: Dict[str, str], resume_command: str) -> None:
+    total = len(steps)
+    for n, step in enumerate(steps, 1):
+        if step.id in state.done:
+            continue
+        ctx.log.say(f"[{n}/{total}] {step.title}")
+        started = time.monotonic()
+        try:
+            run_step(ctx, step, secrets)
+        except RescueError as exc:
+            raise RescueError(f"step {n}/{total} failed: {step.title}: {exc.message}",
+                              f"the command: {step_command(step)}\n{exc.hint}\n"
+                              f"fix the cause, then resume with: {resume_command}") from None
+        ctx.log.info(f"step {n} done in {time.monotonic() - started:.1f} s")
+        state.done.append(step.id)
+        write_file(state_path, state.to_json())
+
+
+def run_step(ctx: Context, step: Step, secrets: Dict[str, str]) -> None:
+    if step.action:
+        STEP_ACTIONS[step.action](ctx, **step.params, **({"secret": secrets[step.secret]} if step.secret else {}))
+        return
+    given = secrets[step.secret] if step.secret else (step.input or None)
+    result = ctx.runner.run(step.argv, input=given, env=step.env or None, check=False, timeout=3600)
+    if result.returncode != 0 and step.fallback:
+        ctx.log.warn(f"{step.argv[0]} refused the original options ({(result.stderr or result.stdout).strip()[-200:]}); "
+                     "making it with its defaults (UUID and label kept)")
+        result = ctx.runner.run(step.fallback, input=given, env=step.env or None, check=False, timeout=3600)
+    if result.returncode != 0 and step.optional:
+        ctx.log.info(f"{step.title}: nothing to do ({(result.stderr or result.stdout).strip()[-200:]})")
+    elif result.returncode != 0:
+        raise CommandError(ctx.runner.command_line(step.fallback or step.argv, step.env), result.returncode,
+                           ctx.log.redact(result.stderr or result.stdout))
+
+
+def is_partition_of(path: str, disk: str, number: int) -> bool:
+    """Whether the kernel shows path as partition `number` of disk (sysfs, not names)."""
+    try:
+        if not stat.S_ISBLK(os.stat(path).st_mode):
+            return False
+        sysfs = Path("/sys/class/block") / os.path.basename(os.path.realpath(path))
+        parent = os.path.basename(os.path.realpath(str(sysfs / "..")))
+        return (sysfs / "partition").read_text().strip() == str(number) and \
+            parent == os.path.basename(os.path.realpath(disk))
+    except OSError:
+        return False
+
+
+def action_partitions(ctx: Context, disk: str, partitions: Sequence[Sequence[object]]) -> None:
+    """Poll until every partition is there as the kernel names it (udevadm settle only waits
+    for events already queued: ReaR #791); ask the kernel to re-read with partx meanwhile."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        missing = [str(path) for number, path in partitions if not is_partition_of(str(path), disk, int(number))]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise RescueError(f"the kernel does not show {', '.join(missing)} as partitions of {disk} "
+                              f"after {WAIT_SECONDS:g} s", "check dmesg; another program may hold the disk")
+        for argv in (["partx", "-a", disk], ["partx", "-u", disk]):
+            ctx.runner.run(argv, check=False, timeout=60)
+        time.sleep(0.2)
+
+
+def action_devices(ctx: Context, devices: Sequence[str]) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        missing = [d for d in devices if not (os.path.exists(d) and stat.S_ISBLK(os.stat(d).st_mode))]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise RescueError(f"{', '.join(missing)} did not appear within {WAIT_SECONDS:g} s", "check dmesg")
+        time.sleep(0.2)
+
+
+def mounted_at(path: str) -> Optional[str]:
+    """The source last mounted at path (from /proc/self/mounts), or None."""
+    found = None
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            cols = line.split()
+            if len(cols) > 2 and cols[1].replace("\\040", " ") == path:
+                found = cols[0]
+    return found
+
+
+def action_mount(ctx: Context, device: str, path: str, type: str, options: str) -> None:
+    """Mount device at path unless it is mounted there already (a re-run); with the original
+    options, or with none when the kernel refuses one of them."""
+    source = mounted_at(path)
+    if source and os.path.realpath(source) == os.path.realpath(device):
+        ctx.log.info(f"{device} is mounted at {path} already")
+        return
+    device = resolve_uuid(ctx, device)
+    os.makedirs(path, exist_ok=True)
+    argv = ["mount", "-t", type] + (["-o", options] if options else []) + [device, path]
+    result = ctx.runner.run(argv, check=False, timeout=600)
+    if result.returncode != 0 and options:
+        ctx.log.warn(f"mounting {device} with {options} failed ({result.stderr.strip()[-200:]}); trying without them")
+        result = ctx.runner.run(["mount", "-t", type, device, path], check=False, timeout=600)
+    if result.returncode != 0:
+        raise CommandError(ctx.runner.command_line(argv, None), result.returncode, result.stderr)
+
+
+# -- the layout a recovery starts from, and the disks here ----------------------------------------
+
+FETCHED_LAYOUT = "layout-from-backup"
+
+
+def recovery_layout(ctx: Context) -> Tuple[Layout, Path]:
+    """--layout FILE, else the rescue system's own copy, else the one stored beside the backup
+    (fetched as of --restore-time); says which. Returns the layout and its file."""
+    args, config = ctx.args, ctx.config
+    if args.layout:
+        path, source = Path(args.layout), "given with --layout"
+    elif (layout_dir(config) / "layout.json").is_file():
+        path, source = layout_dir(config) / "layout.json", "the rescue system's copy"
+    else:
+        fetched = var_dir(config) / FETCHED_LAYOUT
+        if not (fetched / "layout" / "layout.json").is_file():
+            ctx.log.say("No layout here: fetching the one stored beside the backup")
+            shutil.rmtree(str(fetched), ignore_errors=True)
+            fetch_layout(ctx, fetched, restore_time(config, getattr(args, "restore_time", None)))
+        path, source = fetched / "layout" / "layout.json", "stored beside the backup"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RescueError(f"cannot read the layout {path}: {getattr(exc, 'strerror', None) or exc}",
+                          "give a layout.json made by rescue savelayout (--layout FILE)") from None
+    layout = layout_from_json(text, str(path))
+    ctx.log.say(f"Using the layout of {layout.hostname} in {path} ({source})")
+    return layout, path
+
+
+def vgcfg_files(layout: Layout, layout_file: Path) -> Dict[str, Tuple[str, str]]:
+    """The vgcfgbackup file of each VG, from lvm/ beside layout.json (VG -> (path, text))."""
+    out = {}
+    for vg in layout.volume_groups:
+        path = layout_file.parent / "lvm" / f"{vg.name}.vgcfg"
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            out[vg.name] = (str(path), path.read_text())
+    return out
+
+
+def probe_disks_here(probe: Probe, config: Config, own_root: Optional[str] = None) -> List[DiskHere]:
+    """The disks here, from the same questions savelayout asks (so its recording can answer).
+    Mounts below own_root (the tree an earlier run mounted) do not make a disk busy."""
+    nodes = parse_lsblk(probe_output(probe, ["lsblk", "-J", "-b", "-p", "-o", LSBLK_COLUMNS], True))
+    mounts = parse_findmnt(probe_output(probe, ["findmnt", "-J", "-l", "-b", "-o", FINDMNT_COLUMNS], True))
+    if own_root:
+        mounts = [m for m in mounts if not path_within(str(m.get("target")), own_root)]
+    swaps = parse_proc_swaps(probe.read_text("/proc/swaps") or "")
+    vg_of_pv: Dict[str, str] = {}
+    if probe.which("lvm"):
+        report = probe_output(probe, ["lvm", "pvs", *LVM_REPORT, "-o", PV_FIELDS]) or '{"report": []}'
+        vg_of_pv = {r["pv_name"]: r["vg_name"] for r in parse_lvm_report(report, "pv") if r.get("vg_name")}
+    return disks_here(nodes, mounts, swaps, probe.links("/dev/disk/by-id"), vg_of_pv,
+                      url_path(config.setting("BACKUP_DUPLICITY_URL")))
+
+
+def explicit_mapping(ctx: Context) -> Dict[str, str]:
+    """ReaR's mapping file (CONFIG_DIR/mappings/disk_mappings), then each --map OLD=NEW."""
+    out: Dict[str, str] = {}
+    path = config_directory(ctx.args.config_dir) / "mappings" / "disk_mappings"
+    if path.is_file():
+        out.update(parse_mapping_file(path.read_text(errors="replace"), str(path)))
+        ctx.log.say(f"Using the disk mapping in {path}")
+    for item in ctx.args.map:
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise ConfigError(f"--map {item}: expected OLD=NEW", "e.g. --map /dev/sda=/dev/nvme0n1")
+        out[old] = new
+    return out
+
+
+def recreate_options(config: Config, layout: Layout, layout_file: Path) -> RecreateOptions:
+    resize = config.setting("AUTORESIZE_PARTITIONS")
+    return RecreateOptions(config.setting("TARGET_FS_ROOT"),
+                           not (resize and resize[0].lower() in FALSE_WORDS - {""}),
+                           config.setting("AUTORESIZE_LV"), vgcfg_files(layout, layout_file))
+
+
+def check_same_disks(state: RecreateState, here: Sequence[DiskHere]) -> None:
+    """A resumed run goes on only on the disks the interrupted one was confirmed for."""
+    by_path = {d.path: d for d in here}
+    for old, identity in state.mapping.items():
+        disk = by_path.get(str(identity["path"]))
+        if disk is None or disk.identity() != identity:
+            raise RescueError(f"the disk that was to take the place of {old} ({identity['path']}) is not here "
+                              "as it was when the interrupted run started",
+                              "start over with --restart (the disks are planned and confirmed anew)")
+        if disk.in_use:
+            raise RescueError(f"{disk.path} cannot be used: {disk.in_use}", "unmount it, then resume")
+
+
+def recreate(ctx: Context, resume_command: str) -> RecreateState:
+    """layoutonly's work, also recover's first part: plan (or resume), show, confirm, run."""
+    args, config = ctx.args, ctx.config
+    layout, layout_file = recovery_layout(ctx)
+    digest = layout_digest(json.loads(layout_to_json(layout)))
+    reviewing = args.plan or args.script or args.json
+    probe = Probe(replay_dir=Path(args.replay)) if args.replay else Probe(ctx.runner)
+    if args.replay and not reviewing:
+        raise ConfigError("--replay makes a plan to review only", "add --plan, --script FILE or --json")
+    if not reviewing:
+        require_root("layoutonly")
+    state_path = var_dir(config) / RECREATE_STATE
+    state = None if (reviewing or args.restart) else read_recreate_state(state_path)
+    if state is not None and state.layout_digest != digest:
+        raise RescueError(f"{state_path} is the journal of a run with another layout",
+                          "start over with --restart (the disks are planned and confirmed anew)")
+    if state is not None:
+        steps = plan_from_state(state)
+        left = [s for s in steps if s.id not in state.done]
+        if not left:
+            ctx.log.say(f"Nothing to do: the storage of {layout.hostname} was recreated (journal {state_path}); "
+                        "--restart does it again")
+            return state
+        check_same_disks(state, probe_disks_here(probe, config, config.setting("TARGET_FS_ROOT")))
+        ctx.log.say(f"Resuming the interrupted run at step {len(steps) - len(left) + 1} of {len(steps)}: {left[0].title}")
+        check_programs(left)
+        secrets = luks_secrets(ctx, [(str(name), str(what)) for name, what in state.plan["secrets_asked"]
+                                     if any(x.secret == name for x in left)])
+        with Lock(Path(config.setting("LOCKFILE")), "layoutonly"):
+            run_plan_steps(ctx, steps, state, state_path, secrets, resume_command)
+        return state
+    here = probe_disks_here(probe, config)
+    mapping = map_disks(layout, here, explicit_mapping(ctx))
+    plan = recreate_plan(layout, here, mapping, recreate_options(config, layout, layout_file))
+    if reviewing:
+        show_plan(ctx, plan, layout, here)
+        return RecreateState(digest, {}, {})
+    check_programs(plan.steps)
+    for line in describe_plan(plan, layout, here).split("\n\nSteps")[0].splitlines():
+        ctx.log.say(line)
+    preset = "" if mapping.guessed else config.setting("USER_INPUT_WIPE_DISKS_CONFIRMATION")
+    if mapping.guessed:
+        ctx.log.say("The mapping chose between disks of the same size by the rules above: check it.")
+    if not confirm(ctx, f"Wipe {', '.join(plan.wipe) or 'no disk'} and recreate the storage of {layout.hostname}?", preset):
+        raise RescueError("not confirmed: nothing was touched", "run again and answer yes, or give --map OLD=NEW")
+    secrets = luks_secrets(ctx, plan.secrets)
+    by_path = {d.path: d for d in here}
+    state = RecreateState(digest, {old: by_path[new].identity() for old, new in mapping.disks.items()},
+                          dict(json.loads(plan_json(plan, layout)), secrets_asked=[list(x) for x in plan.secrets]))
+    with Lock(Path(config.setting("LOCKFILE")), "layoutonly"):
+        write_file(state_path, state.to_json())
+        run_plan_steps(ctx, plan.steps, state, state_path, secrets, resume_command)
+    return state
+
+
+def show_plan(ctx: Context, plan: Plan, layout: Layout, here: Sequence[DiskHere]) -> None:
+    """--plan, --script FILE, --json: the plan to review; nothing is touched."""
+    if ctx.args.script:
+        write_file(Path(ctx.args.script), plan_script(plan, layout, here), 0o700)
+        ctx.log.say(f"Wrote the plan as a script to {ctx.args.script} (nothing was run)")
+    if ctx.args.json:
+        print(plan_json(plan, layout))
+    elif ctx.args.plan:
+        print(describe_plan(plan, layout, here))
+
+
+def resolve_uuid(ctx: Context, device: str) -> str:
+    """A device given as UUID=… (mountonly: names may have changed, UUIDs may not)."""
+    if not device.startswith("UUID="):
+        return device
+    uuid = device[len("UUID="):]
+    result = ctx.runner.run(["blkid", "-U", uuid], check=False, timeout=120)
+    found = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not found:
+        raise RescueError(f"nothing here has the UUID {uuid} that the layout names",
+                          "mountonly mounts storage recover recreated (the same UUIDs); check with blkid")
+    return found[0]
+
+
+def action_open_luks(ctx: Context, uuid: str, name: str, secret: str) -> None:
+    if os.path.exists(f"/dev/mapper/{name}"):
+        ctx.log.info(f"{name} is open already")
+        return
+    device = resolve_uuid(ctx, f"UUID={uuid}")
+    ctx.runner.run(["cryptsetup", "open", "--key-file=-", device, name], input=secret, env=dict(NO_UDEV_ENV),
+                   timeout=600)
+
+
+STEP_ACTIONS: Dict[str, Callable[..., None]] = {
+    "partitions": action_partitions, "devices": action_devices, "mount": action_mount,
+    "open_luks": action_open_luks}
+
+
+# =============================================================================================
+# 17. cli
 # =============================================================================================
 
 @dataclass
@@ -4963,6 +6475,50 @@ def wf_restoreonly(ctx: Context) -> int:
     started = time.monotonic()
     written = restore_backup(ctx, target, time_)
     ctx.log.say(f"Restore done: {human_size(written)} written into {target} in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def recreate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layout", metavar="FILE", help="the layout.json to recreate (default: LAYOUT_DIR's, "
+                        "else the one stored beside the backup)")
+    parser.add_argument("--restore-time", metavar="TIME", help="the layout stored with the backup of TIME")
+    parser.add_argument("--map", metavar="OLD=NEW", action="append", default=[],
+                        help="put the layout's disk OLD onto the disk NEW here (repeatable)")
+    parser.add_argument("--plan", action="store_true", help="show the mapping, the disks to wipe and every step; run nothing")
+    parser.add_argument("--script", metavar="FILE", help="write the plan as a commented bash script; run nothing")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON; run nothing")
+    parser.add_argument("--replay", metavar="DIR",
+                        help="take the disks here from a 'savelayout --record' recording (with --plan/--script/--json)")
+    parser.add_argument("--yes", action="store_true", help="confirm the mapping and the wipe without asking")
+    parser.add_argument("--restart", action="store_true", help="forget an interrupted run and plan anew")
+
+
+@workflow("layoutonly", "recreate partitions, RAID, LUKS, LVM and filesystems from the layout and mount them "
+          "under TARGET_FS_ROOT (--plan: only show how)", arguments=recreate_arguments)
+def wf_layoutonly(ctx: Context) -> int:
+    recreate(ctx, "rescue layoutonly" + ("" if not ctx.args.layout else f" --layout {shlex.quote(ctx.args.layout)}"))
+    if not (ctx.args.plan or ctx.args.script or ctx.args.json):
+        ctx.log.say(f"Disk layout created; the filesystems are mounted under {ctx.config.setting('TARGET_FS_ROOT')}")
+    return 0
+
+
+def mountonly_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layout", metavar="FILE", help="the layout.json to mount (default: as layoutonly)")
+    parser.add_argument("--restore-time", metavar="TIME", help="the layout stored with the backup of TIME")
+
+
+@workflow("mountonly", "assemble RAID, open LUKS, activate LVM and mount the recreated tree under "
+          "TARGET_FS_ROOT (creates nothing)", needs_root=True, arguments=mountonly_arguments)
+def wf_mountonly(ctx: Context) -> int:
+    layout, _ = recovery_layout(ctx)
+    root = ctx.config.setting("TARGET_FS_ROOT")
+    steps = mountonly_plan(layout, root)
+    check_programs(steps)
+    secrets = luks_secrets(ctx, [(s.secret, f"the LUKS device {s.params['name']}") for s in steps if s.secret], new=False)
+    for n, step in enumerate(steps, 1):
+        ctx.log.say(f"[{n}/{len(steps)}] {step.title}")
+        run_step(ctx, step, secrets)
+    ctx.log.say(f"The storage of {layout.hostname} is mounted under {root}")
     return 0
 
 
