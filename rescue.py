@@ -1354,7 +1354,10 @@ class Runner:
             env = dict(os.environ)
         else:
             env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-        env.setdefault("PATH", DEFAULT_PATH)
+        # The sbin directories too, whatever PATH the caller had: a rescue shell or a cron job
+        # may have a minimal one, and the storage tools live there.
+        dirs = [d for d in env.get("PATH", "").split(":") if d]
+        env["PATH"] = ":".join(dirs + [d for d in DEFAULT_PATH.split(":") if d not in dirs])
         env.update(LC_ALL="C", LANG="C")
         env.update(extra or {})
         for name, value in env.items():
@@ -6206,8 +6209,9 @@ def check_same_disks(state: RecreateState, here: Sequence[DiskHere]) -> None:
             raise RescueError(f"{disk.path} cannot be used: {disk.in_use}", "unmount it, then resume")
 
 
-def recreate(ctx: Context, resume_command: str) -> RecreateState:
-    """layoutonly's work, also recover's first part: plan (or resume), show, confirm, run."""
+def recreate(ctx: Context, resume_command: str) -> Optional[RecreateState]:
+    """layoutonly's work, also recover's first part: plan (or resume), show, confirm, run.
+    None when it only showed the plan."""
     args, config = ctx.args, ctx.config
     layout, layout_file = recovery_layout(ctx)
     digest = layout_digest(json.loads(layout_to_json(layout)))
@@ -6226,8 +6230,8 @@ def recreate(ctx: Context, resume_command: str) -> RecreateState:
         steps = plan_from_state(state)
         left = [s for s in steps if s.id not in state.done]
         if not left:
-            ctx.log.say(f"Nothing to do: the storage of {layout.hostname} was recreated (journal {state_path}); "
-                        "--restart does it again")
+            ctx.log.say(f"Nothing to do: the storage of {layout.hostname} was recreated already (journal "
+                        f"{state_path}); --restart does it again")
             return state
         check_same_disks(state, probe_disks_here(probe, config, config.setting("TARGET_FS_ROOT")))
         ctx.log.say(f"Resuming the interrupted run at step {len(steps) - len(left) + 1} of {len(steps)}: {left[0].title}")
@@ -6242,7 +6246,7 @@ def recreate(ctx: Context, resume_command: str) -> RecreateState:
     plan = recreate_plan(layout, here, mapping, recreate_options(config, layout, layout_file))
     if reviewing:
         show_plan(ctx, plan, layout, here)
-        return RecreateState(digest, {}, {})
+        return None
     check_programs(plan.steps)
     for line in describe_plan(plan, layout, here).split("\n\nSteps")[0].splitlines():
         ctx.log.say(line)
@@ -6496,9 +6500,8 @@ def recreate_arguments(parser: argparse.ArgumentParser) -> None:
 @workflow("layoutonly", "recreate partitions, RAID, LUKS, LVM and filesystems from the layout and mount them "
           "under TARGET_FS_ROOT (--plan: only show how)", arguments=recreate_arguments)
 def wf_layoutonly(ctx: Context) -> int:
-    recreate(ctx, "rescue layoutonly" + ("" if not ctx.args.layout else f" --layout {shlex.quote(ctx.args.layout)}"))
-    if not (ctx.args.plan or ctx.args.script or ctx.args.json):
-        ctx.log.say(f"Disk layout created; the filesystems are mounted under {ctx.config.setting('TARGET_FS_ROOT')}")
+    if recreate(ctx, "rescue layoutonly" + ("" if not ctx.args.layout else f" --layout {shlex.quote(ctx.args.layout)}")):
+        ctx.log.say(f"The storage is recreated; its filesystems are mounted under {ctx.config.setting('TARGET_FS_ROOT')}")
     return 0
 
 
