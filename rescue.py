@@ -1257,6 +1257,7 @@ TOOLS = _tools(
     ("rsync",             "rsync",           "rsync",             "rsync",           ("backup", "restore")),
     ("ssh",               "openssh-client",  "openssh-clients",   "openssh",         ("backup", "restore")),
     ("fallocate",         "util-linux",      "util-linux",        "util-linux",      ("restore",)),
+    ("ip",                "iproute2",        "iproute",           "iproute2",        ("capture", "rescue")),
     ("findmnt",           "util-linux",      "util-linux",        "util-linux",      ("capture", "backup", "restore")),
     ("lsblk",             "util-linux",      "util-linux",        "util-linux",      ("capture",)),
     ("blkid",             "util-linux",      "util-linux",        "util-linux",      ("capture", "recreate")),
@@ -1885,6 +1886,22 @@ class Boot:
 
 
 @dataclass
+class Interface:
+    name: str                         # eth0, enp1s0
+    mac: str
+    addresses: List[str] = field(default_factory=list)    # 192.168.122.10/24, global scope only
+
+
+@dataclass
+class Network:
+    """The machine's network interfaces with a device (not lo, bridges, VPNs), for a rescue
+    system that comes up as the machine did and for moving its configuration to new NICs."""
+    interfaces: List[Interface] = field(default_factory=list)
+    gateway: Optional[str] = None
+    nameservers: List[str] = field(default_factory=list)
+
+
+@dataclass
 class Layout:
     hostname: str
     boot: Boot
@@ -1900,10 +1917,10 @@ class Layout:
     mounts: List[Mount] = field(default_factory=list)
     excluded: List[Exclusion] = field(default_factory=list)
     unsupported: List[Exclusion] = field(default_factory=list)
+    network: Network = field(default_factory=Network)
     version: int = LAYOUT_VERSION
 
 
-# How each list is ordered in layout.json, so that equal layouts are equal files.
 def dm_name(vg: str, lv: str) -> str:
     """The device-mapper name LVM gives an LV: dashes inside names are doubled."""
     return f"/dev/mapper/{vg.replace('-', '--')}-{lv.replace('-', '--')}"
@@ -2038,9 +2055,10 @@ def layout_from_json(text: str, source: str = "layout.json") -> Layout:
         items = {kind.items: [item_from_dict(kind.cls, d, f"{kind.items}[{n}]") for n, d in enumerate(data.get(kind.items, []))]
                  for kind in KINDS}
         boot = item_from_dict(Boot, data["boot"], "boot")
+        network = item_from_dict(Network, data.get("network", {}), "network")
         if not isinstance(data["hostname"], str):
             raise ValueError("hostname: not a string")
-        return Layout(hostname=data["hostname"], boot=boot, **items)
+        return Layout(hostname=data["hostname"], boot=boot, network=network, **items)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RescueError(f"{source} is not a valid layout: {exc}",
                           "recreate it with rescue savelayout") from None
@@ -2058,10 +2076,13 @@ def item_from_dict(cls, data: dict, where: str):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
                 raise ValueError(f"{where}: {f.name} is missing")
             continue
-        value = data[f.name]
-        if cls is Disk and f.name == "partition_table" and value is not None:
-            value = item_from_dict(PartitionTable, value, f"{where}.partition_table")
-        elif not fits_type(value, hints[f.name]):
+        value, hint = data[f.name], hints[f.name]
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        if inner and typing.get_origin(hint) is Union and value is not None:      # Optional[an item]
+            value = item_from_dict(inner[0], value, f"{where}.{f.name}")
+        elif inner and isinstance(value, list):                                 # List[an item]
+            value = [item_from_dict(inner[0], v, f"{where}.{f.name}[{n}]") for n, v in enumerate(value)]
+        elif not fits_type(value, hint):
             raise ValueError(f"{where}: {f.name} is {json.dumps(value)[:40]}, not of the right type")
         values[f.name] = value
     return cls(**values)
@@ -2442,12 +2463,13 @@ class Probe:
 
     # -- answers ------------------------------------------------------------------------------
 
-    def run(self, argv: Sequence[str], output_arg: Optional[int] = None) -> Optional[Result]:
+    def run(self, argv: Sequence[str], output_arg: Optional[int] = None, optional: bool = False) -> Optional[Result]:
         """Run a read-only tool. None when the program is not installed. With output_arg, that
-        argument is a file the tool writes, and its content is the result's stdout."""
+        argument is a file the tool writes, and its content is the result's stdout. optional:
+        a recording made before rescue asked this question answers "not installed"."""
         key = "run: " + " ".join(shlex.quote(a) for a in argv)
         if self.replay_dir is not None:
-            entry = self._replayed(key)
+            entry = self.manifest.get(key, {"missing": True}) if optional else self._replayed(key)
             if entry.get("missing"):
                 return None
             return Result(list(argv), entry["returncode"], self._read_text(entry["file"]),
@@ -2469,11 +2491,11 @@ class Probe:
             result.stdout = out.read_text(errors="surrogateescape") if out.exists() else ""
             return result
 
-    def read(self, path: str, limit: Optional[int] = None) -> Optional[bytes]:
-        """A file's bytes (the first `limit`), or None when it cannot be read."""
+    def read(self, path: str, limit: Optional[int] = None, optional: bool = False) -> Optional[bytes]:
+        """A file's bytes (the first `limit`), or None when it cannot be read (optional: as run)."""
         key = f"read: {path}" + (f" [{limit}]" if limit else "")
         if self.replay_dir is not None:
-            entry = self._replayed(key)
+            entry = self.manifest.get(key, {"missing": True}) if optional else self._replayed(key)
             return None if entry.get("missing") else (self.replay_dir / entry["file"]).read_bytes()
         try:
             with open(path, "rb") as handle:
@@ -2488,8 +2510,15 @@ class Probe:
         data = self.read(path)
         return None if data is None else data.decode("utf-8", "surrogateescape")
 
-    def exists(self, path: str) -> bool:
-        return bool(self._value(f"exists: {path}", lambda: os.path.exists(path)))
+    def read_text_optional(self, path: str) -> Optional[str]:
+        data = self.read(path, optional=True)
+        return None if data is None else data.decode("utf-8", "surrogateescape")
+
+    def exists(self, path: str, optional: bool = False) -> bool:
+        key = f"exists: {path}"
+        if optional and self.replay_dir is not None and key not in self.manifest:
+            return False
+        return bool(self._value(key, lambda: os.path.exists(path)))
 
     def which(self, program: str) -> Optional[str]:
         return self._value(f"which: {program}", lambda: shutil_which(program))
@@ -2837,6 +2866,7 @@ class LayoutCapture:
                 self.exclude(node.name, "disk", self.device_exclusion([node]) or
                              "not used by any filesystem or swap in scope")
         layout.boot = self.boot(layout)
+        layout.network = self.network()
         layout.excluded, layout.unsupported = self.excluded, self.unsupported
         vgcfg = {vg.name: self.vgcfg(vg.name) for vg in layout.volume_groups}
         return Captured(sort_layout(layout), {k: v for k, v in vgcfg.items() if v})
@@ -2875,6 +2905,22 @@ class LayoutCapture:
             self.unsupported_item(node.name, "lvm", "an LVM volume the lvm tools did not report "
                                   "(are they installed?): not recreated")
         return []
+
+    def network(self) -> Network:
+        """Interfaces that have a device behind them (a NIC), their global addresses, the
+        default gateway and the name servers."""
+        result = self.probe.run(["ip", "-j", "addr", "show"], optional=True)
+        routes = self.probe.run(["ip", "-j", "route", "show", "default"], optional=True)
+        links = loads_lenient(result.stdout) if result is not None and result.returncode == 0 else []
+        interfaces = [Interface(link["ifname"], link.get("address") or "",
+                                [f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])
+                                 if a.get("scope") == "global" and "local" in a])
+                      for link in links if link.get("link_type") == "ether"
+                      and self.probe.exists(f"/sys/class/net/{link['ifname']}/device", optional=True)]
+        default = loads_lenient(routes.stdout) if routes is not None and routes.returncode == 0 else []
+        resolv = self.probe.read_text_optional("/etc/resolv.conf") or ""
+        return Network(interfaces, next((r.get("gateway") for r in default if r.get("gateway")), None),
+                       re.findall(r"^nameserver\s+(\S+)", resolv, re.M))
 
     def vgcfg(self, vg: str) -> Optional[str]:
         result = self.probe.run(["vgcfgbackup", "-f", "OUTPUT", vg], output_arg=2)
