@@ -1654,10 +1654,43 @@ def write_file(path: Path, data: Union[str, bytes], mode: int = 0o600, keep_dir_
         stream.write(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
 
 
+OWNER_FILE = ".rescue-owner"
+
+
+def process_identity(pid: int) -> str:
+    """"PID STARTTIME" of a live process, "" when it is gone (a reused pid is another process)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    return f"{pid} {fields[19]}" if len(fields) > 19 else ""
+
+
+def sweep_stale_work(parent: str, prefix: str) -> None:
+    """Remove the work directories of runs that died without cleaning up (SIGKILL): a copy of
+    the keyring or duplicity's temporary volumes must not outlive the run that made them."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                owner = Path(entry.path, OWNER_FILE).read_text().strip()
+                alive = process_identity(int(owner.split()[0])) == owner
+            except (OSError, ValueError, IndexError):
+                continue                          # not rescue's, or being made right now
+            if not alive:
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def work_directory(prefix: str, parent: Optional[str] = None) -> "Iterator[Path]":
+    """A new private directory, removed afterwards; it names its owner, so that the next run
+    removes it should this one be killed."""
+    parent = parent or tempfile.gettempdir()
+    sweep_stale_work(parent, prefix)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
+        (path / OWNER_FILE).write_text(process_identity(os.getpid()) + "\n")
         yield path
     finally:
         shutil.rmtree(str(path), ignore_errors=True)
@@ -5573,7 +5606,14 @@ def private_gnupg_home(runner: Runner, crypt: Optional[Encryption] = None) -> "I
     decryption at a time, and a restore decrypts every volume and metadata file. The
     copy lives in /run (a tmpfs, mode 0700) and is removed afterwards; the keyring itself is
     not touched."""
-    home = Path(tempfile.mkdtemp(prefix="rescue-home-", dir="/run" if os.access("/run", os.W_OK) else None))
+    with work_directory("rescue-home-", "/run" if os.access("/run", os.W_OK) else None) as home:
+        with keyring_copy(runner, home, crypt) as env:
+            yield env
+
+
+@contextlib.contextmanager
+def keyring_copy(runner: Runner, home: Path, crypt: Optional[Encryption]) -> "Iterator[Dict[str, str]]":
+    """The keyring copied into home/.gnupg, its keys protected anew; its agent stopped afterwards."""
     gnupg = home / ".gnupg"
     source = Path(os.environ.get("GNUPGHOME") or Path(os.environ.get("HOME") or "/root") / ".gnupg")
     if source.is_dir():
@@ -5597,7 +5637,6 @@ def private_gnupg_home(runner: Runner, crypt: Optional[Encryption] = None) -> "I
             runner.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False, timeout=30)
         except RescueError as exc:
             runner.log.debug(f"could not stop the temporary gpg-agent: {exc.message}")
-        shutil.rmtree(str(home), ignore_errors=True)
 
 
 def restore_workspace(config: Config, target: Path) -> "contextlib.AbstractContextManager[Path]":
