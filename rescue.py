@@ -289,6 +289,7 @@ class Lit:
     text: str
     quoted: bool
 
+
 @dataclass
 class Var:
     name: str
@@ -1542,6 +1543,7 @@ SSH_SCHEMES = ("rsync", "sftp", "scp", "ssh", "pexpect+sftp", "pexpect+scp", "pa
 FAST_SSH_CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
                     "aes128-ctr,aes192-ctr,aes256-ctr")
 
+
 def cpu_has_aes() -> bool:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -1589,8 +1591,6 @@ class SshSharing:
                 runner.log.debug(f"could not end the shared ssh connection: {exc.message}")
         shutil.rmtree(self.directory, ignore_errors=True)
         self.directory = None
-
-
 
 
 @dataclass
@@ -4218,6 +4218,7 @@ DUPLICITY_LAUNCHER = (
     "os.execve = execve\n"
     "runpy.run_module('duplicity', run_name='__main__', alter_sys=False)\n")
 
+
 def duplicity_command(config: Config) -> Tuple[List[str], Dict[str, str]]:
     """argv prefix and extra environment that run duplicity."""
     prog = config.setting("DUPLICITY_PROG")
@@ -4320,6 +4321,7 @@ KNOWN_FAILURES = (
     ("Another duplicity instance is already running", "another duplicity is using this archive directory",
      "wait for it to finish"),
 )
+
 
 def diagnose(output: str) -> Optional[Tuple[str, str]]:
     """(what went wrong, what to do) for failures we recognise in duplicity's output."""
@@ -4780,27 +4782,8 @@ class WriteProgress:
 # holds one directory. A part is a plain directory inside one filesystem (no mountpoint at or
 # below it), so it restores into a staging directory on its own filesystem, renamed into place.
 
-#
-# One duplicity process keeps about one core busy (gpg compressing in one process, tar and
-# librsync in the other), so with more cores the backup is split: a few large directories
-# ("parts") each get a chain of their own at URL/part-ID, backed up side by side with the main
-# chain at URL, which holds everything else (the chain ReaR would make, minus the parts).
-# The plan is kept in VAR_DIR/backup-parts.json and stored with the layout, so a restore as of
-# any time reads the plan of that time. A part's ID comes from its path: a chain only ever
-# holds one directory. A part is a plain directory inside one filesystem (no mountpoint at or
-# below it), so it restores into a staging directory on its own filesystem, renamed into place.
-
-#
-# One duplicity process keeps about one core busy (gpg compressing in one process, tar and
-# librsync in the other), so with more cores the backup is split: a few large directories
-# ("parts") each get a chain of their own at URL/part-ID, backed up side by side with the main
-# chain at URL, which holds everything else (the chain ReaR would make, minus the parts).
-# The plan is kept in VAR_DIR/backup-parts.json and stored with the layout, so a restore as of
-# any time reads the plan of that time. A part's ID comes from its path: a chain only ever
-# holds one directory. A part is a plain directory inside one filesystem (no mountpoint at or
-# below it), so it restores into a staging directory on its own filesystem, renamed into place.
-
 PARTS_FILE = "backup-parts.json"
+
 
 def part_id(path: str) -> str:
     return "part-" + hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:12]
@@ -5001,20 +4984,8 @@ def read_parts_plan(path: Path) -> PartsPlan:
 # filesystems before the backup, writes what duplicity would lose to
 # VAR_DIR/backup-metadata.jsonl.gz (inside the backup), and puts it back after a restore.
 
-#
-# duplicity stores neither extended attributes (so no POSIX ACLs, SELinux labels or file
-# capabilities), nor hard links (each name becomes a copy), nor holes (sparse files come back
-# full), and it does not restore the mtime of symbolic links. rescue walks the same
-# filesystems before the backup, writes what duplicity would lose to
-# VAR_DIR/backup-metadata.jsonl.gz (inside the backup), and puts it back after a restore.
-
 METADATA_FILE = "backup-metadata.jsonl.gz"
 
-#
-# duplicity stores neither extended attributes (so no POSIX ACLs, SELinux labels or file
-# capabilities), nor hard links (each name becomes a copy), nor holes (sparse files come back
-# full), and it does not restore the mtime of symbolic links. rescue walks the same filesystems before the backup, writes what duplicity would lose
-# to VAR_DIR/backup-metadata.jsonl.gz (inside the backup), and puts it back after a restore.
 
 def walk_filesystem(root: str, mountpoints: Set[str], skip: Sequence[str]) -> "Iterator[Tuple[str, os.stat_result]]":
     """root and everything below it, not descending into other mountpoints or skipped paths."""
@@ -5040,6 +5011,7 @@ def walk_filesystem(root: str, mountpoints: Set[str], skip: Sequence[str]) -> "I
             yield path, st
             if stat.S_ISDIR(st.st_mode):
                 pending.append(path)
+
 
 def metadata_records(path: str, st: os.stat_result, links: Dict[Tuple[int, int], List[str]]) -> List[dict]:
     records = []
@@ -5538,15 +5510,6 @@ def make_backup(ctx: "Context") -> int:
 # directory into place (same filesystem: no copying) and the root's own attributes copied.
 # =============================================================================================
 
-#
-# duplicity 3.x refuses to restore into a directory that is not empty, even with --force, and
-# recovery restores into /mnt/local where the child filesystems (/boot, /home, …) are already
-# mounted. So duplicity restores into an empty staging directory on the target's root
-# filesystem, with --rename sending each top-level name that holds a mountpoint (boot, home,
-# var, …) through "../NAME" into the real tree: every byte is written once, onto the
-# filesystem it belongs to. Afterwards the other top-level names are renamed from the staging
-# directory into place (same filesystem: no copying) and the root's own attributes copied.
-
 def redirected_names(target: str, mountpoints: Sequence[str]) -> List[str]:
     """Top-level names under target that are, or contain, a mountpoint."""
     names = set()
@@ -5554,6 +5517,7 @@ def redirected_names(target: str, mountpoints: Sequence[str]) -> List[str]:
         if mount != target and path_within(mount, target):
             names.add(mount[len(target.rstrip("/")) + 1:].split("/")[0])
     return sorted(names)
+
 
 def unexpected_entries(entries: Dict[str, bool], redirected: Sequence[str]) -> List[str]:
     """Names in the target (name -> is an empty directory) that a restore would collide with."""
