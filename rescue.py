@@ -5460,6 +5460,33 @@ def choose_parts(ctx: "Context", previous: PartsPlan, selection: Selection,
     return PartsPlan(parts, sorted((set(previous.retired) | set(old)) - set(parts)), workers)
 
 
+LEFT_OUT_FILE = "left-out.json"
+
+
+def left_out_entries(excluded: Sequence[Tuple[str, str]], config: Config) -> List[Dict[str, object]]:
+    """The mountpoints the backup leaves out (/proc, /sys, /dev, /run, /tmp, other mounts, a
+    bind-mounted /etc/machine-id) and BACKUP_DUPLICITY_EXCLUDE's plain paths, as they are here:
+    a restore makes them again with their type, mode, owner and times (not what is below)."""
+    paths = sorted({p for p, _ in excluded} | {p for p in config.setting("BACKUP_DUPLICITY_EXCLUDE")
+                                                if p.startswith("/") and not any(c in p for c in "*?[")})
+    includes = [glob_prefix(i) for i in config.setting("BACKUP_DUPLICITY_INCLUDE")]
+    if includes:
+        paths = [p for p in paths if any(path_within(p, i) for i in includes)]
+    out: List[Dict[str, object]] = []
+    for path in paths:
+        if path == "/" or any(path_within(path, o) and path != o for o in paths):
+            continue                              # below another left-out path: not on the disk
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+            out.append({"path": path, "type": "dir" if stat.S_ISDIR(st.st_mode) else "file",
+                        "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+                        "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
 def make_backup(ctx: "Context") -> int:
     config = ctx.config
     url = backup_url(config)
@@ -5480,6 +5507,7 @@ def make_backup(ctx: "Context") -> int:
         ctx.log.info("Leaving out: " + ", ".join(f"{p} ({why})" for p, why in selection.excluded))
         run_retention(ctx, opts, url, previous.parts + previous.retired)
         write_file(var_dir(config) / STORED_CONFIG_FILE, config_without_secrets(config))
+        write_file(var_dir(config) / LEFT_OUT_FILE, json.dumps(left_out_entries(excluded, config), indent=1) + "\n")
         if not (var_dir(config) / LAST_BACKUP_FILE).exists():
             write_file(var_dir(config) / LAST_BACKUP_FILE, "{}\n")   # before the backup sees VAR_DIR
         mountpoints = in_scope + [p for p, _ in excluded]
@@ -5822,8 +5850,46 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
         ctx.log.info(f"Restored what duplicity does not keep: {done}")
         if done["failed"]:
             ctx.log.warn(f"{done['failed']} extended attributes could not be set (see the log)")
+    made = make_left_out(target, read_left_out(Path(below(target, str(var_dir(ctx.config) / LEFT_OUT_FILE)))))
+    if made:
+        ctx.log.info("Made again what the backup left out: " + ", ".join(made))
     copy_root_attributes(root, target)
     return progress.written()
+
+
+def read_left_out(path: Path) -> List[Dict[str, object]]:
+    """The record of what the backup left out; a backup without one (ReaR's) left out the
+    pseudo filesystems and /tmp, which every system needs as directories."""
+    try:
+        return [dict(e) for e in json.loads(path.read_text())]
+    except FileNotFoundError:
+        return [{"path": p, "type": "dir", "mode": m, "uid": 0, "gid": 0} for p, m in
+                (("/proc", 0o555), ("/sys", 0o555), ("/dev", 0o755), ("/run", 0o755), ("/tmp", 0o1777))]
+    except (OSError, ValueError, TypeError) as exc:
+        raise RescueError(f"cannot read {path}: {exc}", "the restored files are there; make the directories "
+                          "the backup left out (/proc, /sys, /dev, /run, /tmp) by hand") from None
+
+
+def make_left_out(target: Path, entries: Sequence[Dict[str, object]]) -> List[str]:
+    """Make each left-out path that the restore did not bring (whose directory it did), with
+    its type, mode, owner and times; the directory it is made in keeps its times."""
+    made = []
+    for entry in sorted(entries, key=lambda e: str(e["path"]).count("/")):
+        path = Path(below(target, str(entry["path"])))
+        if os.path.lexists(str(path)) or not path.parent.is_dir():
+            continue
+        before = os.lstat(str(path.parent))
+        if entry["type"] == "dir":
+            path.mkdir()
+        else:
+            path.touch()
+        os.chown(str(path), int(entry["uid"]), int(entry["gid"]))
+        os.chmod(str(path), int(entry["mode"]))
+        if "mtime_ns" in entry:
+            os.utime(str(path), ns=(int(entry["atime_ns"]), int(entry["mtime_ns"])))
+        os.utime(str(path.parent), ns=(before.st_atime_ns, before.st_mtime_ns))
+        made.append(str(entry["path"]))
+    return made
 
 
 def fetch_layout(ctx: "Context", destination: Path, time_: Optional[str]) -> None:

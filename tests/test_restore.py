@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -254,3 +255,23 @@ def test_a_killed_runs_work_directories_are_removed_by_the_next_run(tmp_path):
         assert (mine / rescue.OWNER_FILE).read_text().strip() == rescue.process_identity(os.getpid())
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["rescue-home-live", "rescue-home-foreign", mine.name])
     assert not mine.exists()
+
+
+def test_what_the_backup_left_out_is_made_again_empty_with_its_mode_owner_and_times(site):
+    cache = site.src / "dir" / "cache"
+    cache.mkdir()
+    (cache / "big.tmp").write_bytes(b"x" * 1000)
+    os.chown(str(cache), 123, 456)
+    os.chmod(str(cache), 0o1750)
+    os.utime(str(cache), (1_600_000_000, 1_600_000_000))
+    os.utime(str(cache.parent), (1_500_000_000, 1_500_000_000))
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_EXCLUDE=[str(cache)], **public_key(site)).returncode == 0
+    target = site.tmp / "restored"
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode == 0, proc.stderr
+    again = restored(site, target) / "dir" / "cache"
+    st = os.lstat(str(again))
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime) == (0o1750, 123, 456, 1_600_000_000)
+    assert os.listdir(str(again)) == []
+    assert os.lstat(str(again.parent)).st_mtime == 1_500_000_000     # making it did not touch its directory
+    assert not (target / "proc").exists()           # outside BACKUP_DUPLICITY_INCLUDE: not this backup's
