@@ -33,7 +33,8 @@ Map of this file (sections in the order data flows; each uses only the sections 
  16. recreate: execute
                       the layout to start from, confirmation, passphrases, the journaled loop
                       over a plan's steps that resumes after a failure
- 17. cli              argparse; each workflow is a short function composing the above
+ 17. recover          the backup checked, recreate, restore, finalize, the report; resumes
+ 18. cli              argparse; each workflow is a short function composing the above
 
 Usage: rescue [-c CONFIG_DIR] [-C EXTRA_CONF]... [-v] [-d] [--non-interactive]
               [--expose-secrets] WORKFLOW [args]
@@ -1602,6 +1603,7 @@ class Context:
     log: Log
     runner: Runner
     ssh: "SshSharing" = field(default_factory=lambda: SshSharing())
+    typed: Dict[str, str] = field(default_factory=dict)   # passphrases typed in this run, by purpose
 
     def ssh_options(self) -> str:
         return self.ssh.options(self.config)
@@ -4108,6 +4110,21 @@ def mountonly_plan(layout: Layout, target_root: str) -> List[Step]:
     return steps
 
 
+def unmount_plan(layout: Layout, target_root: str) -> List[Step]:
+    """Undo mountonly_plan: unmount the tree (and what finalize bound into it), deactivate the
+    VGs, close the LUKS devices, stop the arrays. Each step may find its work done."""
+    steps = [Step("unmount", f"Unmount everything below {target_root}", ["umount", "-R", target_root], optional=True)]
+    for item in reversed(creation_order(layout, {d.id for d in layout.disks})):
+        if isinstance(item, VolumeGroup):
+            steps.append(Step(f"deactivate {item.name}", f"Deactivate {item.name}", lvm("vgchange", "-an", item.name),
+                              optional=True))
+        elif isinstance(item, Luks):
+            steps.append(Step(f"close {item.id}", f"Close {item.name}", ["cryptsetup", "close", item.name], optional=True))
+        elif isinstance(item, MdArray):
+            steps.append(Step(f"stop {item.id}", f"Stop {item.id}", ["mdadm", "--stop", item.id], optional=True))
+    return steps
+
+
 # -- how a plan is shown ----------------------------------------------------------------------
 
 def step_command(step: Step) -> str:
@@ -5183,11 +5200,14 @@ def passphrase(ctx: "Context", purpose: str) -> str:
             return configured
         raise RescueError(f"the duplicity passphrase is needed for the {purpose}, and --non-interactive forbids asking",
                           "set BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE, or run without --non-interactive")
+    if purpose in ctx.typed:
+        return ctx.typed[purpose]
     timeout = config.setting("USER_INPUT_TIMEOUT")
     answer = ask_secret(f"Enter the duplicity passphrase for the {purpose} [{timeout:g} secs]: ", timeout)
     if not answer:
         raise RescueError(f"no passphrase given: the {purpose} is aborted", "run again and type the passphrase")
     ctx.log.add_secret(answer)
+    ctx.typed[purpose] = answer
     return answer
 
 
@@ -6324,11 +6344,13 @@ def check_same_disks(state: RecreateState, here: Sequence[DiskHere]) -> None:
             raise RescueError(f"{disk.path} cannot be used: {disk.in_use}", "unmount it, then resume")
 
 
-def recreate(ctx: Context, resume_command: str) -> Optional[RecreateState]:
+def recreate(ctx: Context, resume_command: str, chosen: Optional[Tuple[Layout, Path]] = None,
+             later: Sequence[str] = ()) -> Optional[RecreateState]:
     """layoutonly's work, also recover's first part: plan (or resume), show, confirm, run.
-    None when it only showed the plan."""
+    None when it only showed the plan (and what comes after it: later). recover (chosen: the
+    layout it found) holds the lock for its whole run."""
     args, config = ctx.args, ctx.config
-    layout, layout_file = recovery_layout(ctx)
+    layout, layout_file = chosen or recovery_layout(ctx)
     digest = layout_digest(json.loads(layout_to_json(layout)))
     reviewing = args.plan or args.script or args.json
     probe = Probe(replay_dir=Path(args.replay)) if args.replay else Probe(ctx.runner)
@@ -6353,14 +6375,14 @@ def recreate(ctx: Context, resume_command: str) -> Optional[RecreateState]:
         check_programs(left)
         secrets = luks_secrets(ctx, [(str(name), str(what)) for name, what in state.plan["secrets_asked"]
                                      if any(x.secret == name for x in left)])
-        with Lock(Path(config.setting("LOCKFILE")), "layoutonly"):
+        with (contextlib.nullcontext() if chosen else Lock(Path(config.setting("LOCKFILE")), "layoutonly")):
             run_plan_steps(ctx, steps, state, state_path, secrets, resume_command)
         return state
     here = probe_disks_here(probe, config)
     mapping = map_disks(layout, here, explicit_mapping(ctx))
     plan = recreate_plan(layout, here, mapping, recreate_options(config, layout, layout_file))
     if reviewing:
-        show_plan(ctx, plan, layout, here)
+        show_plan(ctx, plan, layout, here, later)
         return None
     check_programs(plan.steps)
     for line in describe_plan(plan, layout, here).split("\n\nSteps")[0].splitlines():
@@ -6374,21 +6396,23 @@ def recreate(ctx: Context, resume_command: str) -> Optional[RecreateState]:
     by_path = {d.path: d for d in here}
     state = RecreateState(digest, {old: by_path[new].identity() for old, new in mapping.disks.items()},
                           dict(json.loads(plan_json(plan, layout)), secrets_asked=[list(x) for x in plan.secrets]))
-    with Lock(Path(config.setting("LOCKFILE")), "layoutonly"):
+    with (contextlib.nullcontext() if chosen else Lock(Path(config.setting("LOCKFILE")), "layoutonly")):
         write_file(state_path, state.to_json())
         run_plan_steps(ctx, plan.steps, state, state_path, secrets, resume_command)
     return state
 
 
-def show_plan(ctx: Context, plan: Plan, layout: Layout, here: Sequence[DiskHere]) -> None:
-    """--plan, --script FILE, --json: the plan to review; nothing is touched."""
+def show_plan(ctx: Context, plan: Plan, layout: Layout, here: Sequence[DiskHere], later: Sequence[str] = ()) -> None:
+    """--plan, --script FILE, --json: the plan to review (and what comes after it); nothing is touched."""
     if ctx.args.script:
-        write_file(Path(ctx.args.script), plan_script(plan, layout, here), 0o700)
+        write_file(Path(ctx.args.script), plan_script(plan, layout, here)
+                   + "".join(f"\n# then (rescue recover): {what}" for what in later) + ("\n" if later else ""), 0o700)
         ctx.log.say(f"Wrote the plan as a script to {ctx.args.script} (nothing was run)")
     if ctx.args.json:
-        print(plan_json(plan, layout))
+        print(json.dumps(dict(json.loads(plan_json(plan, layout)), then=list(later)), indent=2))
     elif ctx.args.plan:
-        print(describe_plan(plan, layout, here))
+        then = "\n\nThen:" + "".join(f"\n  - {what}" for what in later) if later else ""
+        print(describe_plan(plan, layout, here) + then)
 
 
 def resolve_uuid(ctx: Context, device: str) -> str:
@@ -6419,7 +6443,191 @@ STEP_ACTIONS: Dict[str, Callable[..., None]] = {
 
 
 # =============================================================================================
-# 17. cli
+# 17. recover
+#
+# rescue recover = the layout → the mapping and the one confirmation → recreate (section 16's
+# journaled plan) → restore into TARGET_FS_ROOT → finalize → a report in the recovered system.
+# Before any disk is touched the backup is checked: reachable, and decryptable with the
+# passphrase given (a wrong one is asked again, then a clear stop). recover's own journal
+# (VAR_DIR/recover.json) records the phases done, so a re-run goes on where a failure or a kill
+# stopped it: a restore that did not finish is started again on emptied filesystems, which this
+# recover made (the recreate journal says so), never on anything else.
+# =============================================================================================
+
+RECOVER_STATE = "recover.json"
+PASSPHRASE_TRIES = 3
+
+
+@dataclass
+class RecoverState:
+    layout_digest: str
+    restore_time: Optional[str]
+    restore: str = ""                          # "" | "started" | "done"
+    finalized: List[str] = field(default_factory=list)   # finalize steps done
+    reported: bool = False
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+
+def read_recover_state(path: Path) -> Optional[RecoverState]:
+    try:
+        data = json.loads(path.read_text())
+        return RecoverState(str(data["layout_digest"]), data.get("restore_time"), str(data.get("restore", "")),
+                            [str(s) for s in data.get("finalized", [])],
+                            bool(data.get("reported")), {str(k): float(v) for k, v in data.get("timings", {}).items()})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RescueError(f"cannot read the journal of an earlier recover ({path}): {exc}",
+                          "start over with --restart (the disks are planned and confirmed anew)") from None
+
+
+def check_backup_readable(ctx: Context, time_: Optional[str]) -> None:
+    """The backup is there and the passphrase opens it (by fetching its small layout chain),
+    before anything is wiped. A typed passphrase that does not open it is asked again."""
+    url = backup_url(ctx.config)
+    check_backup_there(ctx, url)
+    for attempt in range(1, PASSPHRASE_TRIES + 1):
+        crypt = backup_encryption(ctx, "restore")
+        with private_gnupg_home(ctx.runner, crypt) as home, work_directory("rescue-check-") as work:
+            opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options())
+            returncode, output = restore_layout_chain(ctx, opts, home, work, work / "layout", time_)
+        if returncode == 0:
+            ctx.log.say("The backup is there and the passphrase opens it")
+            return
+        text = "\n".join(output.lines)
+        if any(m in text for m in NO_CHAIN_MESSAGES):
+            ctx.log.say("No layout chain beside the backup (made by ReaR?): the passphrase is checked by the restore")
+            return
+        found = diagnose(text)
+        if found and "passphrase" in found[0] and ctx.typed.pop("restore", None) is not None \
+                and attempt < PASSPHRASE_TRIES:
+            ctx.log.say("That passphrase does not open the backup; try again")
+            continue
+        raise duplicity_failure("opening the backup (before any disk is touched)", returncode, output, ctx.log)
+
+
+def empty_restored_tree(target: Path, mountpoints: Sequence[str]) -> int:
+    """Remove what an interrupted restore wrote, keeping the mountpoints (and lost+found at
+    each filesystem's root); returns the entries removed."""
+    removed = 0
+    mounts = set(mountpoints) | {str(target)}
+    for entry in os.scandir(str(target)):
+        holds_mount = any(path_within(m, entry.path) for m in mounts)
+        if entry.name == "lost+found" and str(target) in mounts:
+            continue
+        if holds_mount and entry.is_dir(follow_symlinks=False):
+            removed += empty_restored_tree(Path(entry.path), mountpoints)
+        elif entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+            removed += 1
+        else:
+            os.unlink(entry.path)
+            removed += 1
+    return removed
+
+
+def restore_phase(ctx: Context, state: RecoverState, state_path: Path, root: Path) -> None:
+    if state.restore == "done":
+        ctx.log.say(f"The restore into {root} is done already (journal {state_path})")
+        return
+    if state.restore == "started":
+        mounts = [str(m["target"]) for m in mounted_now(ctx.runner) if path_within(str(m["target"]), str(root))]
+        removed = empty_restored_tree(root, mounts)
+        ctx.log.say(f"The interrupted restore is started again: {removed} entries it had written are removed")
+    state.restore = "started"
+    write_file(state_path, state.to_json())
+    started = time.monotonic()
+    written = restore_backup(ctx, root, state.restore_time)
+    state.timings["restore"] = round(time.monotonic() - started, 1)
+    ctx.log.say(f"Restore done: {human_size(written)} written into {root} in {state.timings['restore']:.1f} s")
+    state.restore = "done"
+    write_file(state_path, state.to_json())
+
+
+def recover_report(layout: Layout, recreated: RecreateState, state: RecoverState) -> str:
+    lines = [f"rescue {__version__} recovered {layout.hostname} on {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
+             "", "Disks (the layout's -> the disks here):"]
+    lines += [f"  {old} -> {identity['path']}" for old, identity in sorted(recreated.mapping.items())]
+    lines += ["", f"Restored: {'the backup as of ' + state.restore_time if state.restore_time else 'the latest backup'}"]
+    lines += ["", "Steps done: " + str(len(recreated.done)) + " to recreate the storage, "
+              + str(len(state.finalized)) + " to finalize"]
+    lines += [f"  {phase}: {seconds:.1f} s" for phase, seconds in sorted(state.timings.items())]
+    return "\n".join(lines) + "\n"
+
+
+def wrap_up(ctx: Context, layout: Layout, recreated: RecreateState, state: RecoverState, root: Path) -> None:
+    """The report and a copy of the log (0600) into the recovered system's /var/log/rescue."""
+    logs = Path(below(root, "/var/log/rescue"))
+    logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    write_file(logs / f"recover-{stamp}.txt", recover_report(layout, recreated, state))
+    if ctx.log.path and ctx.log.path.is_file():
+        write_file(logs / f"recover-{stamp}.log", ctx.log.path.read_bytes())
+    ctx.log.say(f"The report and the log are in {logs}")
+
+
+def unmount_tree(ctx: Context, layout: Layout, root: str) -> None:
+    for step in unmount_plan(layout, root):
+        ctx.log.info(step.title)
+        run_step(ctx, step, {})
+    ctx.log.say(f"Unmounted {root}; LVM, LUKS and RAID are stopped")
+
+
+def recover(ctx: Context) -> int:
+    args, config = ctx.args, ctx.config
+    reviewing = args.plan or args.script or args.json
+    if not reviewing:
+        require_root("recover")
+    time_ = restore_time(config, args.restore_time)
+    state_path = var_dir(config) / RECOVER_STATE
+    chosen = recovery_layout(ctx)
+    layout = chosen[0]
+    digest = layout_digest(json.loads(layout_to_json(layout)))
+    state = None if (reviewing or args.restart) else read_recover_state(state_path)
+    if state is not None and (state.layout_digest != digest or state.restore_time != time_):
+        raise RescueError(f"{state_path} is the journal of a recover with another layout or restore time",
+                          "start over with --restart (the disks are planned and confirmed anew)")
+    if not reviewing and (state is None or state.restore != "done"):
+        check_backup_readable(ctx, time_)
+    resume = "rescue recover" + (f" --restore-time {shlex.quote(time_)}" if time_ else "")
+    if reviewing:
+        recreate(ctx, resume, chosen, later=recover_outline(ctx, time_))
+        return 0
+    started = time.monotonic()
+    root = Path(config.setting("TARGET_FS_ROOT"))
+    recreated = recreate(ctx, resume, chosen)
+    assert recreated is not None
+    if state is None:
+        state = RecoverState(digest, time_)
+    state.timings.setdefault("recreate", round(time.monotonic() - started, 1))
+    write_file(state_path, state.to_json())
+    restore_phase(ctx, state, state_path, root)
+    if not state.reported:
+        wrap_up(ctx, layout, recreated, state, root)
+        state.reported = True
+        write_file(state_path, state.to_json())
+    ctx.log.say(f"{layout.hostname} is recovered in {time.monotonic() - started:.0f} s")
+    if args.unmount:
+        unmount_tree(ctx, layout, str(root))
+    else:
+        ctx.log.say(f"The recovered system stays mounted at {root} for a look; then: rescue recover --unmount")
+    return 0
+
+
+def recover_outline(ctx: Context, time_: Optional[str]) -> List[str]:
+    """What recover does after the recreate plan (its steps depend on what is restored)."""
+    root = ctx.config.setting("TARGET_FS_ROOT")
+    return [f"restore the backup at {ctx.log.redact(backup_url(ctx.config))}"
+            + (f" as of {time_}" if time_ else " (the latest)") + f" into {root}",
+            "finalize in the restored system: device names, the initramfs of each kernel, the bootloader",
+            f"write a report and the log into {root}/var/log/rescue"]
+
+
+# =============================================================================================
+# 18. cli
 # =============================================================================================
 
 @dataclass
@@ -6638,6 +6846,18 @@ def wf_mountonly(ctx: Context) -> int:
         run_step(ctx, step, secrets)
     ctx.log.say(f"The storage of {layout.hostname} is mounted under {root}")
     return 0
+
+
+def recover_arguments(parser: argparse.ArgumentParser) -> None:
+    recreate_arguments(parser)
+    parser.add_argument("--unmount", action="store_true",
+                        help="unmount the recovered system afterwards (stop LVM, LUKS, RAID)")
+
+
+@workflow("recover", "recreate the storage, restore the backup into it and make it boot "
+          "(--plan: only show how)", changes_state=True, arguments=recover_arguments)
+def wf_recover(ctx: Context) -> int:
+    return recover(ctx)
 
 
 class ArgumentParser(argparse.ArgumentParser):
