@@ -3,14 +3,13 @@ QEMU: vm-tests/test_recover_vm.py): the backup is checked before any disk is tou
 passphrase that does not open it is asked again, an interrupted restore is started again on
 emptied filesystems, and the unmount undoes the mount in reverse order."""
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
 import rescue
-from conftest import RESCUE, run_rescue
+from conftest import run_rescue
 from test_backup import Site, assert_clean_error
 
 RECORDINGS = Path(__file__).parent / "data" / "layouts"
