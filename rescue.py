@@ -30,11 +30,14 @@ Map of this file (sections in the order data flows; each uses only the sections 
                       rescue's own metadata record, parallel chains, the backup run
  14. restore          a tree of mountpoints restored from the chains
  15. status and verify
- 16. recreate: execute
+ 16. finalize         make the restored system boot here: names rewritten, the LVM devices
+                      file, SELinux labels, an initramfs per kernel, GRUB or the NVRAM entries
+                      (TreeProbe reads the restored tree; the plan is pure)
+ 17. recreate: execute
                       the layout to start from, confirmation, passphrases, the journaled loop
                       over a plan's steps that resumes after a failure
- 17. recover          the backup checked, recreate, restore, finalize, the report; resumes
- 18. cli              argparse; each workflow is a short function composing the above
+ 18. recover          the backup checked, recreate, restore, finalize, the report; resumes
+ 19. cli              argparse; each workflow is a short function composing the above
 
 Usage: rescue [-c CONFIG_DIR] [-C EXTRA_CONF]... [-v] [-d] [--non-interactive]
               [--expose-secrets] WORKFLOW [args]
@@ -1087,6 +1090,11 @@ SETTINGS = _settings(
     Setting("AUTORESIZE_LV", TEXT, "VG/LV that grows or shrinks with its resized PV (empty: the last)"),
     Setting("LUKS_KEY_FILE", path_value, "a file holding the passphrase of recreated LUKS devices"),
     Setting("USER_INPUT_WIPE_DISKS_CONFIRMATION", TEXT, "a preset answer to recover's confirmation"),
+    Setting("REBUILD_INITRAMFS", bool_value, "recover builds the restored system's initramfs anew", "yes"),
+    Setting("SELINUX_RELABEL", choice_value("auto", "yes", "no"),
+            "relabel the restored files for SELinux: auto (when their labels are missing), yes, no", "auto"),
+    Setting("GRUB2_INSTALL_DEVICES", WORDS, "the disks recover installs GRUB on (BIOS); empty: the boot disks",
+            whole=True),
     Setting("EXCLUDE_MOUNTPOINTS", LIST, "mountpoints left out of the layout", [], whole=True),
     Setting("EXCLUDE_VG", LIST, "volume groups left out of the layout", [], whole=True),
     Setting("ONLY_INCLUDE_VG", LIST, "only these volume groups are in the layout", [], whole=True),
@@ -1291,6 +1299,13 @@ TOOLS = _tools(
     ("dracut",            "dracut",          "dracut",            "dracut",          ("finalize",)),
     ("update-initramfs",  "initramfs-tools", "",                  "",                ("finalize",)),
     ("mkinitrd",          "",                "",                  "mkinitrd",        ("finalize",)),
+    # Run by recover in the restored system (chroot) or on it (setfiles -r, efibootmgr).
+    ("chroot",            "coreutils",       "coreutils",         "coreutils",       ("finalize",)),
+    ("update-grub",       "grub2-common",    "",                  "",                ("finalize",)),
+    ("lsinitramfs",       "initramfs-tools-core", "",             "",                ("finalize",)),
+    ("lsinitrd",          "",                "dracut",            "dracut",          ("finalize",)),
+    ("lvmdevices",        "lvm2",            "lvm2",              "lvm2",            ("finalize",)),
+    ("setfiles",          "policycoreutils", "policycoreutils",   "policycoreutils", ("finalize",)),
 )
 
 
@@ -1626,17 +1641,20 @@ def layout_dir(config: Config) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path, mode: int = 0o600, keep_dir_time: bool = False) -> "Iterator[BinaryIO]":
+def atomic_output(path: Path, mode: int = 0o600, keep_dir_time: bool = False,
+                  owner: Optional[Tuple[int, int]] = None) -> "Iterator[BinaryIO]":
     """A file written whole or not at all: written beside path, flushed to disk and renamed
     over it, so a reader or a crash (a full disk, a kill) sees the old content or the new,
     never a part. keep_dir_time: the directory keeps its times (it is backed up, and verify
-    compares it)."""
+    compares it). owner: (uid, gid) the file gets before it takes path's place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     before = os.stat(str(path.parent)) if keep_dir_time else None
     partial = path.with_name(f".{path.name}.partial")
     fd = os.open(str(partial), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as stream:
+            if owner is not None and (os.fstat(stream.fileno()).st_uid, os.fstat(stream.fileno()).st_gid) != owner:
+                os.fchown(stream.fileno(), *owner)
             os.fchmod(stream.fileno(), mode)
             yield stream
             stream.flush()
@@ -6041,7 +6059,680 @@ def verify_backup(ctx: "Context", time_: Optional[str]) -> Tuple[int, int, List[
 
 
 # =============================================================================================
-# 16. recreate: execute
+# 16. finalize
+#
+# After the restore, make the restored system boot on the disks here: the names that changed
+# rewritten in its configuration, the LVM devices file made anew, SELinux labels where they
+# are missing, an initramfs for every installed kernel built on this hardware, and GRUB
+# installed (BIOS) or the NVRAM entries made (UEFI), each with the system's own tools run
+# through chroot. TreeProbe is the only reader of the restored tree; probe_restored and
+# finalize_plan are pure (what the tree holds + options -> Steps); FINALIZE_ACTIONS do the
+# steps that are more than one command.
+# =============================================================================================
+
+@dataclass(frozen=True)
+class Family:
+    """How one distribution family builds its initramfs and installs GRUB."""
+    name: str
+    initramfs: Tuple[str, ...]        # the initramfs tools, in order of preference
+    initrd_name: str                  # the image's name in /boot, {kver} for the kernel version
+    lister: str                       # lists an initramfs' files (the check after the rebuild)
+    grub_install: str
+    grub_mkconfig: Tuple[str, ...]    # in order of preference
+    grub_cfg: str                     # where grub-mkconfig writes (BIOS, and UEFI with a stub)
+    efi_grub_install: str             # always | without-shim | never (RHEL: shim is the chain)
+    efi_ids: Tuple[str, ...]          # its directories in \EFI on the ESP
+
+
+FAMILIES = {
+    "debian": Family("debian", ("update-initramfs",), "initrd.img-{kver}", "lsinitramfs", "grub-install",
+                     ("grub-mkconfig", "update-grub"), "/boot/grub/grub.cfg", "always", ("debian", "ubuntu")),
+    "rhel": Family("rhel", ("dracut",), "initramfs-{kver}.img", "lsinitrd", "grub2-install", ("grub2-mkconfig",),
+                   "/boot/grub2/grub.cfg", "never", ("redhat", "centos", "almalinux", "rocky", "fedora", "ol")),
+    "suse": Family("suse", ("dracut", "mkinitrd"), "initrd-{kver}", "lsinitrd", "grub2-install", ("grub2-mkconfig",),
+                   "/boot/grub2/grub.cfg", "without-shim", ("opensuse", "sles", "sle_hpc")),
+}
+# Files that name devices, UUIDs or by-id names (ESP paths are added below the ESP's mountpoint).
+NAMING_FILES = ("/etc/fstab", "/etc/crypttab", "/etc/mdadm/mdadm.conf", "/etc/mdadm.conf", "/etc/default/grub",
+                "/etc/kernel/cmdline", "/etc/initramfs-tools/conf.d/resume", "/boot/grub/grub.cfg",
+                "/boot/grub2/grub.cfg", "/boot/grub/grubenv", "/boot/grub2/grubenv")
+TREE_PROGRAM_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+TREE_PROGRAMS = ("update-initramfs", "dracut", "mkinitrd", "lsinitramfs", "lsinitrd", "grub-install", "grub2-install",
+                 "grub-mkconfig", "grub2-mkconfig", "update-grub", "lvmdevices", "setfiles", "efibootmgr")
+# Files whose security.selinux label says whether the restore kept labels.
+LABEL_SAMPLES = ("/etc/passwd", "/etc/selinux/config", "/usr/bin/ls", "/usr/sbin/init", "/var/log")
+BIND_MOUNTS = ("/proc", "/sys", "/dev", "/run")
+EFIVARS = "/sys/firmware/efi/efivars"
+REMOVABLE_LOADER = "EFI/BOOT/BOOTX64.EFI"
+GRUBENV_SIZE = 1024
+
+
+class TreeProbe:
+    """Reads the restored tree at root, as the restored system will see it: absolute symlinks
+    (/lib -> usr/lib, /boot/grub2/grubenv -> ../efi/EFI/redhat/grubenv) resolve inside root,
+    never on the rescue system."""
+
+    def __init__(self, root: Union[str, Path]) -> None:
+        self.root = os.path.abspath(str(root))
+
+    def resolve(self, path: str) -> str:
+        """path with every symlink resolved inside the tree (a path of the tree, /…)."""
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        done: List[str] = []
+        hops = 0
+        while parts:
+            part = parts.pop(0)
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            here = os.path.join(self.root, *done, part)
+            if os.path.islink(here) and hops < 40:
+                hops += 1
+                target = os.readlink(here)
+                if target.startswith("/"):
+                    done = []
+                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+                continue
+            done.append(part)
+        return "/" + "/".join(done)
+
+    def host_path(self, path: str) -> str:
+        """Where the tree's path is on this system."""
+        return os.path.join(self.root, self.resolve(path).lstrip("/"))
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(self.host_path(path))
+
+    def is_file(self, path: str) -> bool:
+        return os.path.isfile(self.host_path(path))
+
+    def read_text(self, path: str) -> Optional[str]:
+        try:
+            with open(self.host_path(path), encoding="utf-8", errors="surrogateescape") as stream:
+                return stream.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def listdir(self, path: str) -> List[str]:
+        try:
+            return sorted(os.listdir(self.host_path(path)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def has_xattr(self, path: str, name: str) -> bool:
+        try:
+            return name in os.listxattr(self.host_path(path), follow_symlinks=False)
+        except OSError:
+            return False
+
+    def which(self, program: str) -> Optional[str]:
+        for directory in TREE_PROGRAM_DIRS:
+            candidate = f"{directory}/{program}"
+            if os.access(self.host_path(candidate), os.X_OK) and self.is_file(candidate):
+                return candidate
+        return None
+
+
+@dataclass
+class RestoredSystem:
+    """What finalize needs to know about the restored system (probe_restored)."""
+    family: str                                    # debian | rhel | suse | unknown
+    os_release: Dict[str, str]
+    kernels: List[str]                             # versions in /lib/modules with /boot/vmlinuz-…
+    initrds: Dict[str, str]                        # kernel -> its initramfs now in /boot (if any)
+    modules: Dict[str, List[str]]                  # kernel -> its loadable modules (modules.dep)
+    builtin: Dict[str, List[str]]                  # kernel -> modules built into it
+    texts: Dict[str, str]                          # file that may name devices -> its text
+    lvm_devices: bool                              # /etc/lvm/devices/system.devices is there
+    selinux: str                                   # enforcing | permissive | disabled | "" (none)
+    file_contexts: str                             # of the configured policy ("" when absent)
+    labels_present: bool                           # the restored files carry security.selinux
+    esp_dir: str                                   # where the ESP is mounted ("" if none)
+    efi_dirs: List[str]                            # vendor directories in \EFI (not BOOT)
+    shim: bool                                     # a shimx64.efi in one of them
+    removable: bool                                # \EFI\BOOT\BOOTX64.EFI is there
+    grub_cfg: str                                  # the GRUB configuration grub-mkconfig writes
+    tools: Dict[str, str]                          # program -> its path in the tree
+
+
+def probe_restored(probe: TreeProbe) -> RestoredSystem:
+    os_release = parse_os_release(probe.read_text("/etc/os-release") or probe.read_text("/usr/lib/os-release") or "")
+    tools = {name: path for name in TREE_PROGRAMS for path in [probe.which(name)] if path}
+    family = distribution_family(os_release)
+    if family not in FAMILIES:
+        family = next((f.name for f in FAMILIES.values() if any(t in tools for t in f.initramfs)), "unknown")
+    kernels = [k for k in probe.listdir("/lib/modules") if probe.is_file(f"/boot/vmlinuz-{k}")]
+    esp_dir = esp_mountpoint(probe.read_text("/etc/fstab") or "")
+    efi_dirs = [d for d in probe.listdir(f"{esp_dir}/EFI") if d.upper() != "BOOT"] if esp_dir else []
+    texts = {}
+    for path in naming_files(probe, esp_dir, efi_dirs):
+        text = probe.read_text(path)
+        if text is not None:
+            texts.setdefault(probe.resolve(path), text)
+    selinux, policy = selinux_config(probe.read_text("/etc/selinux/config") or "")
+    contexts = f"/etc/selinux/{policy}/contexts/files/file_contexts" if policy else ""
+    return RestoredSystem(
+        family=family, os_release=os_release, kernels=kernels,
+        initrds={k: path for k in kernels for path in [existing_initrd(probe, k)] if path},
+        modules={k: module_names(probe.read_text(f"/lib/modules/{k}/modules.dep") or "", ":") for k in kernels},
+        builtin={k: module_names(probe.read_text(f"/lib/modules/{k}/modules.builtin") or "") for k in kernels},
+        texts=texts, lvm_devices=probe.is_file("/etc/lvm/devices/system.devices"),
+        selinux=selinux, file_contexts=contexts if contexts and probe.is_file(contexts) else "",
+        labels_present=all(probe.has_xattr(p, "security.selinux") for p in LABEL_SAMPLES if probe.exists(p)),
+        esp_dir=esp_dir, efi_dirs=efi_dirs,
+        shim=any(probe.is_file(f"{esp_dir}/EFI/{d}/shimx64.efi") for d in efi_dirs),
+        removable=bool(esp_dir) and probe.is_file(f"{esp_dir}/{REMOVABLE_LOADER}"),
+        grub_cfg=system_grub_cfg(probe, family, esp_dir, efi_dirs), tools=tools)
+
+
+def naming_files(probe: TreeProbe, esp_dir: str, efi_dirs: Sequence[str]) -> List[str]:
+    entries = [f"/boot/loader/entries/{name}" for name in probe.listdir("/boot/loader/entries") if name.endswith(".conf")]
+    on_esp = [f"{esp_dir}/EFI/{d}/{name}" for d in efi_dirs for name in ("grub.cfg", "grubenv")]
+    return list(NAMING_FILES) + entries + on_esp
+
+
+def esp_mountpoint(fstab: str) -> str:
+    """The mountpoint of the vfat filesystem at /boot/efi or /efi in fstab ("" if none)."""
+    for line in fstab.splitlines():
+        cols = line.split()
+        if len(cols) >= 3 and not cols[0].startswith("#") and cols[2] == "vfat" and cols[1] in ("/boot/efi", "/efi"):
+            return cols[1]
+    return ""
+
+
+def selinux_config(text: str) -> Tuple[str, str]:
+    """(SELINUX=, SELINUXTYPE=) of /etc/selinux/config; ("", "") without it."""
+    values = dict(re.findall(r"^\s*(SELINUX|SELINUXTYPE)\s*=\s*(\S+)", text, re.M))
+    return values.get("SELINUX", "").strip("'\"").lower(), values.get("SELINUXTYPE", "").strip("'\"")
+
+
+def module_names(text: str, separator: str = "") -> List[str]:
+    """Module names (dashes as underscores, as the kernel names them) of modules.dep lines
+    ("kernel/…/dm-mod.ko.xz: deps") or modules.builtin lines."""
+    names = set()
+    for line in text.splitlines():
+        path = line.split(separator, 1)[0] if separator else line
+        match = re.search(r"([^/\s]+)\.ko(\.[a-z0-9]+)?$", path.strip())
+        if match:
+            names.add(match.group(1).replace("-", "_"))
+    return sorted(names)
+
+
+def existing_initrd(probe: TreeProbe, kernel: str) -> Optional[str]:
+    for family in FAMILIES.values():
+        path = "/boot/" + family.initrd_name.format(kver=kernel)
+        if probe.is_file(path):
+            return path
+    return None
+
+
+def system_grub_cfg(probe: TreeProbe, family: str, esp_dir: str, efi_dirs: Sequence[str]) -> str:
+    """Where the system's GRUB reads its menu: on the ESP when the grub.cfg there is the whole
+    menu (RHEL 8 on UEFI), else the family's path (the ESP holds a stub that points to it)."""
+    for d in efi_dirs:
+        text = probe.read_text(f"{esp_dir}/EFI/{d}/grub.cfg")
+        if text and re.search(r"^\s*(menuentry|blscfg)\b", text, re.M):
+            return f"{esp_dir}/EFI/{d}/grub.cfg"
+    if family in FAMILIES:
+        return FAMILIES[family].grub_cfg
+    return "/boot/grub2/grub.cfg" if probe.exists("/boot/grub2") else "/boot/grub/grub.cfg"
+
+
+@dataclass
+class EspTarget:
+    """One ESP that gets an NVRAM boot entry (every member of a RAID1 ESP is one)."""
+    disk: str                                      # the disk here
+    partition: int
+    label: str                                     # the original entry's label
+    loader: str = ""                               # \EFI\redhat\shimx64.efi ("": the system's own)
+
+
+@dataclass
+class FinalizeOptions:
+    target_root: str = "/mnt/local"
+    boot_mode: str = "bios"                        # bios | uefi (the layout's Boot.firmware)
+    boot_disks: List[str] = field(default_factory=list)    # grub-install onto each (BIOS)
+    esps: List[EspTarget] = field(default_factory=list)    # an efibootmgr entry for each (UEFI)
+    changes: Dict[str, str] = field(default_factory=dict)  # old name -> new: /dev/sda1, UUIDs, by-id
+    pvs: List[str] = field(default_factory=list)           # the recreated PVs (the LVM devices file)
+    drivers: List[str] = field(default_factory=list)       # the storage drivers of the disks here
+    rebuild_initramfs: bool = True                         # REBUILD_INITRAMFS
+    selinux_relabel: str = "auto"                          # SELINUX_RELABEL: auto | yes | no
+
+
+def finalize_plan(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
+    """The finalize steps, in order: names rewritten (nothing bound yet), the bind mounts, the
+    LVM devices file, the initramfs of each kernel and its check, the bootloader, the unbind,
+    then the SELinux relabel (last, so that it also labels what the steps above wrote)."""
+    family = FAMILIES.get(system.family)
+    if family is None:
+        raise RescueError(f"the restored system's distribution ({system.os_release.get('pretty_name') or 'no /etc/os-release'}) "
+                          "is not one rescue can finalize", "finalize supports the Debian/Ubuntu, RHEL and SUSE families")
+    root = options.target_root
+    steps = rename_steps(system, options.changes, root)
+    steps += bind_steps(root, options.boot_mode == "uefi")
+    steps += lvm_devices_steps(system, options, root)
+    if options.rebuild_initramfs:
+        for kernel in system.kernels:
+            steps += initramfs_steps(system, family, options, kernel)
+    steps += bootloader_steps(system, family, options)
+    steps.append(Step("finalize unbind", f"Unmount the bind mounts below {root}", action="unbind",
+                      params={"paths": [root + p for p in reversed(bind_points(options.boot_mode == "uefi"))]}))
+    steps += selinux_steps(system, options)
+    return steps
+
+
+def in_root(root: str, *argv: str) -> List[str]:
+    return ["chroot", root] + list(argv)
+
+
+def rename_steps(system: RestoredSystem, changes: Dict[str, str], root: str) -> List[Step]:
+    """One step per file that names something that changed (none when nothing changed)."""
+    steps = []
+    for path, text in sorted(system.texts.items()):
+        new = rewrite_file_text(path, text, changes) if changes else text
+        if new != text:
+            steps.append(Step(f"finalize names {path}", f"Rewrite the names that changed in {path}",
+                              action="rewrite_names",
+                              params={"path": root + path, "changes": dict(changes),
+                                      "before": text_digest(text), "after": text_digest(new)}))
+    return steps
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def bind_points(uefi: bool) -> List[str]:
+    return list(BIND_MOUNTS) + ([EFIVARS] if uefi else [])
+
+
+def bind_steps(root: str, uefi: bool) -> List[Step]:
+    # argv: what the (idempotent) action amounts to, for --plan and --script.
+    return [Step(f"finalize bind {path}", f"Bind {path} into {root}", argv=["mount", "--bind", path, root + path],
+                 action="bind", params={"source": path, "path": root + path}) for path in bind_points(uefi)]
+
+
+def lvm_devices_steps(system: RestoredSystem, options: FinalizeOptions, root: str) -> List[Step]:
+    if not system.lvm_devices or not options.pvs:
+        return []
+    return [Step("finalize lvm devices file", "Write /etc/lvm/devices/system.devices anew with the recreated PVs",
+                 action="lvm_devices", params={"root": root, "pvs": list(options.pvs)},
+                 note="the old file names the old disks' IDs: LVM would ignore the new ones and the boot hang")]
+
+
+def initramfs_steps(system: RestoredSystem, family: Family, options: FinalizeOptions, kernel: str) -> List[Step]:
+    root = options.target_root
+    tool = next((t for t in family.initramfs if t in system.tools), None)
+    if tool is None:
+        raise RescueError(f"the restored system has no {' or '.join(family.initramfs)} to build the initramfs of {kernel}",
+                          "the backup lacks it; set REBUILD_INITRAMFS=no to boot with the restored initramfs "
+                          "as it is (made for the old hardware)")
+    image = system.initrds.get(kernel) or "/boot/" + family.initrd_name.format(kver=kernel)
+    loadable = set(system.modules.get(kernel, [])) - set(system.builtin.get(kernel, []))
+    drivers = [d for d in options.drivers if d.replace("-", "_") in loadable]
+    if tool == "update-initramfs":
+        argv = in_root(root, tool, "-u" if kernel in system.initrds else "-c", "-k", kernel)
+    elif tool == "dracut":
+        added = ["--add-drivers", " ".join(drivers)] if drivers else []
+        argv = in_root(root, tool, "-f", *added, "--kver", kernel, image)
+    else:
+        argv = in_root(root, tool, "-k", f"/boot/vmlinuz-{kernel}", "-i", image)
+    steps = [Step(f"finalize initramfs {kernel}", f"Build the initramfs of {kernel} for this hardware ({tool})",
+                  argv=argv, note="the restored one is made for the old disks and controllers")]
+    if family.lister in system.tools and drivers:
+        steps.append(Step(f"finalize check initramfs {kernel}", f"Check that {image} holds the storage drivers",
+                          argv=in_root(root, family.lister, image), action="check_initramfs",
+                          params={"root": root, "image": image, "lister": family.lister, "drivers": drivers}))
+    return steps
+
+
+def bootloader_steps(system: RestoredSystem, family: Family, options: FinalizeOptions) -> List[Step]:
+    root = options.target_root
+    mkconfig = next((t for t in family.grub_mkconfig if t in system.tools), None)
+    if family.grub_install not in system.tools and mkconfig is None:
+        return []
+    config = [] if mkconfig is None else [Step(
+        "finalize grub config", f"Write the GRUB menu {system.grub_cfg}",
+        argv=in_root(root, mkconfig) if mkconfig == "update-grub" else in_root(root, mkconfig, "-o", system.grub_cfg))]
+    if options.boot_mode != "uefi":
+        return bios_steps(family, options, root) + config
+    return uefi_steps(system, family, options) + config + efi_entry_steps(system, options)
+
+
+def bios_steps(family: Family, options: FinalizeOptions, root: str) -> List[Step]:
+    if not options.boot_disks:
+        raise RescueError("there is no disk to install GRUB on (the layout names none)",
+                          "name them in GRUB2_INSTALL_DEVICES, e.g. GRUB2_INSTALL_DEVICES=\"/dev/sda /dev/sdb\"")
+    return [Step(f"finalize grub-install {disk}", f"Install GRUB (BIOS) on {disk}",
+                 argv=in_root(root, family.grub_install, "--target=i386-pc", disk)) for disk in options.boot_disks]
+
+
+def vendor_dir(system: RestoredSystem, family: Family, options: FinalizeOptions) -> str:
+    """The system's directory in \\EFI: that of the original boot entry's loader, else the
+    family's, else the only one there."""
+    for esp in options.esps:
+        parts = [p for p in esp.loader.replace("\\", "/").split("/") if p]
+        if len(parts) >= 3 and parts[0].upper() == "EFI" and parts[1].upper() != "BOOT":
+            return parts[1]
+    own = [d for d in system.efi_dirs if d.lower() in family.efi_ids]
+    return (own or system.efi_dirs or [family.efi_ids[0]])[0]
+
+
+def uefi_steps(system: RestoredSystem, family: Family, options: FinalizeOptions) -> List[Step]:
+    """grub-install for EFI only where the distribution expects it; the loader checked; the
+    removable path as a fallback."""
+    root, esp = options.target_root, system.esp_dir or "/boot/efi"
+    vendor = vendor_dir(system, family, options)
+    steps = []
+    if family.efi_grub_install == "always" or (family.efi_grub_install == "without-shim" and not system.shim):
+        steps.append(Step("finalize grub-install efi", f"Install GRUB (UEFI) into {esp}/EFI/{vendor}",
+                          argv=in_root(root, family.grub_install, "--target=x86_64-efi", f"--efi-directory={esp}",
+                                       f"--bootloader-id={vendor}", "--no-nvram")))
+    loader = "shimx64.efi" if system.shim else "grubx64.efi"
+    files = [loader] + (["grubx64.efi"] if system.shim else [])
+    steps.append(Step("finalize efi loader", f"Check the loader {esp}/EFI/{vendor}/{loader}", action="efi_loader",
+                      params={"directory": f"{root}{esp}/EFI/{vendor}", "files": files},
+                      note="shim chain kept as restored" if system.shim else ""))
+    if not system.removable:
+        steps.append(Step("finalize efi removable path", f"Copy the loader to the removable path {esp}/{REMOVABLE_LOADER}",
+                          action="efi_fallback", params={"directory": f"{root}{esp}/EFI/{vendor}", "files": files,
+                                                         "target": f"{root}{esp}/{REMOVABLE_LOADER}"},
+                          note="firmware that lost its NVRAM entries still finds it"))
+    return steps
+
+
+def efi_entry_steps(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
+    if not options.esps:
+        return []
+    family = FAMILIES[system.family]
+    default = "\\EFI\\{}\\{}".format(vendor_dir(system, family, options), "shimx64.efi" if system.shim else "grubx64.efi")
+    entries = [{"disk": e.disk, "partition": e.partition, "label": e.label, "loader": e.loader or default}
+               for e in options.esps]
+    return [Step("finalize efi boot entries", "NVRAM boot entries: " + ", ".join(
+        f"{e['label']} on {e['disk']} partition {e['partition']}" for e in entries), action="efi_entries",
+        params={"entries": entries}, note="entries of the same label are removed first")]
+
+
+def selinux_steps(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
+    """Relabel (setfiles) when SELinux is on and the restore did not keep the labels
+    (SELINUX_RELABEL=auto), or always (yes); /.autorelabel as the backstop for the first boot."""
+    root = options.target_root
+    wanted = options.selinux_relabel == "yes" or (
+        options.selinux_relabel == "auto" and system.selinux in ("enforcing", "permissive") and not system.labels_present)
+    if not wanted or not system.selinux:
+        return []
+    steps = []
+    if system.file_contexts:
+        excluded = [a for path in ([system.esp_dir] if system.esp_dir else []) for a in ("-e", root + path)]
+        steps.append(Step("finalize selinux relabel", f"Label the restored files for SELinux ({system.file_contexts})",
+                          argv=["setfiles", "-m", "-r", root] + excluded + [root + system.file_contexts, root],
+                          note="unlabeled files make an enforcing system unbootable"))
+    steps.append(Step("finalize selinux autorelabel", "Ask for a relabel at the first boot (/.autorelabel)",
+                      action="write_marker", params={"path": root + "/.autorelabel"}))
+    return steps
+
+
+# -- the rewrites ---------------------------------------------------------------------------------
+
+def names_pattern(changes: Dict[str, str]) -> "re.Pattern[str]":
+    """One pattern for all old names, the longest first, each a whole word (/dev/sda is not in
+    /dev/sda1); a by-id or by-path disk name also matches as its partitions' prefix
+    (…-part2); UUIDs in either case."""
+    alternatives = []
+    for n, old in enumerate(sorted(changes, key=len, reverse=True)):
+        escaped = re.escape(old)
+        if re.fullmatch(r"[0-9A-Fa-f-]+", old):
+            escaped = f"(?i:{escaped})"
+        suffix = r"(?:-part\d+)?" if old.startswith(("/dev/disk/by-id/", "/dev/disk/by-path/")) else ""
+        alternatives.append(f"(?P<k{n}>{escaped}{suffix})")
+    return re.compile(r"(?<![0-9A-Za-z_])(?:" + "|".join(alternatives) + r")(?![0-9A-Za-z_])")
+
+
+def rewrite_names(text: str, changes: Dict[str, str]) -> str:
+    """text with each old name replaced by its new one, in one pass (a swap of two names is
+    a swap, not a chain)."""
+    if not changes:
+        return text
+    ordered = sorted(changes, key=len, reverse=True)
+    lowered = {old.lower(): new for old, new in changes.items()}
+
+    def replace(match: "re.Match[str]") -> str:
+        found = match.group(0)
+        old = ordered[int(match.lastgroup[1:])]
+        new = changes.get(found) or lowered.get(found.lower())
+        return new if new is not None else changes[old] + found[len(old):]    # …-partN of a by-id disk
+
+    return names_pattern(changes).sub(replace, text)
+
+
+def rewrite_file_text(path: str, text: str, changes: Dict[str, str]) -> str:
+    """The file's new text; a grubenv stays a 1024-byte block padded with '#' (GRUB reads
+    it as such: saved_entry and kernelopts stay where they are)."""
+    if os.path.basename(path) != "grubenv":
+        return rewrite_names(text, changes)
+    content = text.rstrip("#")
+    new = rewrite_names(content, changes)
+    size = max(len(text.encode("utf-8", "surrogateescape")), GRUBENV_SIZE)
+    padding = size - len(new.encode("utf-8", "surrogateescape"))
+    if padding < 0:
+        raise RescueError(f"{path}: with the new names it would not fit in GRUB's {size}-byte environment block",
+                          "shorten kernelopts in it, or map to shorter names")
+    return new + "#" * padding if new != content else text
+
+
+def file_diff(path: str, old: str, new: str) -> str:
+    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"a{path}", f"b{path}"))
+
+
+# -- efibootmgr --------------------------------------------------------------------------------------
+
+def efi_loader_of(path: str) -> str:
+    """The loader of an `efibootmgr -v` device path: …/File(\\EFI\\redhat\\shimx64.efi) (before
+    efibootmgr 18) or …/\\EFI\\redhat\\shimx64.efi (18 and later); "" when it names no file."""
+    match = re.search(r"File\((\\[^)]*)\)", path) or re.search(r"\)/(\\[^\s]*\.[Ee][Ff][Ii])", path)
+    return match.group(1) if match else ""
+
+
+def efi_partition_uuid(path: str) -> str:
+    """The GPT partition UUID of an `efibootmgr -v` device path (HD(1,GPT,<uuid>,…)), lower case."""
+    match = re.search(r"HD\(\d+,GPT,([0-9A-Fa-f-]{36})", path)
+    return match.group(1).lower() if match else ""
+
+
+def stale_efi_entries(text: str, labels: Sequence[str]) -> List[str]:
+    """The Boot#### numbers in `efibootmgr -v` output whose label is one of labels."""
+    return [e["num"] for e in parse_efibootmgr(text) if e["label"] in labels]
+
+
+# -- the actions -----------------------------------------------------------------------------------
+
+def mounted_at(path: str) -> Optional[str]:
+    """The source last mounted at path (from /proc/self/mounts), or None."""
+    found = None
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            cols = line.split()
+            if len(cols) > 2 and cols[1].replace("\\040", " ") == path:
+                found = cols[0]
+    return found
+
+
+def finalize_action_rewrite_names(ctx: Context, path: str, changes: Dict[str, str], before: str, after: str) -> None:
+    """Rewrite one file atomically, keeping its mode and owner; the diff goes to the log. A
+    re-run finds it rewritten already and leaves it (a swap of two names stays a swap)."""
+    target = Path(path)
+    old = target.read_text(encoding="utf-8", errors="surrogateescape")
+    if text_digest(old) == after:
+        ctx.log.info(f"{path}: rewritten already")
+        return
+    if text_digest(old) != before:
+        raise RescueError(f"{path} changed after finalize was planned",
+                          "check the file; then run again with --restart to plan finalize anew")
+    new = rewrite_file_text(path, old, changes)
+    info = os.stat(path)
+    with atomic_output(target, stat.S_IMODE(info.st_mode), owner=(info.st_uid, info.st_gid)) as stream:
+        stream.write(new.encode("utf-8", "surrogateescape"))
+    ctx.log.info(f"rewrote {path}:\n{file_diff(path, old, new)}")
+
+
+def finalize_action_bind(ctx: Context, source: str, path: str) -> None:
+    if mounted_at(path) is not None:
+        ctx.log.info(f"{path} is mounted already")
+        return
+    os.makedirs(path, exist_ok=True)
+    ctx.runner.run(["mount", "--bind", source, path], timeout=60)
+
+
+def finalize_action_unbind(ctx: Context, paths: Sequence[str]) -> None:
+    """Unmount what finalize bound, in reverse order; a busy one lazily (it goes when the
+    last process in the chroot ends)."""
+    for path in paths:
+        if mounted_at(path) is None:
+            continue
+        result = ctx.runner.run(["umount", path], check=False, timeout=60)
+        if result.returncode != 0:
+            ctx.log.warn(f"{path} is busy ({result.stderr.strip()[-200:]}); unmounting it lazily")
+            ctx.runner.run(["umount", "-l", path], timeout=60)
+
+
+def finalize_action_lvm_devices(ctx: Context, root: str, pvs: Sequence[str]) -> None:
+    """The devices file with exactly the recreated PVs: the old one removed, each PV added by
+    lvmdevices in the restored system (not vgimportdevices -a, which adds every VG it sees)."""
+    path = Path(TreeProbe(root).host_path("/etc/lvm/devices/system.devices"))
+    old = path.read_text(errors="replace") if path.is_file() else ""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    for pv in pvs:
+        ctx.runner.run(in_root(root, "lvmdevices", "--adddev", pv), timeout=120)
+    new = path.read_text(errors="replace") if path.is_file() else ""
+    ctx.log.info(f"rewrote {path}:\n{file_diff(str(path), old, new)}")
+
+
+def finalize_action_check_initramfs(ctx: Context, root: str, image: str, lister: str, drivers: Sequence[str]) -> None:
+    result = ctx.runner.run(in_root(root, lister, image), check=False, timeout=600)
+    if result.returncode != 0:
+        raise CommandError(ctx.runner.command_line(in_root(root, lister, image), None), result.returncode, result.stderr)
+    missing = initramfs_lacks(result.stdout, drivers)
+    if missing:
+        raise RescueError(f"the new initramfs {image} lacks the storage drivers {', '.join(missing)}: "
+                          "the restored system would not find its disks",
+                          "add them to the restored system's initramfs configuration (dracut: add_drivers+=\" … \" "
+                          "in /etc/dracut.conf.d/; initramfs-tools: /etc/initramfs-tools/modules), then resume")
+    ctx.log.info(f"{image} holds the storage drivers {', '.join(drivers)}")
+
+
+def initramfs_lacks(listing: str, drivers: Sequence[str]) -> List[str]:
+    """The drivers that a lsinitramfs / lsinitrd listing does not hold."""
+    present = set(module_names("\n".join(word for line in listing.splitlines() for word in line.split())))
+    return [d for d in drivers if d.replace("-", "_") not in present]
+
+
+def finalize_action_efi_loader(ctx: Context, directory: str, files: Sequence[str]) -> None:
+    missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
+    if missing:
+        raise RescueError(f"the ESP lacks the boot loader: {', '.join(os.path.join(directory, m) for m in missing)}",
+                          "the backup did not hold the ESP's files: restore them (or reinstall shim and GRUB's EFI "
+                          "package in the restored system), then resume")
+
+
+def finalize_action_efi_fallback(ctx: Context, directory: str, files: Sequence[str], target: str) -> None:
+    """The loader at the removable path (shim loads grubx64.efi from its own directory)."""
+    if os.path.isfile(target):
+        return
+    for n, name in enumerate(files):
+        destination = target if n == 0 else os.path.join(os.path.dirname(target), name)
+        write_file(Path(destination), Path(directory, name).read_bytes(), 0o700)
+        ctx.log.info(f"copied {os.path.join(directory, name)} to {destination}")
+
+
+def finalize_action_efi_entries(ctx: Context, entries: Sequence[Dict[str, object]]) -> None:
+    """Remove the entries of the same labels, then make one per ESP (the last made comes first
+    in BootOrder, so they are made in reverse)."""
+    listing = ctx.runner.run(["efibootmgr", "-v"], timeout=60).stdout
+    for number in stale_efi_entries(listing, sorted({str(e["label"]) for e in entries})):
+        ctx.runner.run(["efibootmgr", "-q", "-b", number, "-B"], timeout=60)
+    for entry in reversed(entries):
+        ctx.runner.run(["efibootmgr", "-q", "-c", "-d", str(entry["disk"]), "-p", str(entry["partition"]),
+                        "-L", str(entry["label"]), "-l", str(entry["loader"])], timeout=60)
+
+
+def finalize_action_write_marker(ctx: Context, path: str) -> None:
+    write_file(Path(path), "", 0o644)
+
+
+FINALIZE_ACTIONS: Dict[str, Callable[..., None]] = {
+    "rewrite_names": finalize_action_rewrite_names, "bind": finalize_action_bind, "unbind": finalize_action_unbind,
+    "lvm_devices": finalize_action_lvm_devices, "check_initramfs": finalize_action_check_initramfs,
+    "efi_loader": finalize_action_efi_loader, "efi_fallback": finalize_action_efi_fallback,
+    "efi_entries": finalize_action_efi_entries, "write_marker": finalize_action_write_marker}
+
+
+# -- from the layout -------------------------------------------------------------------------------
+
+def finalize_options(layout: Layout, mapping: Mapping, config: Config, drivers: Sequence[str] = (),
+                     changes: Optional[Dict[str, str]] = None) -> FinalizeOptions:
+    """FinalizeOptions for a recovery of layout onto the disks of mapping: the boot disks
+    (GRUB2_INSTALL_DEVICES, mapped as ReaR's MIGRATION_MODE does, else the disks GRUB was on,
+    else those under /boot), each ESP (RAID1 members too) with its original entry's label and
+    loader, the device names that changed (plus changes, e.g. UUIDs recreate could not keep)."""
+    configured = config.setting("GRUB2_INSTALL_DEVICES")
+    if configured:
+        boot_disks = [mapping.new_name(d, layout) for d in configured]
+    else:
+        boot_disks = [mapping.new_name(d, layout) for d in layout.boot.grub_disks] or boot_disks_under(layout, mapping)
+    renamed = {old: new for old, new in ((item, mapping.new_name(item, layout)) for item in
+                                         [d.id for d in layout.disks] + [p.id for p in layout.partitions]) if old != new}
+    return FinalizeOptions(
+        target_root=config.setting("TARGET_FS_ROOT"), boot_mode=layout.boot.firmware, boot_disks=boot_disks,
+        esps=esp_targets(layout, mapping), changes={**renamed, **(changes or {})},
+        pvs=[mapping.new_name(pv.device, layout) for pv in layout.physical_volumes],
+        drivers=list(drivers), rebuild_initramfs=config.setting("REBUILD_INITRAMFS"),
+        selinux_relabel=config.setting("SELINUX_RELABEL"))
+
+
+def partitions_under(device: str, layout: Layout) -> List[Partition]:
+    """The partitions a device stands on (through RAID, LUKS and LVM)."""
+    part = next((p for p in layout.partitions if p.id == device), None)
+    if part is not None:
+        return [part]
+    below: List[str] = []
+    for md in layout.md_arrays:
+        below += md.devices if md.id == device else []
+    below += [lk.device for lk in layout.luks if lk.id == device]
+    for lv in layout.logical_volumes:
+        if lv.id == device:
+            below += [pv for vg in layout.volume_groups if vg.name == lv.vg for pv in vg.pvs]
+    return [p for d in below for p in partitions_under(d, layout)]
+
+
+def boot_disks_under(layout: Layout, mapping: Mapping) -> List[str]:
+    mounts = {m.mountpoint: m.device for m in layout.mounts}
+    device = mounts.get("/boot") or mounts.get("/")
+    disks = [p.disk for p in partitions_under(device, layout)] if device else []
+    return [mapping.new_name(d, layout) for d in dict.fromkeys(disks)]
+
+
+def esp_targets(layout: Layout, mapping: Mapping) -> List[EspTarget]:
+    if layout.boot.firmware != "uefi" or not layout.boot.esp:
+        return []
+    mount = next((m for m in layout.mounts if m.mountpoint in ("/boot/efi", "/efi")), None)
+    parts = partitions_under(mount.device, layout) if mount else []
+    parts = parts or [p for p in layout.partitions if p.id == layout.boot.esp]
+    entries = [e for e in layout.boot.efi_entries if efi_loader_of(e.get("path", ""))]
+    out = []
+    for part in parts:
+        entry = next((e for e in entries if part.uuid and efi_partition_uuid(e["path"]) == part.uuid.lower()),
+                     entries[0] if entries else None)
+        label = entry["label"] if entry else (layout.boot.distribution.get("id") or "Linux")
+        out.append(EspTarget(mapping.new_name(part.disk, layout), part.number, label,
+                             efi_loader_of(entry["path"]) if entry else ""))
+    return out
+
+
+# =============================================================================================
+# 17. recreate: execute
 #
 # One short loop runs a plan's steps through the Runner, each timed and logged, and journals
 # each finished step (VAR_DIR/recreate.json: the layout's digest, the mapping with each disk's
@@ -6222,17 +6913,6 @@ def action_devices(ctx: Context, devices: Sequence[str]) -> None:
         if time.monotonic() > deadline:
             raise RescueError(f"{', '.join(missing)} did not appear within {WAIT_SECONDS:g} s", "check dmesg")
         time.sleep(0.2)
-
-
-def mounted_at(path: str) -> Optional[str]:
-    """The source last mounted at path (from /proc/self/mounts), or None."""
-    found = None
-    with contextlib.suppress(OSError), open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            cols = line.split()
-            if len(cols) > 2 and cols[1].replace("\\040", " ") == path:
-                found = cols[0]
-    return found
 
 
 def action_mount(ctx: Context, device: str, path: str, type: str, options: str) -> None:
@@ -6439,13 +7119,13 @@ def action_open_luks(ctx: Context, uuid: str, name: str, secret: str) -> None:
 
 STEP_ACTIONS: Dict[str, Callable[..., None]] = {
     "partitions": action_partitions, "devices": action_devices, "mount": action_mount,
-    "open_luks": action_open_luks}
+    "open_luks": action_open_luks, **FINALIZE_ACTIONS}
 
 
 # =============================================================================================
-# 17. recover
+# 18. recover
 #
-# rescue recover = the layout → the mapping and the one confirmation → recreate (section 16's
+# rescue recover = the layout → the mapping and the one confirmation → recreate (section 17's
 # journaled plan) → restore into TARGET_FS_ROOT → finalize → a report in the recovered system.
 # Before any disk is touched the backup is checked: reachable, and decryptable with the
 # passphrase given (a wrong one is asked again, then a clear stop). recover's own journal
@@ -6627,7 +7307,7 @@ def recover_outline(ctx: Context, time_: Optional[str]) -> List[str]:
 
 
 # =============================================================================================
-# 18. cli
+# 19. cli
 # =============================================================================================
 
 @dataclass
