@@ -6841,9 +6841,17 @@ def luks_secrets(ctx: Context, secrets: Sequence[Tuple[str, str]], new: bool = T
 
 def run_plan_steps(ctx: Context, steps: Sequence[Step], state: RecreateState, state_path: Path,
                    secrets: Dict[str, str], resume_command: str) -> None:
+    run_journaled(ctx, steps, state.done, lambda: write_file(state_path, state.to_json()), secrets, resume_command)
+
+
+def run_journaled(ctx: Context, steps: Sequence[Step], done: List[str], save: Callable[[], None],
+                  secrets: Dict[str, str], resume_command: str, again: Sequence[str] = ()) -> None:
+    """Run the steps not in done, each timed and logged, appending each to done and saving
+    the journal after it; actions named in again run even when done (a bind mount does not
+    outlive a reboot of the rescue system)."""
     total = len(steps)
     for n, step in enumerate(steps, 1):
-        if step.id in state.done:
+        if step.id in done and step.action not in again:
             continue
         ctx.log.say(f"[{n}/{total}] {step.title}")
         started = time.monotonic()
@@ -6854,8 +6862,9 @@ def run_plan_steps(ctx: Context, steps: Sequence[Step], state: RecreateState, st
                               f"the command: {step_command(step)}\n{exc.hint}\n"
                               f"fix the cause, then resume with: {resume_command}") from None
         ctx.log.info(f"step {n} done in {time.monotonic() - started:.1f} s")
-        state.done.append(step.id)
-        write_file(state_path, state.to_json())
+        if step.id not in done:
+            done.append(step.id)
+        save()
 
 
 def run_step(ctx: Context, step: Step, secrets: Dict[str, str]) -> None:
@@ -7227,6 +7236,41 @@ def restore_phase(ctx: Context, state: RecoverState, state_path: Path, root: Pat
     write_file(state_path, state.to_json())
 
 
+def storage_drivers(disks: Sequence[str]) -> List[str]:
+    """The kernel modules that drive the disks here (virtio_blk, nvme, ahci…), which the
+    rebuilt initramfs must hold: the backed-up system may have booted from other hardware."""
+    out = []
+    for disk in disks:
+        device = Path("/sys/class/block") / os.path.basename(os.path.realpath(disk)) / "device"
+        for sysfs in (device, device / ".."):              # the disk's device, or its controller (nvme)
+            module = sysfs / "driver" / "module"
+            if module.exists():
+                out.append(os.path.basename(os.path.realpath(str(module))))
+                break
+    return list(dict.fromkeys(out))
+
+
+def finalize_phase(ctx: Context, layout: Layout, recreated: RecreateState, state: RecoverState,
+                   state_path: Path, root: Path) -> None:
+    """The finalize plan of what was restored (read from the tree, so a re-run plans the same
+    steps), run and journaled step by step."""
+    mapping = Mapping({old: str(identity["path"]) for old, identity in recreated.mapping.items()}, {}, [])
+    system = probe_restored(TreeProbe(str(root)))
+    options = finalize_options(layout, mapping, ctx.config, storage_drivers(list(mapping.disks.values())))
+    steps = finalize_plan(system, options)
+    check_programs(steps)
+    left = [s for s in steps if s.id not in state.finalized]
+    if not left:
+        ctx.log.say("Finalize is done already")
+        return
+    ctx.log.say(f"Finalizing {system.os_release.get('pretty_name') or layout.hostname} ({system.family}): {len(left)} steps")
+    started = time.monotonic()
+    run_journaled(ctx, steps, state.finalized, lambda: write_file(state_path, state.to_json()), {},
+                  "rescue recover", again=("bind",))
+    state.timings["finalize"] = round(time.monotonic() - started, 1)
+    write_file(state_path, state.to_json())
+
+
 def recover_report(layout: Layout, recreated: RecreateState, state: RecoverState) -> str:
     lines = [f"rescue {__version__} recovered {layout.hostname} on {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
              "", "Disks (the layout's -> the disks here):"]
@@ -7285,6 +7329,7 @@ def recover(ctx: Context) -> int:
     state.timings.setdefault("recreate", round(time.monotonic() - started, 1))
     write_file(state_path, state.to_json())
     restore_phase(ctx, state, state_path, root)
+    finalize_phase(ctx, layout, recreated, state, state_path, root)
     if not state.reported:
         wrap_up(ctx, layout, recreated, state, root)
         state.reported = True
