@@ -52,6 +52,7 @@ import datetime
 import difflib
 import fcntl
 import functools
+import grp
 import gzip
 import hashlib
 import heapq
@@ -59,6 +60,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import pwd
 import re
 import select
 import shlex
@@ -230,7 +232,9 @@ def human_size(size: Optional[float]) -> str:
 #
 # ReaR's configuration files are bash. We parse the subset that assigns variables and refuse
 # everything else with FILE:LINE, so nothing in a configuration is ever executed, and a value is
-# never different from what bash would give: where we cannot be sure, we refuse.
+# never different from what bash would give: where we cannot be sure, we refuse. The few command
+# substitutions real configurations use ($(hostname -s), $(date +%F), $(cat FILE), $(uname -r),
+# $(id -u)) and ~ are evaluated here in Python, with bash's results; no command is ever run.
 # =============================================================================================
 
 Value = Union[str, List[str]]
@@ -263,15 +267,21 @@ NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SECRET_REDIRECT_RE = re.compile(r"2>>?/dev/(\$SECRET_OUTPUT_DEV|\$\{SECRET_OUTPUT_DEV\}|null)")
 
 
+SUBSTITUTION_HINT = ("rescue runs no command from its configuration; it evaluates only $(hostname), $(date), "
+                     "$(cat FILE), $(uname) and $(id) itself: write the value literally")
+
+
 def _unsupported_hint(construct: str) -> str:
-    if construct.startswith("command substitution") or construct.startswith("arithmetic"):
+    if "command substitution" in construct:
+        return SUBSTITUTION_HINT
+    if construct.startswith("arithmetic"):
         return "rescue never runs commands from its configuration; write the value literally"
     if construct.startswith("source"):
         return "load more files with -C FILE instead"
     if construct.startswith("glob") or construct.startswith("brace expansion"):
         return "bash would expand it to file names; quote it"
     if construct.startswith("tilde"):
-        return 'write "$HOME" instead of ~'
+        return "a configuration file has no directory stack; write the path"
     if construct.startswith("expansion"):
         return "use $VAR, ${VAR}, ${VAR:-default}, ${ARR[@]} or ${ARR[*]}"
     return "only VAR=value, VAR+=value, VAR=( … ), export VAR=… and { VAR=… ; } 2>>/dev/$SECRET_OUTPUT_DEV are allowed"
@@ -285,6 +295,11 @@ class Unsupported(Exception):
         self.construct = construct
         self.line = line
         self.hint = hint or _unsupported_hint(construct)
+
+
+class SubstitutionFailed(Unsupported):
+    """Internal: a supported command substitution that cannot give its value here (a missing
+    file, a name that does not resolve). bash would go on with an empty value; we stop."""
 
 
 # A word is a list of parts; expansion turns parts into segments (text, quoted, splittable).
@@ -304,6 +319,21 @@ class Var:
     # Inside the same "…" as a "${ARR[@]}": bash drops this part's empty result when the array
     # is empty ("$E${A[@]}" is no word at all, while "$E" alone is one empty word).
     beside_at: bool = False
+
+
+@dataclass
+class Tilde:
+    """~ or ~user where bash expands it: a home directory, never split or globbed."""
+    user: str
+
+
+@dataclass
+class CommandSub:
+    """$( … ) or `…` running one of SUBSTITUTIONS, which ShellState evaluates (nothing is run)."""
+    name: str
+    args: List[list]                  # the words after the command name, as parts
+    quoted: bool
+    line: int
 
 
 @dataclass
@@ -534,6 +564,7 @@ class ShellParser:
         """Parse one word (quotes, escapes, expansions) into parts.
 
         assignment: the value of NAME=… (tilde after ':' expands there; no globbing or splitting).
+        A word starts with ~ only where bash expands it (at the start, after ':' in an assignment).
         stop: "}" for the word inside ${VAR:-word}; there, shell metacharacters are literal.
         in_dquotes: that inner word sits inside "…", where bash's quote handling is murky: refused.
         """
@@ -559,15 +590,28 @@ class ShellParser:
             elif c == '"':
                 parts.extend(self.double_quoted())
             elif c == "$":
-                parts.append(self.dollar(quoted=in_dquotes))
+                parts.append(self.dollar(quoted=in_dquotes, assignment=assignment))
             elif c == "`":
-                raise self.fail("command substitution `…`")
+                parts.append(self.backticks(quoted=in_dquotes))
             elif c == "~" and not in_dquotes and (
                     at_start or (assignment and self._prev_unquoted_colon(parts))):
-                raise self.fail("tilde expansion ~")
+                parts.append(self.tilde(stop))
             else:
                 parts.append(Lit(self.advance(), in_dquotes))
             at_start = False
+
+    def tilde(self, stop: str) -> Union[Tilde, Lit]:
+        """~, ~/…, ~user: bash's tilde-prefix runs to an unquoted '/' or ':' or the end of the word;
+        with quotes, a backslash or an expansion inside it bash leaves the ~ as it is."""
+        self.advance()
+        ends = self.METACHARS + "/:" + stop
+        prefix = re.compile(r"[^%s]*" % re.escape(ends)).match(self.s, self.i).group(0)
+        if re.fullmatch(r"[+-]?[0-9]*", prefix) and prefix:
+            raise self.fail(f"tilde expansion ~{prefix}")
+        if not re.fullmatch(r"[A-Za-z0-9._-]*", prefix):
+            return Lit("~", False)
+        self.advance(len(prefix))
+        return Tilde(prefix)
 
     @staticmethod
     def _prev_unquoted_colon(parts: list) -> bool:
@@ -610,18 +654,22 @@ class ShellParser:
             elif c == "$":
                 parts.append(self.dollar(quoted=True))
             elif c == "`":
-                raise self.fail("command substitution `…`")
+                parts.append(self.backticks(quoted=True))
             else:
                 parts.append(Lit(self.advance(), True))
 
-    def dollar(self, quoted: bool):
+    def dollar(self, quoted: bool, assignment: bool = False):
         nxt = self.peek(1)
         if nxt == "(":
-            raise self.fail("arithmetic $(( … ))" if self.peek(2) == "(" else "command substitution $( … )")
+            if self.peek(2) == "(":
+                raise self.fail("arithmetic $(( … ))")
+            line = self.line
+            self.advance(2)
+            return self.command(self.command_words(")", line), quoted, line)
         if nxt == "[":
             raise self.fail("arithmetic $[ … ]")
         if nxt == "{":
-            return self.braced(quoted)
+            return self.braced(quoted, assignment)
         if nxt and NAME_RE.match(nxt):
             self.advance()
             name = NAME_RE.match(self.s, self.i).group(0)
@@ -636,7 +684,7 @@ class ShellParser:
         self.advance()
         return Lit("$", quoted)
 
-    def braced(self, quoted: bool) -> Var:
+    def braced(self, quoted: bool, assignment: bool) -> Var:
         start_line = self.line
         self.advance(2)
         match = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(@|\*|[0-9]+)\])?").match(self.s, self.i)
@@ -652,11 +700,73 @@ class ShellParser:
             rest = self.s[self.i:self.i + 12].split("}")[0]
             raise self.fail(f"expansion ${{{name}{'[' + index + ']' if index else ''}{rest}…}}")
         self.advance(len(op))
-        arg = self.parse_word(assignment=False, stop="}", in_dquotes=quoted)
+        arg = self.parse_word(assignment=assignment and not quoted, stop="}", in_dquotes=quoted)
         if self.peek() != "}":
             raise Unsupported(f"unterminated ${{{name}{op}…", start_line, "add the closing }")
         self.advance()
         return Var(name, quoted, op, arg, index)
+
+    # -- command substitutions ----------------------------------------------------------------
+
+    def backticks(self, quoted: bool) -> CommandSub:
+        line = self.line
+        self.advance()
+        end = self.s.find("`", self.i)
+        if end < 0:
+            raise self.fail("unterminated command substitution `…`", "add the closing `")
+        body = self.advance(end - self.i + 1)[:-1]
+        if "\\" in body:
+            raise Unsupported("backslash inside a command substitution `…`", line, "write $( … ) instead")
+        inner = ShellParser(body)
+        inner.line = line
+        return inner.command(inner.command_words("", line), quoted, line)
+
+    def command_words(self, close: str, line: int) -> List[list]:
+        """The words of the one simple command in $( … ) (close ")") or in a `…` body (close "")."""
+        words: List[list] = []
+        ended = False                 # a newline or ';' after the command: only blanks may follow
+        while True:
+            self.skip_blanks()
+            c = self.peek()
+            if c == close:
+                self.advance(len(close))
+                return words
+            if c == "":
+                raise Unsupported("unterminated command substitution $( … )", line, "add the closing )")
+            if c in ("\n", ";"):
+                self.advance()
+                ended = ended or bool(words)
+            elif c == "#":
+                self.skip_comment()
+            elif c == "<" and not words and self.peek(1) != "<":
+                self.advance()
+                self.skip_blanks()
+                words = [[Lit("cat", False)], self.parse_word(assignment=False)]
+                ended = True          # $(< FILE) is bash's own cat FILE
+            elif c in "&|<>()" or ended:
+                what = "more than one command" if ended else self.describe_operator()
+                raise self.fail(f"{what} in a command substitution")
+            else:
+                words.append(self.parse_word(assignment=False))
+
+    def command(self, words: List[list], quoted: bool, line: int) -> CommandSub:
+        if not words:
+            raise Unsupported("empty command substitution", line, "write the value literally")
+        if not all(isinstance(p, Lit) for p in words[0]):
+            raise Unsupported("command substitution with an expansion as the command", line)
+        name = "".join(p.text for p in words[0])
+        if re.match(r"[A-Za-z_][A-Za-z0-9_]*\+?=", name):
+            raise Unsupported("assignment inside a command substitution", line)
+        if name not in SUBSTITUTIONS:
+            shown = name if len(name) <= 40 else name[:40] + "…"
+            raise Unsupported(f"command substitution $({shown} …)", line)
+        for word in words[1:]:
+            # bash expands ~ after the '=' of an argument such as a=~/x; we do not: refuse.
+            for n, part in enumerate(word):
+                if isinstance(part, Lit) and part.text == "~" and not part.quoted and any(
+                        isinstance(p, Lit) and p.text == "=" and not p.quoted for p in word[:n]):
+                    raise Unsupported(f"tilde after '=' in an argument of {name}", line, 'write "$HOME" instead of ~')
+        return CommandSub(name, words[1:], quoted, line)
 
 
 BREAK = None          # a field boundary, from "${ARR[@]}"
@@ -667,6 +777,192 @@ GLOB_CHARS = "*?["
 def hostname() -> str:
     """$HOSTNAME as bash sets it: from the environment, else the kernel's host name."""
     return os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+# -- the command substitutions rescue evaluates itself ----------------------------------------
+# Each takes the command's arguments (expanded as bash would) and the shell variables, and
+# returns what the command prints; SubstitutionFailed where the command would fail. Options we
+# do not know are refused: the value would not be bash's.
+
+def refuse_option(command: str, arg: str, hint: str) -> Unsupported:
+    shown = arg if len(arg) <= 30 else arg[:30] + "…"
+    return Unsupported(f"command substitution $({command} {shown})", 0, hint)
+
+
+def substitute_hostname(args: List[str], variables: Dict[str, Value]) -> str:
+    """hostname(1) as it prints: the kernel's name, -s up to the first dot, -f resolved."""
+    name = socket.gethostname()
+    if not args:
+        return name + "\n"
+    if args in (["-s"], ["--short"]):
+        return name.split(".")[0] + "\n"
+    if args in (["-f"], ["--fqdn"], ["--long"]):
+        try:
+            return socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)[0][3] + "\n"
+        except (OSError, IndexError) as exc:
+            raise SubstitutionFailed(f"$(hostname -f): the host name {name} does not resolve ({exc})", 0,
+                                     "add it to /etc/hosts, or write the full name literally") from None
+    raise refuse_option("hostname", " ".join(args), "rescue evaluates hostname, hostname -s and hostname -f")
+
+
+DATE_ISO_8601 = {"date": "%Y-%m-%d", "hours": "%Y-%m-%dT%H%:z", "minutes": "%Y-%m-%dT%H:%M%:z",
+                 "seconds": "%Y-%m-%dT%H:%M:%S%:z", "ns": "%Y-%m-%dT%H:%M:%S,%N%:z"}
+DATE_RFC_3339 = {"date": "%Y-%m-%d", "seconds": "%Y-%m-%d %H:%M:%S%:z", "ns": "%Y-%m-%d %H:%M:%S.%N%:z"}
+DATE_RFC_EMAIL = "%a, %d %b %Y %H:%M:%S %z"
+DATE_DEFAULT = "%a %b %e %H:%M:%S %Z %Y"
+# The conversions (and flags -_0^#) that C's strftime prints as date(1) does; %s %N %z %:z %Z
+# and %% are done here, because strftime gets them wrong for -u or does not know them.
+STRFTIME_SHARED = frozenset("aAbBcCdDeFgGhHIjklmMnpPrRStTuUVwWxXyY")
+DATE_CONVERSION_RE = re.compile(r"%([-_0^#]?)([0-9]*)(:?.?)", re.S)
+DATE_HINT = ("rescue evaluates date [-u] [+FORMAT | -I[TIMESPEC] | -R | --rfc-3339=TIMESPEC] with "
+             "the conversions %Y %m %d %H %M %S %F %T %s %N %z %Z and the other strftime letters")
+
+
+def substitute_date(args: List[str], variables: Dict[str, Value]) -> str:
+    """date(1) in the C locale that ReaR reads its configuration in: now, local or -u."""
+    utc, form = False, None
+    for arg in args:
+        if arg in ("-u", "--utc", "--universal"):
+            utc = True
+            continue
+        chosen = date_option_format(arg)
+        if chosen is None or form is not None:
+            raise refuse_option("date", arg, DATE_HINT)
+        form = chosen
+    if not utc and variables.get("TZ") != os.environ.get("TZ"):
+        raise Unsupported("$(date) with a TZ of its own", 0,
+                          "set TZ in the environment rescue runs in, or use date -u")
+    seconds, nanoseconds = divmod(time.time_ns(), 10 ** 9)
+    moment = time.gmtime(seconds) if utc else time.localtime(seconds)
+    return format_date(DATE_DEFAULT if form is None else form, moment, seconds, nanoseconds, utc) + "\n"
+
+
+def date_option_format(arg: str) -> Optional[str]:
+    """The format an output option of date(1) stands for (a TIMESPEC may be abbreviated)."""
+    if arg.startswith("+"):
+        return arg[1:]
+    if arg in ("-R", "--rfc-email", "--rfc-2822", "--rfc-822"):
+        return DATE_RFC_EMAIL
+    match = re.fullmatch(r"-I(.*)|--iso-8601(?:=(.+))?|--rfc-3339=(.+)", arg)
+    if not match:
+        return None
+    table = DATE_RFC_3339 if match.group(3) else DATE_ISO_8601
+    spec = match.group(3) or match.group(1) or match.group(2) or "date"
+    names = [name for name in table if name.startswith(spec)]
+    return table[names[0]] if len(names) == 1 else None
+
+
+def format_date(form: str, moment: time.struct_time, seconds: int, nanoseconds: int, utc: bool) -> str:
+    offset = 0 if utc else moment.tm_gmtoff
+    sign, minutes = "-" if offset < 0 else "+", abs(offset) // 60
+    native = {"%": "%", "s": str(seconds), "z": "%s%02d%02d" % (sign, minutes // 60, minutes % 60),
+              ":z": "%s%02d:%02d" % (sign, minutes // 60, minutes % 60),
+              "Z": "UTC" if utc else time.strftime("%Z", moment)}
+
+    def convert(match: "re.Match") -> str:
+        flag, width, letter = match.groups()
+        if letter == "N" and not flag and width in ("", "1", "2", "3", "4", "5", "6", "7", "8", "9"):
+            return ("%09d" % nanoseconds)[:int(width or 9)]
+        if letter == "Z" and not width:
+            return {"^": str.upper, "#": str.lower}.get(flag, str)(native["Z"])
+        if letter in native and not flag and not width:
+            return native[letter]
+        if letter in STRFTIME_SHARED and not width:
+            return time.strftime("%" + flag + letter, moment)
+        raise refuse_option("date", "+" + form, f"rescue does not evaluate {match.group(0)!r}; " + DATE_HINT)
+
+    return DATE_CONVERSION_RE.sub(convert, form)
+
+
+CAT_LIMIT = 1 << 20
+
+
+def substitute_cat(args: List[str], variables: Dict[str, Value]) -> str:
+    """cat FILE…: the files read (regular text files only), as $(cat FILE) gives them."""
+    if not args:
+        raise refuse_option("cat", "", "give cat a file")
+    out: List[str] = []
+    for name in args:
+        if name.startswith("-"):
+            raise refuse_option("cat", name, "rescue evaluates cat FILE… without options")
+        out.append(read_substituted_file(name))
+    return "".join(out)
+
+
+def read_substituted_file(name: str) -> str:
+    def failed(why: str) -> SubstitutionFailed:
+        return SubstitutionFailed(f"$(cat {name}): {why}", 0, "create the file, or write the value literally")
+
+    try:
+        with open(name, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                raise failed("not a regular file")
+            data = stream.read(CAT_LIMIT + 1)
+    except OSError as exc:
+        raise failed(f"cannot read {name}: {exc.strerror}") from None
+    if len(data) > CAT_LIMIT or b"\0" in data:
+        raise failed("not a short text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise failed("not UTF-8 text") from None
+
+
+UNAME_FIELDS = (("s", "--kernel-name", "sysname"), ("n", "--nodename", "nodename"),
+                ("r", "--kernel-release", "release"), ("v", "--kernel-version", "version"),
+                ("m", "--machine", "machine"))
+
+
+def substitute_uname(args: List[str], variables: Dict[str, Value]) -> str:
+    """uname -s -n -r -v -m (in uname's order); -a, -p, -i and -o differ between distributions."""
+    chosen: Set[str] = set()
+    long_names = {long: short for short, long, _ in UNAME_FIELDS}
+    for arg in args:
+        if arg in long_names:
+            chosen.add(long_names[arg])
+        elif re.fullmatch(r"-[snrvm]+", arg):
+            chosen.update(arg[1:])
+        else:
+            raise refuse_option("uname", arg, "rescue evaluates uname -s, -n, -r, -v and -m")
+    info = os.uname()
+    return " ".join(getattr(info, attr) for short, _, attr in UNAME_FIELDS if short in (chosen or {"s"})) + "\n"
+
+
+def substitute_id(args: List[str], variables: Dict[str, Value]) -> str:
+    """id -u / -g, with -n for the name and -r for the real id, of rescue or of a named user."""
+    flags, users = "", []
+    for arg in args:
+        if re.fullmatch(r"-[ugnr]+", arg):
+            flags += arg[1:]
+        elif arg in ("--user", "--group", "--name", "--real"):
+            flags += arg[2]
+        elif not arg.startswith("-") and not users:
+            users.append(arg)
+        else:
+            raise refuse_option("id", arg, "rescue evaluates id -u, -un, -g and -gn [USER]")
+    if ("u" in flags) == ("g" in flags):
+        raise refuse_option("id", " ".join(args), "rescue evaluates id -u, -un, -g and -gn [USER]")
+    user = "u" in flags
+    try:
+        if users:
+            entry = pwd.getpwnam(users[0])
+            number = entry.pw_uid if user else entry.pw_gid
+        elif "r" in flags:
+            number = os.getuid() if user else os.getgid()
+        else:
+            number = os.geteuid() if user else os.getegid()
+        if "n" not in flags:
+            return f"{number}\n"
+        return (pwd.getpwuid(number).pw_name if user else grp.getgrgid(number).gr_name) + "\n"
+    except KeyError:
+        raise SubstitutionFailed(f"$(id {' '.join(args)}): no such user or group here", 0,
+                                 "write the value literally") from None
+
+
+SUBSTITUTIONS: Dict[str, Callable[[List[str], Dict[str, Value]], str]] = {
+    "hostname": substitute_hostname, "date": substitute_date, "cat": substitute_cat,
+    "uname": substitute_uname, "id": substitute_id,
+}
 
 
 class ShellState:
@@ -755,9 +1051,37 @@ class ShellState:
         for part in parts:
             if isinstance(part, Lit):
                 out.append((part.text, part.quoted, False))
+            elif isinstance(part, Tilde):
+                out.append(self.home(part.user))
+            elif isinstance(part, CommandSub):
+                out.append(self.substitute(part, fields))
             else:
                 out.extend(self.expand_var(part, line, fields))
         return out
+
+    def home(self, user: str) -> tuple:
+        """~ is $HOME (the passwd entry when HOME is unset); ~user stays as written when no such user."""
+        if not user:
+            home = self.vars.get("HOME")
+            if home is None:
+                return (pwd.getpwuid(os.getuid()).pw_dir, True, False)
+            return (self.element(home, None) or "", True, False)
+        try:
+            return (pwd.getpwnam(user).pw_dir, True, False)
+        except KeyError:
+            return ("~" + user, False, False)
+
+    def substitute(self, sub: CommandSub, fields: bool) -> tuple:
+        """What bash's $( … ) gives: the output without its trailing newlines, split when unquoted."""
+        args = [arg for word in sub.args for arg in self.expand_fields(word, sub.line)]
+        try:
+            text = SUBSTITUTIONS[sub.name](args, self.vars).rstrip("\n")
+        except Unsupported as exc:
+            raise type(exc)(exc.construct, sub.line, exc.hint) from None
+        if fields and not sub.quoted and any(c in text for c in GLOB_CHARS):
+            raise Unsupported(f"glob characters in the output of $({sub.name} …)", sub.line,
+                              "bash would expand them to file names; put it in double quotes")
+        return (text, sub.quoted, not sub.quoted)
 
     def expand_var(self, var: Var, line: int, fields: bool) -> list:
         value = self.lookup(var.name, line)
@@ -855,6 +1179,8 @@ def parse_config_text(text: str, path: Path) -> List[Assignment]:
 
 
 def config_refusal(path: Path, exc: Unsupported) -> ConfigError:
+    if isinstance(exc, SubstitutionFailed):
+        return ConfigError(f"{path}:{exc.line}: {exc.construct} ({exc.hint})")
     return ConfigError(f"{path}:{exc.line}: unsupported shell syntax: {exc.construct} ({exc.hint})")
 
 
