@@ -1294,6 +1294,13 @@ def path_value(text: str) -> str:
     return text
 
 
+def program_value(text: str) -> str:
+    """An absolute path, or a program's name that PATH finds (ReaR's templates say "duplicity")."""
+    if text and not text.startswith("/") and "/" in text:
+        raise BadValue("expected an absolute path or a program name")
+    return text
+
+
 def choice_value(*choices: str) -> Callable[[str], str]:
     def check(text: str) -> str:
         found = next((c for c in choices if c.lower() == text.lower()), None)
@@ -1382,7 +1389,7 @@ SETTINGS = _settings(
     Setting("DUPLICITY_PATH", TEXT, "helper for BACKUP_DUPLICITY_URL: the path on the server"),
     Setting("BACKUP_DUPLICITY_URL", url_value, "where backups go: one directory per host below it"),
     Setting("BACKUP_DUPLICITY_NAME", name_value, "duplicity's --name (its cache of the chain)", "rear-backup"),
-    Setting("DUPLICITY_PROG", path_value, "a duplicity to run instead of the bundled one"),
+    Setting("DUPLICITY_PROG", program_value, "a duplicity to run instead of the bundled one"),
     Setting("BACKUP_DUPLICITY_GPG_ENC_KEY", TEXT, "public keys to encrypt to (space-separated)"),
     Setting("BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE", TEXT, "the secret key's or the symmetric passphrase"),
     Setting("BACKUP_DUPLICITY_GPG_SIGN_KEY", TEXT, "the key to sign the backup with"),

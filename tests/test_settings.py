@@ -80,6 +80,7 @@ BAD = [
     ("VAR_DIR", "var", "expected an absolute path"),
     ("LOCKFILE", "lock", "expected an absolute path"),
     ("PROGRESS_MODE", "fancy", "expected ANSI or plain"),
+    ("DUPLICITY_PROG", "bin/duplicity", "expected an absolute path or a program name"),
 ]
 
 
@@ -101,7 +102,8 @@ def test_a_bad_value_is_one_line_naming_file_line_variable_and_value(tmp_path, n
                                         ("BACKUP_DUPLICITY_URL", "rsync://root@192.168.122.1//apps/export/ReaR"),
                                         ("BACKUP_DUPLICITY_URL", "sftp://backup@server/backups"),
                                         ("BACKUP_DUPLICITY_URL", "file:///srv/back%20up"),
-                                        ("HOSTNAME", "alma.example.com"), ("PROGRESS_MODE", "plain")])
+                                        ("HOSTNAME", "alma.example.com"), ("PROGRESS_MODE", "plain"),
+                                        ("DUPLICITY_PROG", "duplicity"), ("DUPLICITY_PROG", "/usr/bin/duplicity")])
 def test_good_values_load_typed(tmp_path, name, value):
     conf = tmp_path / "good.conf"
     conf.write_text(f"{name}='{value}'\n")
