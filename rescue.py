@@ -7,7 +7,8 @@ and shells out to the system's storage tools, gpg and duplicity through one runn
 
 Map of this file (sections in the order data flows; each uses only the sections above it):
   1. errors and log   RescueError, the Log that redacts every secret value, once
-  2. config           a parser for the safe subset of bash that ReaR configs use -> Config
+  2. config           a parser for the safe subset of bash that ReaR configs use -> Config;
+                      the few $(…) they use (hostname, date, cat, uname, id) evaluated natively
   3. settings         every setting, typed and checked when the configuration is loaded
   4. tools            every external program, named once, with the package that provides it
   5. runner           the only code that starts processes
