@@ -335,6 +335,7 @@ class CommandSub:
     args: List[list]                  # the words after the command name, as parts
     quoted: bool
     line: int
+    beside_at: bool = False           # as Var.beside_at
 
 
 @dataclass
@@ -596,22 +597,26 @@ class ShellParser:
                 parts.append(self.backticks(quoted=in_dquotes))
             elif c == "~" and not in_dquotes and (
                     at_start or (assignment and self._prev_unquoted_colon(parts))):
-                parts.append(self.tilde(stop))
+                parts.append(self.tilde(stop, assignment))
             else:
                 parts.append(Lit(self.advance(), in_dquotes))
             at_start = False
 
-    def tilde(self, stop: str) -> Union[Tilde, Lit]:
-        """~, ~/…, ~user: bash's tilde-prefix runs to an unquoted '/' or ':' or the end of the word;
-        with quotes, a backslash or an expansion inside it bash leaves the ~ as it is."""
+    def tilde(self, stop: str, assignment: bool) -> Union[Tilde, Lit]:
+        """~, ~/…, ~user: bash's tilde-prefix runs to an unquoted '/' or ':' or the end of the word
+        (inside ${VAR:-…}, blanks too); with quotes, a backslash or an expansion inside it bash
+        leaves the ~ as it is."""
         self.advance()
-        ends = self.METACHARS + "/:" + stop
+        ends = "/:" + stop if stop else self.METACHARS + "/:"
         prefix = re.compile(r"[^%s]*" % re.escape(ends)).match(self.s, self.i).group(0)
         if re.fullmatch(r"[+-]?[0-9]*", prefix) and prefix:
             raise self.fail(f"tilde expansion ~{prefix}")
         if not re.fullmatch(r"[A-Za-z0-9._-]*", prefix):
             return Lit("~", False)
         self.advance(len(prefix))
+        if self.peek() == ":" and not assignment:
+            # bash then takes the rest of an array element or argument literally ($V unexpanded).
+            raise self.fail(f"tilde expansion ~{prefix}: outside an assignment", 'write "$HOME:…" instead')
         return Tilde(prefix)
 
     @staticmethod
@@ -640,7 +645,7 @@ class ShellParser:
                 # "" is an empty word of its own; "${EMPTY_ARRAY[@]}" is no word at all.
                 if any(isinstance(p, Var) and p.index == "@" for p in parts):
                     for p in parts:
-                        if isinstance(p, Var) and p.index != "@":
+                        if isinstance(p, CommandSub) or (isinstance(p, Var) and p.index != "@"):
                             p.beside_at = True
                 return parts or [Lit("", True)]
             if c == "\\":
@@ -1055,7 +1060,7 @@ class ShellState:
             elif isinstance(part, Tilde):
                 out.append(self.home(part.user))
             elif isinstance(part, CommandSub):
-                out.append(self.substitute(part, fields))
+                out.extend(self.substitute(part, fields))
             else:
                 out.extend(self.expand_var(part, line, fields))
         return out
@@ -1072,7 +1077,7 @@ class ShellState:
         except KeyError:
             return ("~" + user, False, False)
 
-    def substitute(self, sub: CommandSub, fields: bool) -> tuple:
+    def substitute(self, sub: CommandSub, fields: bool) -> list:
         """What bash's $( … ) gives: the output without its trailing newlines, split when unquoted."""
         args = [arg for word in sub.args for arg in self.expand_fields(word, sub.line)]
         try:
@@ -1082,7 +1087,9 @@ class ShellState:
         if fields and not sub.quoted and any(c in text for c in GLOB_CHARS):
             raise Unsupported(f"glob characters in the output of $({sub.name} …)", sub.line,
                               "bash would expand them to file names; put it in double quotes")
-        return (text, sub.quoted, not sub.quoted)
+        if sub.beside_at and not text:
+            return []
+        return [(text, sub.quoted and not sub.beside_at, not sub.quoted)]
 
     def expand_var(self, var: Var, line: int, fields: bool) -> list:
         value = self.lookup(var.name, line)

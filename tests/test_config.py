@@ -36,6 +36,12 @@ def parse_files(files, env=ENV):
     return config, log
 
 
+def write_conf(tmp_path, text, name="subst.conf"):
+    conf = tmp_path / name
+    conf.write_text(text.replace("{tmp}", str(tmp_path)))
+    return conf
+
+
 def assert_same_as_bash(files, env=ENV):
     config, _ = parse_files(files, env)
     oracle = bash_source([rescue.DEFAULT_CONF] + list(files), env, extra_names=config.values)
@@ -86,11 +92,15 @@ def test_later_files_override_and_append(tmp_path):
 PIECES_SCALAR = ["a", "b c", "$", "\\", "'", '"', "#", "*", ":", "=", "{", "}", "~", "é", "\t", " "]
 
 
+SUBSTITUTED = ["$(hostname)", '"$(hostname -s)"', "`uname -r`", "$(cat TMP/empty)", '"$(cat TMP/empty)"',
+               "$(cat TMP/words)", '"$(cat TMP/words)"', "~", "~/p", "~root", ":~"]
+
+
 def random_word(rng, depth=0):
-    kinds = ["lit", "squote", "dquote", "var", "braced", "default"]
+    kinds = ["lit", "squote", "dquote", "var", "braced", "subst", "default"]
     out = []
     for _ in range(rng.randint(1, 4)):
-        kind = rng.choice(kinds if depth < 2 else kinds[:5])
+        kind = rng.choice(kinds if depth < 2 else kinds[:6])
         if kind == "lit":
             out.append(rng.choice(["x", "y1", "-", ".", "/p", "@", "%", ","]))
         elif kind == "squote":
@@ -104,6 +114,8 @@ def random_word(rng, depth=0):
             out.append(rng.choice(["$V1", "$V2", "$SPACEY", "$UNSET_X", "$ARR", "$EMPTY_ENV"]))
         elif kind == "braced":
             out.append(rng.choice(["${V1}", "${ARR[@]}", "${ARR[*]}", "${ARR[1]}", "${EMPTY_ARR[@]}", "${SPACEY}"]))
+        elif kind == "subst":
+            out.append(rng.choice(SUBSTITUTED))
         else:
             op = rng.choice([":-", "-", ":+", "+"])
             var = rng.choice(["V1", "UNSET_X", "EMPTY_ENV"])
@@ -122,8 +134,9 @@ def test_random_files_match_bash(tmp_path, seed):
             lines.append(f"R{n}{'+=' if rng.random() < 0.2 else '='}( {words} )")
         else:
             lines.append(f"R{n}{'+=' if rng.random() < 0.2 else '='}{random_word(rng)}")
-    conf = tmp_path / "random.conf"
-    conf.write_text("\n".join(lines) + "\n")
+    (tmp_path / "empty").write_text("")
+    (tmp_path / "words").write_text(" w1  w2\n\n")
+    conf = write_conf(tmp_path, "\n".join(lines).replace("TMP", str(tmp_path)) + "\n", "random.conf")
     try:
         parse_files([conf])
     except rescue.ConfigError as exc:
@@ -152,6 +165,8 @@ REFUSED = [
     ("A=~+/x\n", 1, "tilde expansion ~+"),
     ("A=/x:~-\n", 1, "tilde expansion ~-"),
     ("A=( ~1 )\n", 1, "tilde expansion ~1"),
+    ("A=( ~:$HOME )\n", 1, "tilde expansion ~: outside an assignment"),
+    ("A=( ${X:-~root:b c} )\n", 1, "tilde expansion ~root: outside an assignment"),
     ("touch {canary}\n", 1, "command 'touch"),
     ("\n\nA=1 touch {canary}\n", 3, "command 'touch"),
     ("A[1]=x\n", 1, "array element assignment"),
@@ -306,10 +321,16 @@ def same_moment_as_bash(files, env=ENV, tries=10):
     raise AssertionError("the clock moved during every attempt")
 
 
-def write_conf(tmp_path, text, name="subst.conf"):
-    conf = tmp_path / name
-    conf.write_text(text.replace("{tmp}", str(tmp_path)))
-    return conf
+def test_substitutions_beside_arrays_and_tildes_match_bash(tmp_path):
+    (tmp_path / "empty").write_text("")
+    conf = write_conf(tmp_path, """
+E=()
+A=( "$(hostname)${E[@]}" "${E[@]}$(cat {tmp}/empty)" "$(cat {tmp}/empty)${E[@]}" x"$(cat {tmp}/empty)" )
+B="$(hostname)${E[@]}" C=( $(cat {tmp}/empty)"" )
+D=( ${UNSET_X:-$(hostname) $(uname -r)} "${UNSET_X:-$(hostname) $(uname)}" )
+F=$(hostname)$(hostname -s)`uname` G=( ~root$(hostname) ~/$(hostname) ) H=$(cat {tmp}/empty):~/x
+""")
+    assert_same_as_bash([conf])
 
 
 def test_hostname_uname_and_id_substitutions_match_bash(tmp_path):
@@ -417,9 +438,10 @@ C16="${UNSET_X:-$(cat "$KEYFILE")}" C17=$(cat {tmp}/multi)
 def test_tilde_expansion_matches_bash(tmp_path):
     conf = write_conf(tmp_path, r"""
 T1=~ T2=~/x T3=~root/x T4=a:~/y:~root:~nosuch/q
-T5=( ~/x a:~/y ~root "~" ~nosuch x=~/q ~root:x ~: )
+T5=( ~/x a:~/y ~root "~" ~nosuch x=~/q ~root/x:$FROM_ENV )
 T6="~/x" T7='~' T8=\~/x T9=~"root" T10=~ro\ot T11=~$FROM_ENV T12=~root=x
 T13=${UNSET_X:-~/w} T14=${UNSET_X:-a:~/w} T15=( ${UNSET_X:-~/w} ${UNSET_X:-a:~/w} "${UNSET_X:-~/w}" )
+T26=${UNSET_X-~root a$} T27=${UNSET_X-~	x} T28=( ${UNSET_X:-~ x} ${UNSET_X:-~/a b} ) T29=${UNSET_X:-~:$FROM_ENV}
 T16="${UNSET_X:-~}" T17=x${UNSET_X:-~/w} T18=${FROM_ENV:+~root}
 T19=x; T19+=:~/j; T20=( a ); T20+=( ~/k ~root )
 export T21=~/h T22=a:~/i
