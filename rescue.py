@@ -748,6 +748,8 @@ class ShellParser:
                 self.advance()
                 self.skip_blanks()
                 words = [[Lit("cat", False)], self.parse_word(assignment=False)]
+                if not words[1]:
+                    raise self.fail("redirection < without a file in a command substitution")
                 ended = True          # $(< FILE) is bash's own cat FILE
             elif c in "&|<>()" or ended:
                 what = "more than one command" if ended else self.describe_operator()
@@ -900,7 +902,8 @@ def read_substituted_file(name: str) -> str:
         return SubstitutionFailed(f"$(cat {name}): {why}", 0, "create the file, or write the value literally")
 
     try:
-        with open(name, "rb") as stream:
+        # O_NONBLOCK: a FIFO must not hang the load (it is refused below, as every non-file is).
+        with os.fdopen(os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb") as stream:
             if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
                 raise failed("not a regular file")
             data = stream.read(CAT_LIMIT + 1)

@@ -220,6 +220,8 @@ REFUSED = [
     ("X=$(cat)\n", 1, "$(cat )"),
     ("X=$(cat a=~/x)\n", 1, "tilde after '='"),
     ("X=$(date <<<{canary})\n", 1, "here-document"),
+    ("X=$(<)\n", 1, "redirection < without a file"),
+    ("X=$(< <(touch {canary}))\n", 1, "redirection < without a file"),
     ('X="${A:-\'q\'}"\n', 1, "quotes or backslashes"),
     ("cat <<EOF\nx\nEOF\n", 1, "command 'cat'"),
 ]
@@ -515,6 +517,7 @@ FAILED = [
     ("A=1\nK=$(cat {tmp}/missing)\n", 2, "$(cat {tmp}/missing): cannot read {tmp}/missing: No such file or directory"),
     ("K=( a \"`cat {tmp}`\" )\n", 1, "$(cat {tmp}): cannot read {tmp}: Is a directory"),
     ("K=$(cat /dev/zero)\n", 1, "$(cat /dev/zero): not a regular file"),
+    ("K=$(cat {tmp}/fifo)\n", 1, "$(cat {tmp}/fifo): not a regular file"),
     ("K=$(< {tmp}/binary)\n", 1, "$(cat {tmp}/binary): not a short text file"),
     ("K=$(cat {tmp}/latin1)\n", 1, "$(cat {tmp}/latin1): not UTF-8 text"),
     ("K=$(id -u no-such-user-here)\n", 1, "$(id -u no-such-user-here): no such user or group here"),
@@ -525,6 +528,7 @@ FAILED = [
 def test_a_substitution_that_fails_is_an_error_at_its_line(tmp_path, text, line, message):
     (tmp_path / "binary").write_bytes(b"key\0\n")
     (tmp_path / "latin1").write_bytes("clé".encode("latin-1"))
+    os.mkfifo(tmp_path / "fifo")
     conf = write_conf(tmp_path, text)
     with pytest.raises(rescue.ConfigError) as info:
         parse_files([conf])
@@ -568,3 +572,18 @@ def test_refusals_never_show_what_cat_read(tmp_path):
         parse_files([conf])
     assert "glob characters in the output of $(cat …)" in info.value.message
     assert CANARY not in info.value.message
+
+
+def test_evaluating_substitutions_starts_no_process(tmp_path, monkeypatch):
+    (tmp_path / "key").write_text("k\n")
+    conf = write_conf(tmp_path, "A=$(hostname -s) B=`date +%F` C=\"$(cat {tmp}/key)\" D=( $(uname -r) ) "
+                                "E=$(id -un) F=${UNSET_X:-$(< {tmp}/key)} G=~root/x H=~/y\n")
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("the configuration started a process")
+
+    for module, name in ((subprocess, "Popen"), (os, "fork"), (os, "system"), (os, "posix_spawn"),
+                         (os, "posix_spawnp"), (os, "execv"), (os, "execve"), (os, "execvp"), (os, "execvpe")):
+        monkeypatch.setattr(module, name, no_process)
+    config, _ = parse_files([conf])
+    assert config.get("C") == "k" and config.get("G") == "/root/x"
