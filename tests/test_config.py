@@ -407,9 +407,8 @@ def test_hostname_fqdn_that_does_not_resolve_is_an_error_not_an_empty_value(tmp_
     conf = write_conf(tmp_path, 'A=1\nF=$(hostname -f)\nB=2\n')
     ours, bash = in_own_hostname("nowhere.invalid", conf)
     assert bash["F"] == ""          # bash goes on with an empty name; we stop at the line
-    assert ours["error"] == (f"{conf}:2: $(hostname -f): the host name nowhere.invalid does not resolve "
-                             f"({ours['error'].split('resolve (')[1].split(')')[0]}) "
-                             "(add it to /etc/hosts, or write the full name literally)")
+    assert ours["error"].startswith(f"{conf}:2: $(hostname -f): the host name nowhere.invalid does not resolve (")
+    assert ours["error"].endswith(") (add it to /etc/hosts, or write the full name literally)")
 
 
 def test_cat_substitutions_match_bash(tmp_path):
