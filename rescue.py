@@ -739,6 +739,8 @@ class ShellParser:
                 return words
             if c == "":
                 raise Unsupported("unterminated command substitution $( … )", line, "add the closing )")
+            if c == ";" and not words:
+                raise self.fail("';' before the command in a command substitution")
             if c in ("\n", ";"):
                 self.advance()
                 ended = ended or bool(words)

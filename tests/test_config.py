@@ -200,6 +200,7 @@ REFUSED = [
     ("C=touch\nX=$($C {canary})\n", 2, "an expansion as the command"),
     ("X=$(LC_ALL=C date)\n", 1, "assignment inside a command substitution"),
     ("X=$()\n", 1, "empty command substitution"),
+    ("X=$(;hostname)\n", 1, "';' before the command"),
     ("X=$(hostname\n", 1, "unterminated command substitution"),
     ("X=`hostname\n", 1, "unterminated command substitution `"),
     ("X=`echo \\`touch {canary}\\``\n", 1, "backslash inside a command substitution"),
