@@ -5211,6 +5211,9 @@ def passphrase(ctx: "Context", purpose: str) -> str:
     symmetric = not (config.get("BACKUP_DUPLICITY_GPG_ENC_KEY") or config.get("BACKUP_DUPLICITY_GPG_HIDDEN_ENC_KEY"))
     asking = (purpose == "restore" and config.setting("BACKUP_DUPLICITY_ASK_PASSPHRASE")) or (
         symmetric and not configured)
+    given = getattr(ctx.args, "passphrase_file", None)
+    if given and purpose == "restore":
+        return passphrase_from_file(ctx, given)
     if not asking or "--no-encryption" in config.setting("BACKUP_DUPLICITY_OPTIONS"):
         return configured
     if ctx.args.non_interactive:
@@ -5227,6 +5230,19 @@ def passphrase(ctx: "Context", purpose: str) -> str:
     ctx.log.add_secret(answer)
     ctx.typed[purpose] = answer
     return answer
+
+
+def passphrase_from_file(ctx: "Context", path: str) -> str:
+    """--passphrase-file: the file's content without one trailing newline (never argv or a log)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise RescueError(f"cannot read the passphrase file {path}: {exc.strerror}", "give a readable file") from None
+    value = text[:-1] if text.endswith("\n") else text
+    if not value:
+        raise RescueError(f"the passphrase file {path} is empty", "write the duplicity passphrase into it")
+    ctx.log.add_secret(value)
+    return value
 
 
 def backup_encryption(ctx: "Context", purpose: str) -> Encryption:
@@ -7271,6 +7287,31 @@ def finalize_phase(ctx: Context, layout: Layout, recreated: RecreateState, state
     write_file(state_path, state.to_json())
 
 
+RESTOREONLY_STATE = "restoreonly.json"
+
+
+def restore_and_finalize(ctx: Context, time_: Optional[str]) -> int:
+    """restoreonly without --target: restore into the tree layoutonly (or mountonly) mounted
+    at TARGET_FS_ROOT, then finalize it as recover does."""
+    root = Path(ctx.config.setting("TARGET_FS_ROOT"))
+    if not os.path.ismount(str(root)):
+        raise RescueError(f"nothing is mounted at {root}", "recreate and mount the storage first (rescue layoutonly, "
+                          "or rescue mountonly), or restore elsewhere with --target DIR")
+    layout, _ = recovery_layout(ctx)
+    digest = layout_digest(json.loads(layout_to_json(layout)))
+    recreated = read_recreate_state(var_dir(ctx.config) / RECREATE_STATE)
+    if recreated is None or recreated.layout_digest != digest:
+        recreated = RecreateState(digest, {d.id: {"path": d.id} for d in layout.disks}, {})
+        ctx.log.say("No recreate journal of this layout: the disks are taken to have their original names")
+    check_backup_readable(ctx, time_)
+    state = RecoverState(digest, time_)
+    state_path = var_dir(ctx.config) / RESTOREONLY_STATE
+    restore_phase(ctx, state, state_path, root)
+    finalize_phase(ctx, layout, recreated, state, state_path, root)
+    wrap_up(ctx, layout, recreated, state, root)
+    return 0
+
+
 def recover_report(layout: Layout, recreated: RecreateState, state: RecoverState) -> str:
     lines = [f"rescue {__version__} recovered {layout.hostname} on {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
              "", "Disks (the layout's -> the disks here):"]
@@ -7507,18 +7548,29 @@ def wf_verify(ctx: Context) -> int:
 
 
 def restore_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", metavar="DIR", required=True,
-                        help="restore into DIR: empty, or freshly made filesystems mounted there")
+    parser.add_argument("--target", metavar="DIR",
+                        help="restore into DIR: empty, or freshly made filesystems mounted there (default: "
+                        "into TARGET_FS_ROOT, as recreated by layoutonly, and finalize it to boot)")
     parser.add_argument("--restore-time", metavar="TIME",
                         help="restore the backup as of TIME (default: BACKUP_DUPLICITY_RESTORE_TIME, else the latest)")
     parser.add_argument("--layout-only", action="store_true",
                         help="only fetch the layout and configuration stored beside the backup")
+    passphrase_argument(parser)
+
+
+def passphrase_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--passphrase-file", metavar="FILE",
+                        help="read the duplicity passphrase from FILE (instead of the configuration or the prompt)")
 
 
 @workflow("restoreonly", "restore the backup into --target DIR (may hold mounted filesystems)",
           needs_root=True, changes_state=True, arguments=restore_arguments)
 def wf_restoreonly(ctx: Context) -> int:
     time_ = restore_time(ctx.config, ctx.args.restore_time)
+    if not ctx.args.target:
+        if ctx.args.layout_only:
+            raise ConfigError("--layout-only needs --target DIR", "e.g. --layout-only --target /tmp/layout")
+        return restore_and_finalize(ctx, time_)
     target = Path(ctx.args.target)
     if ctx.args.layout_only:
         fetch_layout(ctx, target, time_)
@@ -7575,6 +7627,7 @@ def wf_mountonly(ctx: Context) -> int:
 
 def recover_arguments(parser: argparse.ArgumentParser) -> None:
     recreate_arguments(parser)
+    passphrase_argument(parser)
     parser.add_argument("--unmount", action="store_true",
                         help="unmount the recovered system afterwards (stop LVM, LUKS, RAID)")
 
