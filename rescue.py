@@ -1366,6 +1366,14 @@ class Runner:
         self.log = log
         self.active: Set["subprocess.Popen"] = set()    # running commands (stop_all)
         self._lock = threading.Lock()
+        self.busy = 0.0              # seconds during which at least one command ran
+        self.waited = 0.0            # seconds spent waiting for devices (wait())
+        self._busy_since = 0.0
+
+    def wait(self, seconds: float) -> None:
+        """Sleep while polling for a device, counted apart from rescue's own time."""
+        time.sleep(seconds)
+        self.waited += seconds
 
     def environment(self, extra: Optional[Dict[str, str]], inherit: bool) -> Dict[str, str]:
         if inherit:
@@ -1417,6 +1425,8 @@ class Runner:
             raise RescueError(f"cannot execute {argv[0]}: permission denied",
                               "check that it is an executable file") from None
         with self._lock:
+            if not self.active:
+                self._busy_since = started
             self.active.add(proc)
         try:
             if on_line is not None:
@@ -1426,6 +1436,8 @@ class Runner:
         finally:
             with self._lock:
                 self.active.discard(proc)
+                if not self.active:
+                    self.busy += time.monotonic() - self._busy_since
         result = Result(argv, proc.returncode, stdout, stderr, time.monotonic() - started)
         self.log.debug(f"exit code {proc.returncode} after {result.duration:.2f}s")
         if check and proc.returncode != 0:
@@ -6926,7 +6938,7 @@ def action_partitions(ctx: Context, disk: str, partitions: Sequence[Sequence[obj
                               f"after {WAIT_SECONDS:g} s", "check dmesg; another program may hold the disk")
         for argv in (["partx", "-a", disk], ["partx", "-u", disk]):
             ctx.runner.run(argv, check=False, timeout=60)
-        time.sleep(0.2)
+        ctx.runner.wait(0.2)
 
 
 def action_devices(ctx: Context, devices: Sequence[str]) -> None:
@@ -6937,7 +6949,7 @@ def action_devices(ctx: Context, devices: Sequence[str]) -> None:
             return
         if time.monotonic() > deadline:
             raise RescueError(f"{', '.join(missing)} did not appear within {WAIT_SECONDS:g} s", "check dmesg")
-        time.sleep(0.2)
+        ctx.runner.wait(0.2)
 
 
 def action_mount(ctx: Context, device: str, path: str, type: str, options: str) -> None:
@@ -7341,6 +7353,13 @@ def unmount_tree(ctx: Context, layout: Layout, root: str) -> None:
     ctx.log.say(f"Unmounted {root}; LVM, LUKS and RAID are stopped")
 
 
+def time_split(total: float, runner: Runner) -> str:
+    """Where a run's time went: in the tools it ran, waiting for devices, in rescue itself."""
+    own = max(0.0, total - runner.busy - runner.waited)
+    return (f"Time: {total:.1f} s: tools {runner.busy:.1f} s, waiting for devices {runner.waited:.1f} s, "
+            f"rescue itself {own:.1f} s ({100 * own / total if total else 0:.1f} %)")
+
+
 def recover(ctx: Context) -> int:
     args, config = ctx.args, ctx.config
     reviewing = args.plan or args.script or args.json
@@ -7376,6 +7395,7 @@ def recover(ctx: Context) -> int:
         state.reported = True
         write_file(state_path, state.to_json())
     ctx.log.say(f"{layout.hostname} is recovered in {time.monotonic() - started:.0f} s")
+    ctx.log.say(time_split(time.monotonic() - started, ctx.runner))
     if args.unmount:
         unmount_tree(ctx, layout, str(root))
     else:
