@@ -6015,6 +6015,8 @@ LABEL_SAMPLES = ("/etc/passwd", "/etc/selinux/config", "/usr/bin/ls", "/usr/sbin
 BIND_MOUNTS = ("/proc", "/sys", "/dev", "/run")
 EFIVARS = "/sys/firmware/efi/efivars"
 REMOVABLE_LOADER = "EFI/BOOT/BOOTX64.EFI"
+SHIM_LOADERS = ("shimx64.efi", "shim.efi")          # SUSE: shim.efi and grub.efi
+GRUB_LOADERS = ("grubx64.efi", "grub.efi")
 GRUBENV_SIZE = 1024
 
 
@@ -6058,6 +6060,9 @@ class TreeProbe:
     def is_file(self, path: str) -> bool:
         return os.path.isfile(self.host_path(path))
 
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(self.host_path(path))
+
     def read_text(self, path: str) -> Optional[str]:
         try:
             with open(self.host_path(path), encoding="utf-8", errors="surrogateescape") as stream:
@@ -6100,8 +6105,7 @@ class RestoredSystem:
     file_contexts: str                             # of the configured policy ("" when absent)
     labels_present: bool                           # the restored files carry security.selinux
     esp_dir: str                                   # where the ESP is mounted ("" if none)
-    efi_dirs: List[str]                            # vendor directories in \EFI (not BOOT)
-    shim: bool                                     # a shimx64.efi in one of them
+    efi_dirs: Dict[str, List[str]]                 # vendor directory in \EFI (not BOOT) -> its files
     removable: bool                                # \EFI\BOOT\BOOTX64.EFI is there
     grub_cfg: str                                  # the GRUB configuration grub-mkconfig writes
     tools: Dict[str, str]                          # program -> its path in the tree
@@ -6114,8 +6118,10 @@ def probe_restored(probe: TreeProbe) -> RestoredSystem:
     if family not in FAMILIES:
         family = next((f.name for f in FAMILIES.values() if any(t in tools for t in f.initramfs)), "unknown")
     kernels = [k for k in probe.listdir("/lib/modules") if probe.is_file(f"/boot/vmlinuz-{k}")]
-    esp_dir = esp_mountpoint(probe.read_text("/etc/fstab") or "")
-    efi_dirs = [d for d in probe.listdir(f"{esp_dir}/EFI") if d.upper() != "BOOT"] if esp_dir else []
+    esp_dir = esp_mountpoint(probe.read_text("/etc/fstab") or "") or next(
+        (d for d in ("/boot/efi", "/efi") if probe.is_dir(f"{d}/EFI")), "")
+    efi_dirs = {d: probe.listdir(f"{esp_dir}/EFI/{d}") for d in probe.listdir(f"{esp_dir}/EFI")
+                if d.upper() != "BOOT"} if esp_dir else {}
     texts = {}
     for path in naming_files(probe, esp_dir, efi_dirs):
         text = probe.read_text(path)
@@ -6132,7 +6138,6 @@ def probe_restored(probe: TreeProbe) -> RestoredSystem:
         selinux=selinux, file_contexts=contexts if contexts and probe.is_file(contexts) else "",
         labels_present=all(probe.has_xattr(p, "security.selinux") for p in LABEL_SAMPLES if probe.exists(p)),
         esp_dir=esp_dir, efi_dirs=efi_dirs,
-        shim=any(probe.is_file(f"{esp_dir}/EFI/{d}/shimx64.efi") for d in efi_dirs),
         removable=bool(esp_dir) and probe.is_file(f"{esp_dir}/{REMOVABLE_LOADER}"),
         grub_cfg=system_grub_cfg(probe, family, esp_dir, efi_dirs), tools=tools)
 
@@ -6228,8 +6233,9 @@ def finalize_plan(system: RestoredSystem, options: FinalizeOptions) -> List[Step
         for kernel in system.kernels:
             steps += initramfs_steps(system, family, options, kernel)
     steps += bootloader_steps(system, family, options)
-    steps.append(Step("finalize unbind", f"Unmount the bind mounts below {root}", action="unbind",
-                      params={"paths": [root + p for p in reversed(bind_points(options.boot_mode == "uefi"))]}))
+    unbound = [root + p for p in reversed(bind_points(options.boot_mode == "uefi"))]
+    steps.append(Step("finalize unbind", f"Unmount the bind mounts below {root}", argv=["umount"] + unbound,
+                      action="unbind", params={"paths": unbound}))
     steps += selinux_steps(system, options)
     return steps
 
@@ -6308,6 +6314,9 @@ def bootloader_steps(system: RestoredSystem, family: Family, options: FinalizeOp
         "finalize grub config", f"Write the GRUB menu {system.grub_cfg}",
         argv=in_root(root, mkconfig) if mkconfig == "update-grub" else in_root(root, mkconfig, "-o", system.grub_cfg))]
     if options.boot_mode != "uefi":
+        if family.grub_install not in system.tools:
+            raise RescueError(f"the restored system has no {family.grub_install} to install GRUB with",
+                              "the backup lacks GRUB's tools: restore them, or install the bootloader by hand")
         return bios_steps(family, options, root) + config
     return uefi_steps(system, family, options) + config + efi_entry_steps(system, options)
 
@@ -6328,7 +6337,14 @@ def vendor_dir(system: RestoredSystem, family: Family, options: FinalizeOptions)
         if len(parts) >= 3 and parts[0].upper() == "EFI" and parts[1].upper() != "BOOT":
             return parts[1]
     own = [d for d in system.efi_dirs if d.lower() in family.efi_ids]
-    return (own or system.efi_dirs or [family.efi_ids[0]])[0]
+    return (own or list(system.efi_dirs) or [family.efi_ids[0]])[0]
+
+
+def efi_loaders(system: RestoredSystem, vendor: str) -> Tuple[str, str]:
+    """(shim, GRUB) file names in the vendor directory ("" where there is none)."""
+    files = {name.lower(): name for name in system.efi_dirs.get(vendor, [])}
+    return (next((files[n] for n in SHIM_LOADERS if n in files), ""),
+            next((files[n] for n in GRUB_LOADERS if n in files), ""))
 
 
 def uefi_steps(system: RestoredSystem, family: Family, options: FinalizeOptions) -> List[Step]:
@@ -6336,16 +6352,18 @@ def uefi_steps(system: RestoredSystem, family: Family, options: FinalizeOptions)
     removable path as a fallback."""
     root, esp = options.target_root, system.esp_dir or "/boot/efi"
     vendor = vendor_dir(system, family, options)
+    shim, grub = efi_loaders(system, vendor)
     steps = []
-    if family.efi_grub_install == "always" or (family.efi_grub_install == "without-shim" and not system.shim):
+    if family.grub_install in system.tools and (
+            family.efi_grub_install == "always" or (family.efi_grub_install == "without-shim" and not shim)):
+        grub = grub or GRUB_LOADERS[0]
         steps.append(Step("finalize grub-install efi", f"Install GRUB (UEFI) into {esp}/EFI/{vendor}",
                           argv=in_root(root, family.grub_install, "--target=x86_64-efi", f"--efi-directory={esp}",
                                        f"--bootloader-id={vendor}", "--no-nvram")))
-    loader = "shimx64.efi" if system.shim else "grubx64.efi"
-    files = [loader] + (["grubx64.efi"] if system.shim else [])
-    steps.append(Step("finalize efi loader", f"Check the loader {esp}/EFI/{vendor}/{loader}", action="efi_loader",
+    files = [shim, grub or GRUB_LOADERS[0]] if shim else [grub or GRUB_LOADERS[0]]
+    steps.append(Step("finalize efi loader", f"Check the loader {esp}/EFI/{vendor}/{files[0]}", action="efi_loader",
                       params={"directory": f"{root}{esp}/EFI/{vendor}", "files": files},
-                      note="shim chain kept as restored" if system.shim else ""))
+                      note="the shim chain is kept as restored" if shim else ""))
     if not system.removable:
         steps.append(Step("finalize efi removable path", f"Copy the loader to the removable path {esp}/{REMOVABLE_LOADER}",
                           action="efi_fallback", params={"directory": f"{root}{esp}/EFI/{vendor}", "files": files,
@@ -6357,8 +6375,9 @@ def uefi_steps(system: RestoredSystem, family: Family, options: FinalizeOptions)
 def efi_entry_steps(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
     if not options.esps:
         return []
-    family = FAMILIES[system.family]
-    default = "\\EFI\\{}\\{}".format(vendor_dir(system, family, options), "shimx64.efi" if system.shim else "grubx64.efi")
+    vendor = vendor_dir(system, FAMILIES[system.family], options)
+    shim, grub = efi_loaders(system, vendor)
+    default = f"\\EFI\\{vendor}\\{shim or grub or GRUB_LOADERS[0]}"
     entries = [{"disk": e.disk, "partition": e.partition, "label": e.label, "loader": e.loader or default}
                for e in options.esps]
     return [Step("finalize efi boot entries", "NVRAM boot entries: " + ", ".join(
