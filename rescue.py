@@ -6602,11 +6602,12 @@ FINALIZE_ACTIONS: Dict[str, Callable[..., None]] = {
 # -- from the layout -------------------------------------------------------------------------------
 
 def finalize_options(layout: Layout, mapping: Mapping, config: Config, drivers: Sequence[str] = (),
-                     changes: Optional[Dict[str, str]] = None) -> FinalizeOptions:
+                     changes: Optional[Dict[str, str]] = None, here: Sequence[DiskHere] = ()) -> FinalizeOptions:
     """FinalizeOptions for a recovery of layout onto the disks of mapping: the boot disks
     (GRUB2_INSTALL_DEVICES, mapped as ReaR's MIGRATION_MODE does, else the disks GRUB was on,
     else those under /boot), each ESP (RAID1 members too) with its original entry's label and
-    loader, the device names that changed (plus changes, e.g. UUIDs recreate could not keep)."""
+    loader, the device and by-id names that changed (by-id: with here, the disks here), plus
+    changes (e.g. UUIDs recreate could not keep)."""
     configured = config.setting("GRUB2_INSTALL_DEVICES")
     if configured:
         boot_disks = [mapping.new_name(d, layout) for d in configured]
@@ -6616,10 +6617,42 @@ def finalize_options(layout: Layout, mapping: Mapping, config: Config, drivers: 
                                          [d.id for d in layout.disks] + [p.id for p in layout.partitions]) if old != new}
     return FinalizeOptions(
         target_root=config.setting("TARGET_FS_ROOT"), boot_mode=layout.boot.firmware, boot_disks=boot_disks,
-        esps=esp_targets(layout, mapping), changes={**renamed, **(changes or {})},
+        esps=esp_targets(layout, mapping), changes={**renamed, **by_id_changes(layout, mapping, here), **(changes or {})},
         pvs=[mapping.new_name(pv.device, layout) for pv in layout.physical_volumes],
         drivers=list(drivers), rebuild_initramfs=config.setting("REBUILD_INITRAMFS"),
         selinux_relabel=config.setting("SELINUX_RELABEL"))
+
+
+def by_id_changes(layout: Layout, mapping: Mapping, here: Sequence[DiskHere]) -> Dict[str, str]:
+    """/dev/disk/by-id names of the layout's disks -> the name of the same kind (ata-, nvme-,
+    wwn-, …) of the disk that takes its place (partitions follow as …-partN)."""
+    by_path = {d.path: d for d in here}
+    out = {}
+    for disk in layout.disks:
+        new = by_path.get(mapping.disks.get(disk.id, ""))
+        for name in disk.by_id if new else []:
+            kind = name.split("-", 1)[0]
+            match = next((n for n in new.by_id if n.split("-", 1)[0] == kind), None)
+            if match and match != name:
+                out[f"/dev/disk/by-id/{name}"] = f"/dev/disk/by-id/{match}"
+    return out
+
+
+def storage_drivers(disks: Sequence[str], sys_root: str = "/sys") -> List[str]:
+    """The drivers (as module names) of the disks here and the controllers above them, from
+    sysfs: what the restored system's initramfs needs to find its disks (dracut --add-drivers
+    and the check of the new initramfs)."""
+    found = []
+    devices = os.path.join(sys_root, "devices")
+    for disk in disks:
+        path = os.path.realpath(os.path.join(sys_root, "block", os.path.basename(os.path.realpath(disk)), "device"))
+        while path.startswith(devices + "/"):
+            driver = os.path.join(path, "driver")
+            if os.path.islink(driver):
+                module = os.path.join(driver, "module")
+                found.append(os.path.basename(os.path.realpath(module if os.path.exists(module) else driver)).replace("-", "_"))
+            path = os.path.dirname(path)
+    return list(dict.fromkeys(found))
 
 
 def partitions_under(device: str, layout: Layout) -> List[Partition]:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -444,3 +445,44 @@ def test_no_secret_in_the_plan_or_the_log(tmp_path, rhel_tree):
     run_steps(ctx, [s for s in steps if s.action == "rewrite_names"])
     assert "/dev/vdb1" in (tmp_path / "log" / "rescue.log").read_text()
     assert CANARY not in (tmp_path / "log" / "rescue.log").read_text()
+
+
+# -- the disks here: by-id names, drivers, bind mounts ---------------------------------------------
+
+def test_by_id_names_of_the_replaced_disks():
+    layout = raid1_layout("bios")
+    layout.disks[0].by_id = ["ata-QEMU_HARDDISK_QM00001", "wwn-0x5000c500a1b2c3d4"]
+    here = [rescue.DiskHere("/dev/vda", 10 << 30, by_id=["ata-QEMU_HARDDISK_QM00005", "virtio-abc"])]
+    mapping = rescue.Mapping({"/dev/sda": "/dev/vda"}, {}, [])
+    options = rescue.finalize_options(layout, mapping, rescue.config_from_values({}, environ={"HOSTNAME": "h"}), here=here)
+    assert options.changes["/dev/disk/by-id/ata-QEMU_HARDDISK_QM00001"] == "/dev/disk/by-id/ata-QEMU_HARDDISK_QM00005"
+    assert not [k for k in options.changes if "wwn-" in k]                # no wwn- name here to take its place
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/block/vda/device/driver"), reason="this machine has no /dev/vda")
+def test_storage_drivers_of_a_disk_here_from_sysfs():
+    drivers = rescue.storage_drivers(["/dev/vda"])
+    assert drivers[0] == os.path.basename(os.path.realpath("/sys/block/vda/device/driver")).replace("-", "_")
+    assert len(drivers) == len(set(drivers))
+
+
+def mounts_at(path):
+    with open("/proc/self/mounts") as mounts:
+        return sum(1 for line in mounts if line.split()[1] == str(path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
+def test_bind_mounts_are_made_once_and_undone(tmp_path):
+    ctx = context(tmp_path)
+    root = tmp_path / "root"
+    bind = rescue.bind_steps(str(root), uefi=False)[0]
+    unbind = rescue.Step("finalize unbind", "", action="unbind", params={"paths": [str(root / "proc")]})
+    try:
+        run_steps(ctx, [bind, bind])                                   # a resumed run binds nothing twice
+        assert mounts_at(root / "proc") == 1
+        assert (root / "proc" / "self").exists()
+        run_steps(ctx, [unbind, unbind])
+        assert mounts_at(root / "proc") == 0
+    finally:
+        while mounts_at(root / "proc"):
+            subprocess.run(["umount", "-l", str(root / "proc")], check=True)
