@@ -6132,6 +6132,8 @@ LABEL_SAMPLES = ("/etc/passwd", "/etc/selinux/config", "/usr/bin/ls", "/usr/sbin
 BIND_MOUNTS = ("/proc", "/sys", "/dev", "/run")
 EFIVARS = "/sys/firmware/efi/efivars"
 REMOVABLE_LOADER = "EFI/BOOT/BOOTX64.EFI"
+SHIM_LOADERS = ("shimx64.efi", "shim.efi")          # SUSE: shim.efi and grub.efi
+GRUB_LOADERS = ("grubx64.efi", "grub.efi")
 GRUBENV_SIZE = 1024
 
 
@@ -6175,6 +6177,9 @@ class TreeProbe:
     def is_file(self, path: str) -> bool:
         return os.path.isfile(self.host_path(path))
 
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(self.host_path(path))
+
     def read_text(self, path: str) -> Optional[str]:
         try:
             with open(self.host_path(path), encoding="utf-8", errors="surrogateescape") as stream:
@@ -6217,8 +6222,7 @@ class RestoredSystem:
     file_contexts: str                             # of the configured policy ("" when absent)
     labels_present: bool                           # the restored files carry security.selinux
     esp_dir: str                                   # where the ESP is mounted ("" if none)
-    efi_dirs: List[str]                            # vendor directories in \EFI (not BOOT)
-    shim: bool                                     # a shimx64.efi in one of them
+    efi_dirs: Dict[str, List[str]]                 # vendor directory in \EFI (not BOOT) -> its files
     removable: bool                                # \EFI\BOOT\BOOTX64.EFI is there
     grub_cfg: str                                  # the GRUB configuration grub-mkconfig writes
     tools: Dict[str, str]                          # program -> its path in the tree
@@ -6231,8 +6235,10 @@ def probe_restored(probe: TreeProbe) -> RestoredSystem:
     if family not in FAMILIES:
         family = next((f.name for f in FAMILIES.values() if any(t in tools for t in f.initramfs)), "unknown")
     kernels = [k for k in probe.listdir("/lib/modules") if probe.is_file(f"/boot/vmlinuz-{k}")]
-    esp_dir = esp_mountpoint(probe.read_text("/etc/fstab") or "")
-    efi_dirs = [d for d in probe.listdir(f"{esp_dir}/EFI") if d.upper() != "BOOT"] if esp_dir else []
+    esp_dir = esp_mountpoint(probe.read_text("/etc/fstab") or "") or next(
+        (d for d in ("/boot/efi", "/efi") if probe.is_dir(f"{d}/EFI")), "")
+    efi_dirs = {d: probe.listdir(f"{esp_dir}/EFI/{d}") for d in probe.listdir(f"{esp_dir}/EFI")
+                if d.upper() != "BOOT"} if esp_dir else {}
     texts = {}
     for path in naming_files(probe, esp_dir, efi_dirs):
         text = probe.read_text(path)
@@ -6249,7 +6255,6 @@ def probe_restored(probe: TreeProbe) -> RestoredSystem:
         selinux=selinux, file_contexts=contexts if contexts and probe.is_file(contexts) else "",
         labels_present=all(probe.has_xattr(p, "security.selinux") for p in LABEL_SAMPLES if probe.exists(p)),
         esp_dir=esp_dir, efi_dirs=efi_dirs,
-        shim=any(probe.is_file(f"{esp_dir}/EFI/{d}/shimx64.efi") for d in efi_dirs),
         removable=bool(esp_dir) and probe.is_file(f"{esp_dir}/{REMOVABLE_LOADER}"),
         grub_cfg=system_grub_cfg(probe, family, esp_dir, efi_dirs), tools=tools)
 
@@ -6345,8 +6350,9 @@ def finalize_plan(system: RestoredSystem, options: FinalizeOptions) -> List[Step
         for kernel in system.kernels:
             steps += initramfs_steps(system, family, options, kernel)
     steps += bootloader_steps(system, family, options)
-    steps.append(Step("finalize unbind", f"Unmount the bind mounts below {root}", action="unbind",
-                      params={"paths": [root + p for p in reversed(bind_points(options.boot_mode == "uefi"))]}))
+    unbound = [root + p for p in reversed(bind_points(options.boot_mode == "uefi"))]
+    steps.append(Step("finalize unbind", f"Unmount the bind mounts below {root}", argv=["umount"] + unbound,
+                      action="unbind", params={"paths": unbound}))
     steps += selinux_steps(system, options)
     return steps
 
@@ -6425,6 +6431,9 @@ def bootloader_steps(system: RestoredSystem, family: Family, options: FinalizeOp
         "finalize grub config", f"Write the GRUB menu {system.grub_cfg}",
         argv=in_root(root, mkconfig) if mkconfig == "update-grub" else in_root(root, mkconfig, "-o", system.grub_cfg))]
     if options.boot_mode != "uefi":
+        if family.grub_install not in system.tools:
+            raise RescueError(f"the restored system has no {family.grub_install} to install GRUB with",
+                              "the backup lacks GRUB's tools: restore them, or install the bootloader by hand")
         return bios_steps(family, options, root) + config
     return uefi_steps(system, family, options) + config + efi_entry_steps(system, options)
 
@@ -6445,7 +6454,14 @@ def vendor_dir(system: RestoredSystem, family: Family, options: FinalizeOptions)
         if len(parts) >= 3 and parts[0].upper() == "EFI" and parts[1].upper() != "BOOT":
             return parts[1]
     own = [d for d in system.efi_dirs if d.lower() in family.efi_ids]
-    return (own or system.efi_dirs or [family.efi_ids[0]])[0]
+    return (own or list(system.efi_dirs) or [family.efi_ids[0]])[0]
+
+
+def efi_loaders(system: RestoredSystem, vendor: str) -> Tuple[str, str]:
+    """(shim, GRUB) file names in the vendor directory ("" where there is none)."""
+    files = {name.lower(): name for name in system.efi_dirs.get(vendor, [])}
+    return (next((files[n] for n in SHIM_LOADERS if n in files), ""),
+            next((files[n] for n in GRUB_LOADERS if n in files), ""))
 
 
 def uefi_steps(system: RestoredSystem, family: Family, options: FinalizeOptions) -> List[Step]:
@@ -6453,16 +6469,18 @@ def uefi_steps(system: RestoredSystem, family: Family, options: FinalizeOptions)
     removable path as a fallback."""
     root, esp = options.target_root, system.esp_dir or "/boot/efi"
     vendor = vendor_dir(system, family, options)
+    shim, grub = efi_loaders(system, vendor)
     steps = []
-    if family.efi_grub_install == "always" or (family.efi_grub_install == "without-shim" and not system.shim):
+    if family.grub_install in system.tools and (
+            family.efi_grub_install == "always" or (family.efi_grub_install == "without-shim" and not shim)):
+        grub = grub or GRUB_LOADERS[0]
         steps.append(Step("finalize grub-install efi", f"Install GRUB (UEFI) into {esp}/EFI/{vendor}",
                           argv=in_root(root, family.grub_install, "--target=x86_64-efi", f"--efi-directory={esp}",
                                        f"--bootloader-id={vendor}", "--no-nvram")))
-    loader = "shimx64.efi" if system.shim else "grubx64.efi"
-    files = [loader] + (["grubx64.efi"] if system.shim else [])
-    steps.append(Step("finalize efi loader", f"Check the loader {esp}/EFI/{vendor}/{loader}", action="efi_loader",
+    files = [shim, grub or GRUB_LOADERS[0]] if shim else [grub or GRUB_LOADERS[0]]
+    steps.append(Step("finalize efi loader", f"Check the loader {esp}/EFI/{vendor}/{files[0]}", action="efi_loader",
                       params={"directory": f"{root}{esp}/EFI/{vendor}", "files": files},
-                      note="shim chain kept as restored" if system.shim else ""))
+                      note="the shim chain is kept as restored" if shim else ""))
     if not system.removable:
         steps.append(Step("finalize efi removable path", f"Copy the loader to the removable path {esp}/{REMOVABLE_LOADER}",
                           action="efi_fallback", params={"directory": f"{root}{esp}/EFI/{vendor}", "files": files,
@@ -6474,8 +6492,9 @@ def uefi_steps(system: RestoredSystem, family: Family, options: FinalizeOptions)
 def efi_entry_steps(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
     if not options.esps:
         return []
-    family = FAMILIES[system.family]
-    default = "\\EFI\\{}\\{}".format(vendor_dir(system, family, options), "shimx64.efi" if system.shim else "grubx64.efi")
+    vendor = vendor_dir(system, FAMILIES[system.family], options)
+    shim, grub = efi_loaders(system, vendor)
+    default = f"\\EFI\\{vendor}\\{shim or grub or GRUB_LOADERS[0]}"
     entries = [{"disk": e.disk, "partition": e.partition, "label": e.label, "loader": e.loader or default}
                for e in options.esps]
     return [Step("finalize efi boot entries", "NVRAM boot entries: " + ", ".join(
@@ -6700,11 +6719,12 @@ FINALIZE_ACTIONS: Dict[str, Callable[..., None]] = {
 # -- from the layout -------------------------------------------------------------------------------
 
 def finalize_options(layout: Layout, mapping: Mapping, config: Config, drivers: Sequence[str] = (),
-                     changes: Optional[Dict[str, str]] = None) -> FinalizeOptions:
+                     changes: Optional[Dict[str, str]] = None, here: Sequence[DiskHere] = ()) -> FinalizeOptions:
     """FinalizeOptions for a recovery of layout onto the disks of mapping: the boot disks
     (GRUB2_INSTALL_DEVICES, mapped as ReaR's MIGRATION_MODE does, else the disks GRUB was on,
     else those under /boot), each ESP (RAID1 members too) with its original entry's label and
-    loader, the device names that changed (plus changes, e.g. UUIDs recreate could not keep)."""
+    loader, the device and by-id names that changed (by-id: with here, the disks here), plus
+    changes (e.g. UUIDs recreate could not keep)."""
     configured = config.setting("GRUB2_INSTALL_DEVICES")
     if configured:
         boot_disks = [mapping.new_name(d, layout) for d in configured]
@@ -6714,10 +6734,42 @@ def finalize_options(layout: Layout, mapping: Mapping, config: Config, drivers: 
                                          [d.id for d in layout.disks] + [p.id for p in layout.partitions]) if old != new}
     return FinalizeOptions(
         target_root=config.setting("TARGET_FS_ROOT"), boot_mode=layout.boot.firmware, boot_disks=boot_disks,
-        esps=esp_targets(layout, mapping), changes={**renamed, **(changes or {})},
+        esps=esp_targets(layout, mapping), changes={**renamed, **by_id_changes(layout, mapping, here), **(changes or {})},
         pvs=[mapping.new_name(pv.device, layout) for pv in layout.physical_volumes],
         drivers=list(drivers), rebuild_initramfs=config.setting("REBUILD_INITRAMFS"),
         selinux_relabel=config.setting("SELINUX_RELABEL"))
+
+
+def by_id_changes(layout: Layout, mapping: Mapping, here: Sequence[DiskHere]) -> Dict[str, str]:
+    """/dev/disk/by-id names of the layout's disks -> the name of the same kind (ata-, nvme-,
+    wwn-, …) of the disk that takes its place (partitions follow as …-partN)."""
+    by_path = {d.path: d for d in here}
+    out = {}
+    for disk in layout.disks:
+        new = by_path.get(mapping.disks.get(disk.id, ""))
+        for name in disk.by_id if new else []:
+            kind = name.split("-", 1)[0]
+            match = next((n for n in new.by_id if n.split("-", 1)[0] == kind), None)
+            if match and match != name:
+                out[f"/dev/disk/by-id/{name}"] = f"/dev/disk/by-id/{match}"
+    return out
+
+
+def storage_drivers(disks: Sequence[str], sys_root: str = "/sys") -> List[str]:
+    """The drivers (as module names) of the disks here and the controllers above them, from
+    sysfs: what the restored system's initramfs needs to find its disks (dracut --add-drivers
+    and the check of the new initramfs)."""
+    found = []
+    devices = os.path.join(sys_root, "devices")
+    for disk in disks:
+        path = os.path.realpath(os.path.join(sys_root, "block", os.path.basename(os.path.realpath(disk)), "device"))
+        while path.startswith(devices + "/"):
+            driver = os.path.join(path, "driver")
+            if os.path.islink(driver):
+                module = os.path.join(driver, "module")
+                found.append(os.path.basename(os.path.realpath(module if os.path.exists(module) else driver)).replace("-", "_"))
+            path = os.path.dirname(path)
+    return list(dict.fromkeys(found))
 
 
 def partitions_under(device: str, layout: Layout) -> List[Partition]:
