@@ -3204,15 +3204,20 @@ def disks_here(nodes: Dict[str, BlockNode], mounts: Sequence[Dict[str, object]],
 
 def disk_in_use(node: BlockNode, below: Sequence[BlockNode], mounted: Dict[str, str],
                 swapping: Set[str], backup_mount: Optional[str]) -> Optional[str]:
-    for n in [node] + list(below):
+    """Why nothing may touch the disk: the backup or the running system first (the reasons a
+    user most needs to read), then any mount, then swap (/proc/swaps names LVs by kname)."""
+    users = [node] + list(below)
+    for n in users if backup_mount else []:
+        if mounted.get(n.name) == backup_mount:
+            return f"it holds the backup ({n.name} is mounted at {backup_mount})"
+    for n in users:
+        if mounted.get(n.name) == "/":
+            return f"it holds the running system ({n.name} is mounted at /)"
+    for n in users:
         if n.name in mounted:
-            where = mounted[n.name]
-            if where == backup_mount:
-                return f"it holds the backup ({n.name} is mounted at {where})"
-            if where == "/":
-                return f"it holds the running system ({n.name} is mounted at /)"
-            return f"{n.name} is mounted at {where}"
-        if n.name in swapping:
+            return f"{n.name} is mounted at {mounted[n.name]}"
+    for n in users:
+        if n.name in swapping or n.kname in swapping:
             return f"{n.name} is in use as swap"
     return None
 
