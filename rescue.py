@@ -3204,8 +3204,10 @@ def disks_here(nodes: Dict[str, BlockNode], mounts: Sequence[Dict[str, object]],
 
 def disk_in_use(node: BlockNode, below: Sequence[BlockNode], mounted: Dict[str, str],
                 swapping: Set[str], backup_mount: Optional[str]) -> Optional[str]:
-    """Why nothing may touch the disk: the backup or the running system first (the reasons a
-    user most needs to read), then any mount, then swap (/proc/swaps names LVs by kname)."""
+    """Why nothing may touch the disk, not even by --map: the backup or the running system first
+    (the reasons a user most needs to read), then any mount, the rescue medium (an ISO image
+    need not be mounted to be what the rescue system runs from), swap (/proc/swaps names LVs
+    by kname)."""
     users = [node] + list(below)
     for n in users if backup_mount else []:
         if mounted.get(n.name) == backup_mount:
@@ -3216,6 +3218,8 @@ def disk_in_use(node: BlockNode, below: Sequence[BlockNode], mounted: Dict[str, 
     for n in users:
         if n.name in mounted:
             return f"{n.name} is mounted at {mounted[n.name]}"
+    if any(n.fstype in RESCUE_MEDIUM_FS for n in users):
+        return "it holds an ISO 9660 image (a rescue or installation medium)"
     for n in users:
         if n.name in swapping or n.kname in swapping:
             return f"{n.name} is in use as swap"
@@ -3229,8 +3233,6 @@ def disk_exclusion(node: BlockNode, below: Sequence[BlockNode]) -> Optional[str]
         return kind
     if EMMC_AREA_RE.search(node.name):
         return "an eMMC boot or RPMB area, not a disk"
-    if any(n.fstype in RESCUE_MEDIUM_FS for n in [node] + list(below)):
-        return "it holds an ISO 9660 image (a rescue or installation medium)"
     if node.tran == "usb" or node.removable:
         return "removable/USB media"
     if node.size <= 0:
