@@ -365,3 +365,435 @@ def test_emmc_boot_areas_are_never_candidates():
     message = refusal(mapped, lay, here_from(nodes))
     assert "no disk here can take the place of /dev/sda" in message
     assert "/dev/mmcblk0boot0: an eMMC boot or RPMB area, not a disk" in message
+
+
+# -- the plan: order, and every kind ----------------------------------------------------------------
+
+RECORDINGS = ["bios-lvm", "uefi-gpt", "raid1-luks", "nvme-btrfs"]
+
+
+def same_size_blanks(lay, prefix="/dev/sd"):
+    arrays = {m.id for m in lay.md_arrays}
+    return [blank(f"{prefix}{chr(97 + n)}", d.size) for n, d in enumerate(d for d in lay.disks if d.id not in arrays)]
+
+
+def assert_ordered(plan):
+    """Every step after the steps it names; ids unique; every device a step works on was made
+    (or is a wiped disk) by an earlier step."""
+    seen = set()
+    for s in plan.steps:
+        assert s.id not in seen, s.id
+        assert set(s.after) <= seen, (s.id, set(s.after) - seen)
+        seen.add(s.id)
+
+
+def test_recordings_plan_in_dependency_order():
+    for name in RECORDINGS:
+        lay, vgcfg = replayed(name)
+        plan = rescue.recreate_plan(lay, same_size_blanks(lay), mapped(lay, same_size_blanks(lay)),
+                                    RecreateOptions(vgcfg=vgcfg))
+        assert_ordered(plan)
+        ids = [s.id for s in plan.steps]
+        position = {i: n for n, i in enumerate(ids)}
+        for fs in lay.filesystems:
+            new = plan.mapping.new_name(fs.device, lay)
+            mkfs = position[f"mkfs {new}"]
+            makers = [position[i] for i in ids if i in (f"wipe new {new}", f"activate {fs.device.split('/')[-1].split('-')[0]}")]
+            assert makers and max(makers) < mkfs, (name, fs.device)
+        mounts = [i for i in ids if i.startswith("mount ")]
+        assert mounts == sorted(mounts, key=lambda m: m.count("/") if m != "mount /" else 0)
+        assert mounts[0] == "mount /"
+
+
+def test_bios_lvm_recording_same_disk_commands():
+    lay, vgcfg = replayed("bios-lvm")
+    here = [blank("/dev/vdc", lay.disks[0].size)]
+    plan = rescue.recreate_plan(lay, here, mapped(lay, here), RecreateOptions(vgcfg=vgcfg))
+    assert plan.wipe == ["/dev/vdc"]
+    assert [s.id for s in plan.steps[:4]] == ["wipe /dev/vdc", "zero start of /dev/vdc", "zero end of /dev/vdc",
+                                              "partition /dev/vdc"]
+    rows = sfdisk_rows(plan, "/dev/vdc")
+    parts = {p.number: p for p in lay.partitions}
+    assert rows["/dev/vdc1"] == {"start": str(parts[1].start), "size": str(parts[1].size), "type": "83", "bootable": True}
+    assert rows["/dev/vdc2"]["size"] == str(parts[2].size)
+    assert "label-id: " + lay.disks[0].partition_table.id in step(plan, "partition /dev/vdc").input
+    pv = lay.physical_volumes[0]
+    assert step(plan, "pv /dev/vdc2").argv[-6:] == ["-y", "--uuid", pv.uuid, "--restorefile",
+                                                     "/var/lib/rescue/layout/lvm/vg0.vgcfg", "/dev/vdc2"]
+    assert step(plan, "vg vg0").argv[0:2] == ["lvm", "vgcfgrestore"]
+    xfs = next(f for f in lay.filesystems if f.type == "xfs")
+    argv = step(plan, "mkfs /dev/mapper/vg0-root").argv
+    assert argv[:4] == ["mkfs.xfs", "-f", "-m", f"uuid={xfs.uuid},crc=1,finobt=1,rmapbt=0,reflink=1,bigtime=1,inobtcount=1"]
+    ext4 = next(f for f in lay.filesystems if f.type == "ext4")
+    argv = step(plan, "mkfs /dev/vdc1").argv
+    assert argv[:7] == ["mke2fs", "-F", "-q", "-t", "ext4", "-U", ext4.uuid] and argv[-1] == "/dev/vdc1"
+    swap = lay.swaps[0]
+    assert step(plan, "mkswap").argv == ["mkswap", "-f", "-U", swap.uuid, "/dev/mapper/vg0-swap"]
+    assert step(plan, "mount /boot").params == {"device": "/dev/vdc1", "path": "/mnt/local/boot", "type": "ext4",
+                                                "options": "relatime"}
+    assert not [s for s in plan.steps if s.id.startswith(("pvresize", "lvextend"))]
+
+
+def test_uefi_gpt_recording_keeps_partuuids_names_and_the_vfat_id():
+    lay, vgcfg = replayed("uefi-gpt")
+    here = [blank("/dev/nvme0n1", lay.disks[0].size)]
+    plan = rescue.recreate_plan(lay, here, mapped(lay, here), RecreateOptions(vgcfg=vgcfg))
+    rows = sfdisk_rows(plan, "/dev/nvme0n1")
+    for p in lay.partitions:
+        row = rows[rescue.partition_device("/dev/nvme0n1", p.number)]
+        assert row["uuid"] == p.uuid and row["type"] == p.type
+        if p.name:
+            assert row["name"] == f'"{p.name}"'
+    assert "label: gpt" in step(plan, "partition /dev/nvme0n1").input
+    vfat = next(f for f in lay.filesystems if f.type == "vfat")
+    argv = step(plan, f"mkfs {plan.mapping.new_name(vfat.device, lay)}").argv
+    assert argv[0] == "mkfs.vfat" and argv[argv.index("-i") + 1] == vfat.uuid.replace("-", "")
+
+
+def test_raid1_luks_recording_md_luks_and_lvm_commands():
+    lay, vgcfg = replayed("raid1-luks")
+    here = same_size_blanks(lay)
+    plan = rescue.recreate_plan(lay, here, mapped(lay, here), RecreateOptions(vgcfg=vgcfg))
+    md1 = next(m for m in lay.md_arrays if m.id == "/dev/md1")
+    argv = step(plan, "create /dev/md1").argv
+    assert argv[:5] == ["mdadm", "--create", "/dev/md1", "--run", "--assume-clean"]
+    assert f"--uuid={md1.uuid}" in argv and f"--metadata={md1.metadata}" in argv and argv[-2:] == ["/dev/sda2", "/dev/sdb2"]
+    lk = lay.luks[0]
+    fmt = step(plan, f"format {lk.id}")
+    assert fmt.argv[fmt.argv.index("--uuid") + 1] == lk.uuid and fmt.argv[-2:] == ["--key-file=-", "/dev/md1"]
+    assert fmt.secret == f"luks:{lk.name}" and fmt.env == {"DM_DISABLE_UDEV": "1"}
+    assert step(plan, f"open {lk.id}").argv[-1] == lk.name
+    assert plan.secrets == [(f"luks:{lk.name}", f"the LUKS device {lk.name} on /dev/md1")]
+    assert step(plan, "pv /dev/mapper/cryptroot").after == [f"wipe new {lk.id}"]
+    assert all(s.argv[2:4] == ["--config", rescue.LVM_CONFIG] for s in plan.steps if s.argv[:1] == ["lvm"])
+
+
+def test_nvme_btrfs_recording_subvolumes_parent_first_then_the_default():
+    lay, vgcfg = replayed("nvme-btrfs")
+    here = same_size_blanks(lay)
+    plan = rescue.recreate_plan(lay, here, mapped(lay, here), RecreateOptions(vgcfg=vgcfg))
+    fs = next(f for f in lay.filesystems if f.type == "btrfs")
+    device = plan.mapping.new_name(fs.device, lay)
+    creates = [s.argv[-1].split("/", 4)[-1] for s in plan.steps if s.argv[:3] == ["btrfs", "subvolume", "create"]]
+    assert creates.index("@data") < creates.index("@data/nested")
+    default = step(plan, f"btrfs default {device}")
+    assert default.argv[-1].endswith("/@data")
+    assert step(plan, f"mkfs {device}").argv == ["mkfs.btrfs", "-f", "-U", fs.uuid] + (["-L", fs.label] if fs.label else []) + [device]
+    home2 = next(m for m in lay.mounts if m.mountpoint == "/srv/home2")
+    assert step(plan, "mount /srv/home2").params["options"].split(",")[-1] == "subvol=" + home2.subvolume
+
+
+def thin_and_raid_layout():
+    d = gpt_disk("/dev/sda", 20 * GiB)
+    p1 = part(d, 1, 1, 20 * 1024 - 2, type=LVM_GUID)
+    vg = VolumeGroup("vgt", "vguuid-t", 4 * MiB, 20 * GiB - 4 * MiB, [p1.id])
+    return layout(d, p1, PhysicalVolume(p1.id, "pvuuid-t", "vgt", p1.size * 512), vg,
+                  LogicalVolume("/dev/mapper/vgt-pool", "vgt", "pool", "u-pool", 8 * GiB, "thin-pool", metadata_size=64 * MiB),
+                  LogicalVolume("/dev/mapper/vgt-thin1", "vgt", "thin1", "u-thin1", 20 * GiB, "thin", pool="pool"),
+                  LogicalVolume("/dev/mapper/vgt-str", "vgt", "str", "u-str", GiB, "striped", stripes=1),
+                  LogicalVolume("/dev/mapper/vgt-mir", "vgt", "mir", "u-mir", GiB, "raid1", data_copies=2),
+                  Filesystem("/dev/mapper/vgt-thin1", "ext4", "uuid-thin1", None, 20 * GiB, GiB),
+                  Mount("/", "/dev/mapper/vgt-thin1", "ext4", "rw"))
+
+
+def test_thin_pool_and_raid_lvs_are_made_with_lvcreate():
+    lay = thin_and_raid_layout()
+    plan = plan_for(lay, [blank("/dev/vda", 20 * GiB)], vgcfg={"vgt": ("/x/vgt.vgcfg", "vgt {\n}\n")})
+    assert_ordered(plan)
+    assert step(plan, "vg vgt").argv[:2] == ["lvm", "vgcreate"]
+    assert "--physicalextentsize" in step(plan, "vg vgt").argv
+    lvcreates = [s for s in plan.steps if s.id.startswith("lv ")]
+    assert [s.id for s in lvcreates] == ["lv vgt/pool", "lv vgt/str", "lv vgt/mir", "lv vgt/thin1"]
+    pool, _, mir, thin = (s.argv[3:] for s in lvcreates)
+    assert pool[pool.index("--type"):] == ["--type", "thin-pool", "-l", str(8 * GiB // (4 * MiB)),
+                                           "--poolmetadatasize", f"{64 * 1024}k", "vgt"]
+    assert thin[thin.index("--type"):] == ["--type", "thin", "-V", f"{20 * GiB // 1024}k", "--thinpool", "pool", "vgt"]
+    assert mir[mir.index("--type") + 1] == "raid1" and mir[mir.index("-m") + 1] == "1"
+    assert any("new UUIDs" in n for n in plan.notes)
+
+
+def test_lvm_on_a_whole_disk_and_a_filesystem_without_a_partition_table():
+    d1, d2 = Disk("/dev/sdb", 8 * GiB), Disk("/dev/sdc", 4 * GiB)
+    lay = layout(d1, d2, PhysicalVolume("/dev/sdb", "pvuuid-w", "vgw", 8 * GiB),
+                 VolumeGroup("vgw", "vguuid-w", 4 * MiB, 8 * GiB - 4 * MiB, ["/dev/sdb"]),
+                 LogicalVolume("/dev/mapper/vgw-data", "vgw", "data", "u-data", 4 * GiB),
+                 Filesystem("/dev/mapper/vgw-data", "xfs", "uuid-data", "data", 4 * GiB, GiB),
+                 Filesystem("/dev/sdc", "ext4", "uuid-sdc", "whole", 4 * GiB, GiB),
+                 Mount("/data", "/dev/mapper/vgw-data", "xfs", "rw"), Mount("/whole", "/dev/sdc", "ext4", "rw"))
+    here = [blank("/dev/vdb", 8 * GiB), blank("/dev/vdc", 4 * GiB)]
+    plan = plan_for(lay, here)
+    assert_ordered(plan)
+    assert not [s for s in plan.steps if s.id.startswith("partition ")]
+    assert step(plan, "pv /dev/vdb").argv[-1] == "/dev/vdb"
+    assert step(plan, "mkfs /dev/vdc").argv[-1] == "/dev/vdc"
+    assert step(plan, "mkfs /dev/vdc").after == ["zero end of /dev/vdc"]
+
+
+def test_md_partitions_are_named_after_the_array():
+    d1, d2 = gpt_disk("/dev/sda", 10 * GiB), gpt_disk("/dev/sdb", 10 * GiB)
+    p1, p2 = part(d1, 1, 1, 9000, type="a19d880f-05fc-4d3b-a006-743f0f84911e"), part(d2, 1, 1, 9000, type="a19d880f-05fc-4d3b-a006-743f0f84911e")
+    md = gpt_disk("/dev/md127", 9000 * MiB - 8 * MiB)
+    mdp = part(md, 1, 1, 8000)
+    lay = layout(d1, d2, p1, p2, MdArray("/dev/md127", "raid1", [p1.id, p2.id], "aa:bb:cc:dd", "host:127", "1.2", 2),
+                 md, mdp, Filesystem("/dev/md127p1", "ext4", "uuid-mdp", None, 8000 * MiB, GiB),
+                 Mount("/srv", "/dev/md127p1", "ext4", "rw"))
+    plan = plan_for(lay, [blank("/dev/nvme0n1", 10 * GiB), blank("/dev/nvme1n1", 10 * GiB)])
+    assert_ordered(plan)
+    ids = [s.id for s in plan.steps]
+    assert ids.index("create /dev/md127") < ids.index("partition /dev/md127") < ids.index("mkfs /dev/md127p1")
+    assert step(plan, "create /dev/md127").argv[-2:] == ["/dev/nvme0n1p1", "/dev/nvme1n1p1"]
+    assert "/dev/md127p1 : " in step(plan, "partition /dev/md127").input
+    assert "/dev/md127" not in plan.wipe
+
+
+def test_luks_on_lvm():
+    d = gpt_disk("/dev/sda", 10 * GiB)
+    p = part(d, 1, 1, 10 * 1024 - 2, type=LVM_GUID)
+    lay = layout(d, p, PhysicalVolume(p.id, "pvu", "vg0", p.size * 512), VolumeGroup("vg0", "vgu", 4 * MiB, 10 * GiB - 8 * MiB, [p.id]),
+                 LogicalVolume("/dev/mapper/vg0-sec", "vg0", "sec", "lvu", 2 * GiB),
+                 Luks("/dev/mapper/secret", "secret", "/dev/mapper/vg0-sec", 1, "luks-uuid", "aes-xts-plain64", 256, "sha256"),
+                 Filesystem("/dev/mapper/secret", "ext4", "fsu", None, 2 * GiB, MiB), Mount("/sec", "/dev/mapper/secret", "ext4", "rw"))
+    plan = plan_for(lay, [blank("/dev/vda", 10 * GiB)])
+    assert_ordered(plan)
+    ids = [s.id for s in plan.steps]
+    assert ids.index("activate vg0") < ids.index("format /dev/mapper/secret") < ids.index("mkfs /dev/mapper/secret")
+    argv = step(plan, "format /dev/mapper/secret").argv
+    assert argv[argv.index("--type") + 1] == "luks1" and "--label" not in argv and "--pbkdf" not in argv
+
+
+def test_mbr_extended_and_logical_partitions():
+    d = dos_disk("/dev/sda", 10 * GiB)
+    parts = [part(d, 1, 1, 1024, type="83"), part(d, 2, 1025, 9000, type="5", role="extended"),
+             part(d, 5, 1026, 4000, type="83", role="logical"), part(d, 6, 5027, 3998, type="82", role="logical")]
+    lay = layout(d, *parts, Filesystem("/dev/sda1", "ext4", "u1", None, GiB, MiB), Filesystem("/dev/sda5", "ext4", "u5", None, GiB, MiB),
+                 Swap("/dev/sda6", "u6"), Mount("/", "/dev/sda5", "ext4", "rw"), Mount("/boot", "/dev/sda1", "ext4", "rw", parent="/"))
+    plan = plan_for(lay, [blank("/dev/vda", 10 * GiB)])
+    rows = sfdisk_rows(plan, "/dev/vda")
+    assert list(rows) == ["/dev/vda1", "/dev/vda2", "/dev/vda5", "/dev/vda6"]
+    assert rows["/dev/vda2"]["type"] == "5"
+    assert "wipe new /dev/vda2" not in [s.id for s in plan.steps]        # the extended one holds nothing
+
+
+def test_gpt_with_gaps_and_numbers_out_of_order_keeps_numbers_and_starts():
+    d = gpt_disk("/dev/sda", 10 * GiB)
+    parts = [part(d, 3, 1, 100), part(d, 1, 200, 100), part(d, 7, 1000, 2000)]
+    lay = layout(d, *parts, Filesystem("/dev/sda7", "ext4", "u7", None, 2000 * MiB, MiB), Mount("/", "/dev/sda7", "ext4", "rw"))
+    plan = plan_for(lay, [blank("/dev/vda", 10 * GiB)])
+    rows = sfdisk_rows(plan, "/dev/vda")
+    assert {k: v["start"] for k, v in rows.items()} == {"/dev/vda3": str(MiB // 512), "/dev/vda1": str(200 * MiB // 512),
+                                                         "/dev/vda7": str(1000 * MiB // 512)}
+    assert [n for n, _ in step(plan, "wait for /dev/vda").params["partitions"]] == [3, 1, 7] or \
+        sorted(n for n, _ in step(plan, "wait for /dev/vda").params["partitions"]) == [1, 3, 7]
+
+
+# -- resizing ----------------------------------------------------------------------------------------
+
+def test_onto_a_bigger_disk_the_last_partition_pv_and_lv_grow():
+    lay, vgcfg = replayed("bios-lvm")
+    here = [blank("/dev/nvme0n1", 2 * lay.disks[0].size)]
+    plan = rescue.recreate_plan(lay, here, mapped(lay, here), RecreateOptions(vgcfg=vgcfg))
+    assert_ordered(plan)
+    rows = sfdisk_rows(plan, "/dev/nvme0n1")
+    assert "size" not in rows["/dev/nvme0n1p2"]        # to the end of the disk
+    assert rows["/dev/nvme0n1p1"]["size"] == str(next(p.size for p in lay.partitions if p.number == 1))
+    ids = [s.id for s in plan.steps]
+    assert ids.index("vg vg0") < ids.index("pvresize /dev/nvme0n1p2") < ids.index("lvextend vg0/root") \
+        < ids.index("mkfs /dev/mapper/vg0-root")
+    assert step(plan, "lvextend vg0/root").argv[-3:] == ["-l", "+100%FREE", "vg0/root"]
+    assert any("/dev/vda2 grows from" in n for n in plan.notes)
+    assert "-d" not in step(plan, "mkfs /dev/mapper/vg0-root").argv     # agcount follows the new size
+
+
+def test_onto_a_bigger_disk_a_named_lv_grows():
+    lay = lvm_layout()
+    plan = plan_for(lay, [blank("/dev/vda", 20 * GiB)], grow_lv="vg0/swap")
+    assert "lvextend vg0/swap" in [s.id for s in plan.steps] or \
+        step(plan, "lv vg0/swap").argv[step(plan, "lv vg0/swap").argv.index("-l") + 1] == "100%FREE"
+
+
+def test_no_resize_when_autoresize_is_off():
+    lay = lvm_layout()
+    plan = plan_for(lay, [blank("/dev/vda", 20 * GiB)], resize=False)
+    rows = sfdisk_rows(plan, "/dev/vda")
+    assert rows["/dev/vda2"]["size"] == str(lay.partitions[1].size)
+    message = refusal(plan_for, lay, [blank("/dev/vda", 8 * GiB)], None, False) if False else \
+        refusal(lambda: plan_for(lay, [blank("/dev/vda", 8 * GiB)], resize=False))
+    assert message.startswith("/dev/vda is too small for /dev/sda:") and "short" in message
+
+
+def test_onto_a_smaller_disk_the_last_lv_shrinks_when_its_files_fit():
+    lay = lvm_layout(10 * GiB, used=GiB)
+    plan = plan_for(lay, [blank("/dev/vda", 6 * GiB)])
+    assert_ordered(plan)
+    rows = sfdisk_rows(plan, "/dev/vda")
+    size = int(rows["/dev/vda2"]["size"]) * 512
+    assert size % MiB == 0 and size + 513 * MiB <= 6 * GiB - 34 * 512
+    root = step(plan, "lv vg0/root").argv
+    extents = int(root[root.index("-l") + 1])
+    swap = step(plan, "lv vg0/swap").argv
+    assert int(swap[swap.index("-l") + 1]) == 512 // 4          # the other LVs keep their size
+    assert (extents + 128) * 4 * MiB <= size - MiB               # fits the PV with its metadata
+    assert extents * 4 * MiB >= GiB                              # and holds the files
+    assert any("shrinks" in n for n in plan.notes)
+
+
+def test_onto_a_too_small_disk_refused_saying_by_how_much():
+    lay = lvm_layout(10 * GiB, used=7 * GiB)
+    message = refusal(lambda: plan_for(lay, [blank("/dev/vda", 6 * GiB)]))
+    assert message.startswith("/dev/vda is too small for /dev/sda: /dev/sda2 would shrink from")
+    match = re.search(r"it needs ([\d.]+ GiB), ([\d.]+ GiB) more", message)
+    assert match, message
+
+
+def test_a_filesystem_of_unknown_usage_does_not_shrink():
+    lay = lvm_layout(10 * GiB, used=None)
+    message = refusal(lambda: plan_for(lay, [blank("/dev/vda", 6 * GiB)]))
+    assert "cannot be made smaller" in message
+
+
+def test_xfs_cannot_shrink_is_said():
+    lay = lvm_layout(10 * GiB, root_fs="xfs", used=GiB)
+    plan = plan_for(lay, [blank("/dev/vda", 6 * GiB)])
+    assert any("XFS cannot shrink" in n for n in plan.notes)
+    assert step(plan, "mkfs /dev/mapper/vg0-root").argv[0] == "mkfs.xfs"
+
+
+def test_a_partition_before_the_last_never_shrinks():
+    d = gpt_disk("/dev/sda", 10 * GiB)
+    lay = layout(d, part(d, 1, 1, 8000), part(d, 2, 8001, 2000),
+                 Filesystem("/dev/sda1", "ext4", "u1", None, 8000 * MiB, MiB), Filesystem("/dev/sda2", "ext4", "u2", None, GiB, MiB))
+    message = refusal(lambda: plan_for(lay, [blank("/dev/vda", 7 * GiB)]))
+    assert "is too small for /dev/sda" in message
+
+
+# -- sectors, alignment, the GPT backup header ---------------------------------------------------------
+
+@pytest.mark.parametrize("target_ss", [512, 4096])
+def test_alignment_and_sector_size_of_the_target(target_ss):
+    lay = lvm_layout(10 * GiB)
+    plan = plan_for(lay, [blank("/dev/vda", 20 * GiB + 3 * 4096, logical_sector_size=target_ss, physical_sector_size=4096)])
+    rows = sfdisk_rows(plan, "/dev/vda")
+    for row in rows.values():
+        assert int(row["start"]) * target_ss % MiB == 0
+        if "size" in row:
+            assert int(row["size"]) * target_ss % MiB == 0
+    assert int(rows["/dev/vda1"]["start"]) == MiB // target_ss
+    assert int(rows["/dev/vda1"]["size"]) == 512 * MiB // target_ss
+
+
+def test_a_512_byte_start_that_is_no_4k_sector_moves_to_the_next_mib():
+    d = gpt_disk("/dev/sda", 10 * GiB)
+    p = Partition("/dev/sda1", "/dev/sda", 1, 34, 2 * GiB // 512, LINUX)
+    lay = layout(d, p, Filesystem("/dev/sda1", "ext4", "u", None, 2 * GiB, MiB))
+    plan = plan_for(lay, [blank("/dev/vda", 10 * GiB, logical_sector_size=4096)])
+    assert sfdisk_rows(plan, "/dev/vda")["/dev/vda1"]["start"] == str(MiB // 4096)
+    assert any("starts at 1 MiB instead" in n for n in plan.notes)
+
+
+def test_grown_gpt_leaves_room_for_the_backup_header_at_the_new_end():
+    lay = lvm_layout(10 * GiB)
+    size = 20 * GiB
+    plan = plan_for(lay, [blank("/dev/vda", size)], resize=True)
+    script = step(plan, "partition /dev/vda").input
+    assert "last-lba" not in script and "first-lba" not in script     # sfdisk writes the backup at the new end
+    last = lay.partitions[-1]
+    disk = rescue.PlanContext(lay, [blank("/dev/vda", size)], mapped(lay, [blank("/dev/vda", size)]), RecreateOptions())
+    rows = rescue.partition_table_plan(disk, lay.disks[0])
+    assert rows[-1][0] is last and rows[-1][2] is None
+
+
+@needs_real
+def test_real_4k_sector_disk_planned_onto_a_512_byte_disk():
+    """curtin's probe of a real 4Kn disk: its table (in 4096-byte sectors) onto a 512e disk."""
+    data = json.loads((REAL / "probert/06-curtin-probert-4k-sectors.json").read_text())
+    blockdev = data.get("storage", data)["blockdev"]
+    table = blockdev["/dev/sda"]["partitiontable"]
+    pt, parts = rescue.parse_sfdisk(json.dumps({"partitiontable": table}), "/dev/sda")
+    size = int(blockdev["/dev/sda"]["attrs"]["size"])
+    lay = layout(Disk("/dev/sda", size, 4096, 4096, partition_table=pt), *parts)
+    plan = plan_for(lay, [blank("/dev/vdb", size)], resize=False)
+    rows = sfdisk_rows(plan, "/dev/vdb")
+    for p in parts:
+        row = rows[rescue.partition_device("/dev/vdb", p.number)]
+        assert int(row["start"]) == p.start * 8 and int(row["size"]) == p.size * 8
+    assert "label: " + pt.label in step(plan, "partition /dev/vdb").input
+
+
+@needs_real
+@pytest.mark.parametrize("name", ["01-curtin-probert-lvm.json", "03-curtin-probert-raid1-partitions.json",
+                                  "05-curtin-probert-msdos-extended.json", "07-curtin-probert-nvme-multipath.json"])
+def test_real_partition_tables_planned_onto_bigger_nvme_disks(name):
+    data = json.loads((REAL / "probert" / name).read_text())
+    blockdev = data.get("storage", data)["blockdev"]
+    items = []
+    for device, info in sorted(blockdev.items()):
+        if not (info.get("partitiontable") or {}).get("partitions") or info.get("DEVTYPE") != "disk" \
+                or device.startswith("/dev/sr"):
+            continue
+        pt, parts = rescue.parse_sfdisk(json.dumps({"partitiontable": info["partitiontable"]}), device)
+        items += [Disk(device, int(info["attrs"]["size"]), pt.sector_size, pt.sector_size, partition_table=pt)] + parts
+    lay = layout(*items)
+    if not lay.disks:
+        pytest.skip("no partitioned disk")
+    here = [blank(f"/dev/nvme{n}n1", 2 * d.size) for n, d in enumerate(lay.disks)]
+    plan = plan_for(lay, here)
+    assert_ordered(plan)
+    for old in lay.disks:
+        new = plan.mapping.disks[old.id]
+        rows = sfdisk_rows(plan, new)
+        assert set(rows) == {rescue.partition_device(new, p.number) for p in lay.partitions if p.disk == old.id}
+        assert all(re.fullmatch(r"/dev/nvme\d+n1p\d+", node) for node in rows)
+
+
+# -- the review forms ----------------------------------------------------------------------------------
+
+def test_plan_script_is_valid_bash_and_holds_every_command(tmp_path):
+    for name in RECORDINGS:
+        lay, vgcfg = replayed(name)
+        here = same_size_blanks(lay)
+        plan = rescue.recreate_plan(lay, here, mapped(lay, here), RecreateOptions(vgcfg=vgcfg))
+        script = rescue.plan_script(plan, lay, here)
+        path = tmp_path / f"{name}.sh"
+        path.write_text(script)
+        checked = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert checked.returncode == 0, (name, checked.stderr)
+        assert script.startswith("#!/bin/bash\n") and "set -euo pipefail" in script
+        for s in plan.steps:
+            if s.argv:
+                assert " ".join(shlex.quote(a) for a in s.argv) in script, s.id
+        for name_, _ in plan.secrets:
+            assert f"read -r -s -p" in script and rescue.secret_variable(name_) in script
+
+
+def test_plan_json_is_the_plan():
+    lay, vgcfg = replayed("raid1-luks")
+    here = same_size_blanks(lay)
+    plan = rescue.recreate_plan(lay, here, mapped(lay, here), RecreateOptions(vgcfg=vgcfg))
+    data = json.loads(rescue.plan_json(plan, lay))
+    assert data["mapping"] == plan.mapping.disks and data["wipe"] == plan.wipe
+    assert [rescue.Step(**s) for s in data["steps"]] == plan.steps
+    assert data["secrets"] == ["luks:cryptroot"]
+
+
+def test_plan_text_shows_the_mapping_the_wipe_list_and_each_command():
+    lay, vgcfg = replayed("bios-lvm")
+    here = [blank("/dev/vdc", lay.disks[0].size), blank("/dev/vdd", 99 * GiB)]
+    plan = rescue.recreate_plan(lay, here, mapped(lay, here), RecreateOptions(vgcfg=vgcfg))
+    text = rescue.describe_plan(plan, lay, here)
+    assert "/dev/vda (4 GiB) -> /dev/vdc (4 GiB, the same size): the same size" in text
+    assert "/dev/vdd: left alone: not needed" in text
+    assert "Disks to be wiped completely: /dev/vdc\n" in text
+    for s in plan.steps:
+        assert rescue.step_command(s) in text
+
+
+def test_mountonly_plan_creates_nothing():
+    lay, _ = replayed("raid1-luks")
+    steps = rescue.mountonly_plan(lay, "/mnt/local")
+    creating = {"mkfs", "mke2fs", "mkfs.xfs", "mkswap", "sfdisk", "pvcreate", "vgcreate", "lvcreate", "wipefs", "dd"}
+    assert not [s for s in steps if s.argv and (s.argv[0] in creating or "--create" in s.argv or
+                                                 (s.argv[0] == "lvm" and s.argv[1] in creating))]
+    root = next(f for f in lay.filesystems if any(m.device == f.device and m.mountpoint == "/" for m in lay.mounts))
+    assert next(s for s in steps if s.id == "mount /").params["device"] == f"UUID={root.uuid}"
+    kinds = [s.id.split()[0] for s in steps]
+    assert kinds.index("assemble") < kinds.index("open") < kinds.index("activate") < kinds.index("mount")
