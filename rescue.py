@@ -3484,7 +3484,8 @@ def recreate_plan(layout: Layout, here: Sequence[DiskHere], mapping: Mapping, op
 
 def creation_order(layout: Layout, roots: Set[str]) -> List[object]:
     """The layout's items (not the excluded ones), each after what it stands on (KINDS). A
-    volume group also comes after its PVs; a partitioned md array's table after the array."""
+    volume group also comes after its PVs; a partitioned md array's table after the array (a
+    filesystem on a whole disk provides the disk's name too, but stands on the disk)."""
     items = [(kind, item) for kind in KINDS if kind.cls is not Exclusion for item in getattr(layout, kind.items)]
     providers: Dict[str, List[int]] = {}
     for n, (kind, item) in enumerate(items):
@@ -3496,8 +3497,8 @@ def creation_order(layout: Layout, roots: Set[str]) -> List[object]:
         wanted = list(kind.stands_on(item))
         if isinstance(item, VolumeGroup):
             needs[n] = {m for m, (_, other) in enumerate(items) if isinstance(other, PhysicalVolume) and other.vg == item.name}
-        elif isinstance(item, Disk):
-            needs[n] = set(m for m in providers.get(item.id, []) if m != n)
+        elif isinstance(item, Disk):        # a partitioned array's table needs the array, not what stands on it
+            needs[n] = {m for m in providers.get(item.id, []) if isinstance(items[m][1], MdArray)}
         else:
             needs[n] = set()
         for device in wanted:
