@@ -3718,7 +3718,7 @@ def plan_disk(disk: Disk, ctx: PlanContext) -> List[Step]:
                           f"{len(rows)} partitions", ["sfdisk", "--wipe", "always", "--wipe-partitions", "always", new],
                           input=sfdisk_script(disk, rows, new), after=ctx.after(disk.id)))
         parts = [[p.number, partition_device(new, p.number)] for p, _, _ in rows]
-        steps.append(Step(f"wait for {new}", f"Disk {new}: wait until the kernel shows its partitions",
+        steps.append(Step(f"wait for partitions of {new}", f"Disk {new}: wait until the kernel shows its partitions",
                           action="partitions", params={"disk": new, "partitions": parts}, after=[steps[-1].id]))
     if steps:
         ctx.made[new] = steps[-1].id

@@ -341,7 +341,7 @@ def test_partitions_are_renamed_by_the_target_disk_sda_to_nvme():
     assert set(sfdisk_rows(plan, "/dev/nvme0n1")) == {"/dev/nvme0n1p1", "/dev/nvme0n1p2"}
     assert step(plan, "mkfs /dev/nvme0n1p1").argv[-1] == "/dev/nvme0n1p1"
     assert "--uuid" in step(plan, "pv /dev/nvme0n1p2").argv
-    wait = step(plan, "wait for /dev/nvme0n1")
+    wait = step(plan, "wait for partitions of /dev/nvme0n1")
     assert wait.params == {"disk": "/dev/nvme0n1", "partitions": [[1, "/dev/nvme0n1p1"], [2, "/dev/nvme0n1p2"]]}
     assert all("/dev/sda" not in " ".join(s.argv) for s in plan.steps)
 
@@ -582,8 +582,8 @@ def test_gpt_with_gaps_and_numbers_out_of_order_keeps_numbers_and_starts():
     rows = sfdisk_rows(plan, "/dev/vda")
     assert {k: v["start"] for k, v in rows.items()} == {"/dev/vda3": str(MiB // 512), "/dev/vda1": str(200 * MiB // 512),
                                                          "/dev/vda7": str(1000 * MiB // 512)}
-    assert [n for n, _ in step(plan, "wait for /dev/vda").params["partitions"]] == [3, 1, 7] or \
-        sorted(n for n, _ in step(plan, "wait for /dev/vda").params["partitions"]) == [1, 3, 7]
+    assert [n for n, _ in step(plan, "wait for partitions of /dev/vda").params["partitions"]] == [3, 1, 7] or \
+        sorted(n for n, _ in step(plan, "wait for partitions of /dev/vda").params["partitions"]) == [1, 3, 7]
 
 
 # -- resizing ----------------------------------------------------------------------------------------
