@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 import rescue
 from rescue import (Boot, Disk, DiskHere, Filesystem, Layout, LogicalVolume, Luks, MdArray, Mount, Partition,
@@ -797,3 +797,107 @@ def test_mountonly_plan_creates_nothing():
     assert next(s for s in steps if s.id == "mount /").params["device"] == f"UUID={root.uuid}"
     kinds = [s.id.split()[0] for s in steps]
     assert kinds.index("assemble") < kinds.index("open") < kinds.index("activate") < kinds.index("mount")
+
+
+# -- properties: random layouts onto random disk sets ----------------------------------------------------
+
+@st.composite
+def layouts_and_disks(draw):
+    """A layout of 1-4 disks (GPT or MBR, 1-4 partitions each, some PVs of one VG with LVs,
+    some RAID1 pairs, filesystems and mounts), and 1-6 disks here of random sizes, names,
+    sector sizes and serials, some in use."""
+    n_disks = draw(st.integers(1, 4))
+    items, devices = [], []
+    disks = []
+    for n in range(n_disks):
+        size = draw(st.sampled_from([8, 10, 16, 20])) * GiB
+        serial = draw(st.sampled_from([None, f"SER{n}", "SAME"]))
+        d = (gpt_disk if draw(st.booleans()) else dos_disk)(f"/dev/sd{chr(97 + n)}", size, serial=serial)
+        disks.append(d)
+        items.append(d)
+        start = 1
+        for number in range(1, draw(st.integers(1, 4)) + 1):
+            size_mib = draw(st.sampled_from([256, 512, 1024]))
+            p = part(d, number, start, size_mib, type=LINUX if d.partition_table.label == "gpt" else "83")
+            start += size_mib
+            items.append(p)
+            devices.append((p.id, size_mib * MiB))
+    pvs, free = [], []
+    for device, size in devices:
+        kind = draw(st.sampled_from(["fs", "pv", "swap", "raid", "none"]))
+        if kind == "pv":
+            pvs.append((device, size))
+        elif kind == "raid":
+            free.append((device, size))
+        elif kind == "fs":
+            items.append(Filesystem(device, draw(st.sampled_from(["ext4", "xfs", "vfat"])), f"uuid-{device}", None, size, MiB))
+        elif kind == "swap":
+            items.append(Swap(device, f"uuid-{device}"))
+    for n in range(0, len(free) - 1, 2):
+        md_id = f"/dev/md{n}"
+        items.append(MdArray(md_id, "raid1", [free[n][0], free[n + 1][0]], f"md-{n}", None, "1.2", 2))
+        items.append(Filesystem(md_id, "ext4", f"uuid-{md_id}", None, min(free[n][1], free[n + 1][1]), MiB))
+    if pvs:
+        vg_size = sum(size - 4 * MiB for _, size in pvs)
+        items.append(VolumeGroup("vg0", "vguuid", 4 * MiB, vg_size, [d for d, _ in pvs]))
+        items += [PhysicalVolume(d, f"pvuuid-{d}", "vg0", size) for d, size in pvs]
+        for n in range(draw(st.integers(1, 3))):
+            lv = LogicalVolume(f"/dev/mapper/vg0-lv{n}", "vg0", f"lv{n}", f"lvuuid{n}", 64 * MiB)
+            items += [lv, Filesystem(lv.id, "ext4", f"uuid-{lv.id}", None, lv.size, MiB)]
+    mounted = [x for x in items if isinstance(x, Filesystem)]
+    for n, fs in enumerate(mounted):
+        items.append(Mount("/" if n == 0 else f"/m{n}", fs.device, fs.type, "rw", parent=None if n == 0 else "/"))
+    lay = layout(*items)
+    here = []
+    for n in range(draw(st.integers(1, 6))):
+        name = draw(st.sampled_from(["/dev/sd", "/dev/vd", "/dev/nvme"]))
+        path = f"/dev/nvme{n}n1" if name == "/dev/nvme" else f"{name}{chr(97 + n)}"
+        here.append(DiskHere(path, draw(st.sampled_from([6, 8, 10, 16, 20, 40])) * GiB,
+                             draw(st.sampled_from([512, 512, 4096])), 4096,
+                             serial=draw(st.sampled_from([None, "SER0", "SER1", "SAME"])),
+                             partitions=[f"{path}{'p' if path[-1].isdigit() else ''}1"],
+                             in_use=draw(st.sampled_from([None, None, None, "mounted at /srv"]))))
+    return lay, here
+
+
+def device_words(argv):
+    for word in argv:
+        for value in [word] + word.split("=", 1)[1:]:
+            if value.startswith("/dev/") and not value.startswith("/dev/zero"):
+                yield value
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts_and_disks())
+def test_property_bijection_order_and_nothing_outside_the_wipe_list(case):
+    lay, here = case
+    try:
+        m = rescue.map_disks(lay, here, {})
+    except RescueError as exc:
+        event("no mapping")
+        assert exc.message.startswith("no disk here can take the place of")
+        assert len([d for d in here if not d.in_use]) < len(lay.disks)      # else a disk is always found
+        return
+    targets = list(m.disks.values())
+    assert len(set(targets)) == len(targets) == len(lay.disks)            # a bijection onto disks here
+    by_path = {d.path: d for d in here}
+    assert not [t for t in targets if by_path[t].in_use]
+    try:
+        plan = rescue.recreate_plan(lay, here, m, RecreateOptions())
+    except RescueError as exc:
+        event("refused: too small")
+        assert "too small" in exc.message or "cannot be made smaller" in exc.message or "short" in exc.message, exc.message
+        return
+    event("planned")
+    assert_ordered(plan)
+    assert sorted(plan.wipe) == sorted(targets)
+    allowed = set(plan.wipe) | {d.id for d in lay.md_arrays} | {lv.id for lv in lay.logical_volumes}
+    allowed |= {p for d in here if d.path in plan.wipe for p in d.partitions}        # their old partitions
+    allowed |= {rescue.partition_device(m.disks[p.disk], p.number) for p in lay.partitions}
+    untouchable = {d.path for d in here if d.path not in plan.wipe}
+    untouchable |= {p for d in here if d.path not in plan.wipe for p in d.partitions}
+    for s in plan.steps:
+        words = set(device_words(s.argv)) | set(device_words([str(v) for v in s.params.values() if isinstance(v, str)]))
+        assert words <= allowed, (s.id, words - allowed)
+        assert not words & untouchable, (s.id, words & untouchable)
+        assert s.input.count("/dev/") == 0 or all(w.split()[0] in allowed for w in s.input.splitlines() if " : " in w)
