@@ -762,7 +762,7 @@ def test_plan_script_is_valid_bash_and_holds_every_command(tmp_path):
             if s.argv:
                 assert " ".join(shlex.quote(a) for a in s.argv) in script, s.id
         for name_, _ in plan.secrets:
-            assert f"read -r -s -p" in script and rescue.secret_variable(name_) in script
+            assert "read -r -s -p" in script and rescue.secret_variable(name_) in script
 
 
 def test_plan_json_is_the_plan():
