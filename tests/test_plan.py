@@ -901,3 +901,16 @@ def test_property_bijection_order_and_nothing_outside_the_wipe_list(case):
         assert words <= allowed, (s.id, words - allowed)
         assert not words & untouchable, (s.id, words & untouchable)
         assert s.input.count("/dev/") == 0 or all(w.split()[0] in allowed for w in s.input.splitlines() if " : " in w)
+
+
+def test_uuids_and_labels_are_kept_in_every_mkfs_argv():
+    lay = lvm_layout(root_fs="xfs")
+    plan = plan_for(lay, [blank("/dev/vda", 10 * GiB)])
+    for fs in lay.filesystems:
+        argv = step(plan, f"mkfs {plan.mapping.new_name(fs.device, lay)}").argv
+        uuid_option = {"ext4": "-U", "xfs": "-m"}[fs.type]
+        assert fs.uuid in argv[argv.index(uuid_option) + 1] and argv[argv.index("-L") + 1] == fs.label
+        fallback = step(plan, f"mkfs {plan.mapping.new_name(fs.device, lay)}").fallback
+        assert not fallback or (fs.uuid in " ".join(fallback) and fs.label in fallback)
+    swap = lay.swaps[0]
+    assert step(plan, "mkswap").argv == ["mkswap", "-f", "-U", swap.uuid, "-L", swap.label, swap.device]
