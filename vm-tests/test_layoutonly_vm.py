@@ -246,7 +246,7 @@ run broken layoutonly --yes --layout /job/broken.json
 run truncated layoutonly --yes --layout /job/truncated.json
 run nosuch layoutonly --yes --layout /job/layout/layout.json --map /dev/vda=/dev/nosuch
 signatures >"$O/sig-after.txt"
-mkdir -p /mnt/x && mkfs.ext4 -q -F -L busy "$T" && mount "$T" /mnt/x
+mkdir -p /mnt/x && mkfs.ext4 -q -F -L busy "$T" && mount -o ro "$T" /mnt/x    # ro: nothing else writes
 signatures >"$O/sig-mounted-before.txt"
 run mounted layoutonly --yes --layout /job/layout/layout.json
 run mounted-map layoutonly --yes --layout /job/layout/layout.json --map /dev/vda=$T
@@ -276,6 +276,10 @@ facts
 """
 
 TWICE = r"""
+signatures >"$O/sig-blank.txt"
+run script layoutonly --layout /job/layout/layout.json --script "$O/plan.sh"
+run json layoutonly --layout /job/layout/layout.json --json
+signatures >"$O/sig-reviewed.txt"
 run first layoutonly --yes --layout /job/layout/layout.json
 run again layoutonly --yes --layout /job/layout/layout.json
 facts
@@ -322,9 +326,18 @@ def test_uefi_gpt_onto_a_blank_disk_twice(golden, guest_image, tmp_path):
     job_dir, layout = job(tmp_path, "uefi-gpt", TWICE, disks)
     assert_golden_uuids(layout, golden("uefi-gpt").info["uuids"])
     out = run_job(guest_image, tmp_path, job_dir, disks)
+    assert (out / "sig-blank.txt").read_text() == (out / "sig-reviewed.txt").read_text()   # review touches nothing
+    assert result(out, "script")[0] == 0 and result(out, "json")[0] == 0
+    checked = subprocess.run(["bash", "-n", str(out / "plan.sh")], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    plan = json.loads(result(out, "json")[1][result(out, "json")[1].index("{"):])
+    assert plan["mapping"] == {"/dev/vda": plan["wipe"][0]} and plan["rules"] == {"/dev/vda": "the same serial"}
+    assert [line for _, line in plan["left_out"]][:1] == ["it holds the running system (/dev/vda is mounted at /)"]
     rc, text = result(out, "first")
     assert rc == 0, text
     assert "the same serial" in text
+    for s in plan["steps"]:
+        assert f"] {s['title']}" in text
     rc, text = result(out, "again")
     assert rc == 0 and "Nothing to do" in text, text
     assert_recreated(out, layout)
