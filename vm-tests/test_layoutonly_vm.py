@@ -341,3 +341,41 @@ def test_uefi_gpt_onto_a_blank_disk_twice(golden, guest_image, tmp_path):
     rc, text = result(out, "again")
     assert rc == 0 and "Nothing to do" in text, text
     assert_recreated(out, layout)
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_raid1_luks_onto_two_blank_disks_twice(golden, guest_image, tmp_path):
+    disks = blank_disks(tmp_path, [("disk0", "4G"), ("disk1", "4G")])
+    job_dir, layout = job(tmp_path, "raid1-luks", TWICE + r"""
+cryptsetup open --test-passphrase --key-file=/job/luks.pass "$(blkid -t TYPE=crypto_LUKS -o device)"
+echo $? >"$O/passphrase.rc"
+""", disks)
+    assert_golden_uuids(layout, golden("raid1-luks").info["uuids"])
+    out = run_job(guest_image, tmp_path, job_dir, disks)
+    rc, text = result(out, "first")
+    assert rc == 0, text
+    assert PASSPHRASE not in text and PASSPHRASE not in (out / "rescue.log").read_text()
+    rc, text = result(out, "again")
+    assert rc == 0 and "Nothing to do" in text, text
+    assert_recreated(out, layout)
+    assert (out / "passphrase.rc").read_text().strip() == "0"        # the configured key file opens it
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,grown", [("bios-lvm", {"/dev/vda", "vg0/root"}), ("uefi-gpt", {"/dev/vda"})])
+def test_onto_a_twice_as_big_nvme_disk_the_last_partition_grows(golden, guest_image, tmp_path, spec, grown):
+    disks = blank_disks(tmp_path, [("big", "8G")], bus="nvme")
+    job_dir, layout = job(tmp_path, spec, TWICE, disks)
+    assert_golden_uuids(layout, golden(spec).info["uuids"])
+    out = run_job(guest_image, tmp_path, job_dir, disks)
+    rc, text = result(out, "first")
+    assert rc == 0, text
+    assert "/dev/vda (4 GiB) -> /dev/nvme0n1 (8 GiB, larger): the smallest disk that is large enough" in text
+    assert new_disks(out) == {"big": "/dev/nvme0n1"}
+    assert_recreated(out, layout, serials={"/dev/vda": "big"}, grown=grown)
+    table = json.loads((out / "sfdisk-big.json").read_text())["partitiontable"]
+    assert all(p["node"].startswith("/dev/nvme0n1p") for p in table["partitions"])
+    if table["label"] == "gpt":                    # the backup header at the new end
+        assert table["lastlba"] == 8 * 1024 ** 3 // 512 - 34
