@@ -3467,6 +3467,7 @@ class PlanContext:
 
 
 def recreate_plan(layout: Layout, here: Sequence[DiskHere], mapping: Mapping, options: RecreateOptions) -> Plan:
+    check_names_free(layout, here, set(mapping.disks.values()))
     ctx = PlanContext(layout, here, mapping, options)
     for item in layout.unsupported:
         ctx.notes.append(f"not recreated: {item.what} ({item.kind}): {item.reason}")
@@ -3480,6 +3481,20 @@ def recreate_plan(layout: Layout, here: Sequence[DiskHere], mapping: Mapping, op
         steps += made
     return Plan(mapping, [mapping.disks[d.id] for d in layout.disks if d.id in mapping.disks], steps,
                 ctx.notes, ctx.secrets, options.target_root)
+
+
+def check_names_free(layout: Layout, here: Sequence[DiskHere], wiped: Set[str]) -> None:
+    """The arrays, LUKS devices and VGs the plan makes must not be names of devices standing on
+    a disk that is not wiped: the plan stops what has those names (a re-run) and makes its own."""
+    needed = {("md", m.id): f"the RAID {m.id}" for m in layout.md_arrays}
+    needed.update({("crypt", x.name): f"the LUKS device {x.name}" for x in layout.luks})
+    needed.update({("lvm", v.name): f"the VG {v.name}" for v in layout.volume_groups})
+    for disk in (d for d in here if d.path not in wiped):
+        for holder in disk.holders:
+            if holder in needed:
+                raise RescueError(f"{needed[holder]} of the layout has the name of a device on {disk.path}, "
+                                  "which is not to be wiped",
+                                  f"stop or rename it first, or map the layout onto {disk.path} too")
 
 
 def creation_order(layout: Layout, roots: Set[str]) -> List[object]:

@@ -914,3 +914,21 @@ def test_uuids_and_labels_are_kept_in_every_mkfs_argv():
         assert not fallback or (fs.uuid in " ".join(fallback) and fs.label in fallback)
     swap = lay.swaps[0]
     assert step(plan, "mkswap").argv == ["mkswap", "-f", "-U", swap.uuid, "-L", swap.label, swap.device]
+
+
+@pytest.mark.parametrize("holder,message", [
+    (("md", "/dev/md0"), "the RAID /dev/md0"), (("crypt", "cryptroot"), "the LUKS device cryptroot"),
+    (("lvm", "vg0"), "the VG vg0")])
+def test_a_name_the_layout_needs_held_by_a_disk_that_is_not_wiped_is_refused(holder, message):
+    """The plan would stop it ("a re-run") and recreate over it: mdadm --stop /dev/md0 or
+    cryptsetup close of a device standing on a disk outside the wipe list."""
+    lay, vgcfg = replayed("raid1-luks")
+    other = blank("/dev/vdz", 100 * GiB, holders=[holder])
+    here = same_size_blanks(lay) + [other]
+    text = refusal(lambda: rescue.recreate_plan(lay, here, mapped(lay, here), RecreateOptions(vgcfg=vgcfg)))
+    assert text.startswith(f"{message} of the layout has the name of a device on /dev/vdz")
+    # on the disks to be wiped, the same names are stale holders to stop: fine
+    here = same_size_blanks(lay)
+    here[0].holders = [holder]
+    plan = rescue.recreate_plan(lay, here, mapped(lay, here), RecreateOptions(vgcfg=vgcfg))
+    assert plan.steps[0].id == f"stop {holder[0]} {holder[1]}"
