@@ -3600,7 +3600,7 @@ def resized_last_partition(ctx: PlanContext, disk: Disk, target: DiskHere, last:
             room = 2 ** 32 - 1 - start
             ctx.notes.append(f"{part.id}: an MBR partition ends at 2 TiB; use GPT for more")
         ctx.notes.append(f"{part.id} grows from {human_size(size * ss)} to {human_size(room * ss)} "
-                         f"(onto the larger {target.path})")
+                         f"(to the end of {target.path}, {human_size(target.size)})")
         ctx.grown.add(part.id)
         return None if room == align_down((last_usable - start + 1) * ss, MIB) // ss else room
     need = content_need(ctx, part.id)

@@ -932,3 +932,11 @@ def test_a_name_the_layout_needs_held_by_a_disk_that_is_not_wiped_is_refused(hol
     here[0].holders = [holder]
     plan = rescue.recreate_plan(lay, here, mapped(lay, here), RecreateOptions(vgcfg=vgcfg))
     assert plan.steps[0].id == f"stop {holder[0]} {holder[1]}"
+
+
+def test_a_smaller_disk_that_still_holds_everything_is_not_called_larger():
+    d = gpt_disk("/dev/sda", 20 * GiB)
+    lay = layout(d, part(d, 1, 1, 4096), Filesystem("/dev/sda1", "ext4", "u1", None, 4 * GiB, GiB))
+    plan = plan_for(lay, [blank("/dev/vda", 10 * GiB)])
+    [note] = [n for n in plan.notes if n.startswith("/dev/sda1")]
+    assert "larger" not in note and "/dev/vda" in note
