@@ -4067,6 +4067,21 @@ def recovery_mount_options(mount: Mount) -> str:
     return ",".join(kept)
 
 
+def steps_to_run(steps: Sequence[Step], done: Sequence[str]) -> List[Step]:
+    """The steps a run does: those not journaled as done, and again the optional ones just
+    before the first of them. A killed run may have finished a command without journaling it
+    (an array created, a LUKS device opened); the stop/close steps before it undo that, so the
+    command can run again instead of failing on what it made itself."""
+    finished = set(done)
+    first = next((n for n, step in enumerate(steps) if step.id not in finished), None)
+    if first is None:
+        return []
+    again = first
+    while again > 0 and steps[again - 1].optional:
+        again -= 1
+    return [step for n, step in enumerate(steps) if step.id not in finished or again <= n < first]
+
+
 # -- mountonly: the tree as it is --------------------------------------------------------------
 
 def mountonly_plan(layout: Layout, target_root: str) -> List[Step]:
@@ -6085,8 +6100,9 @@ def luks_secrets(ctx: Context, secrets: Sequence[Tuple[str, str]], new: bool = T
 def run_plan_steps(ctx: Context, steps: Sequence[Step], state: RecreateState, state_path: Path,
                    secrets: Dict[str, str], resume_command: str) -> None:
     total = len(steps)
+    todo = {step.id for step in steps_to_run(steps, state.done)}
     for n, step in enumerate(steps, 1):
-        if step.id in state.done:
+        if step.id not in todo:
             continue
         ctx.log.say(f"[{n}/{total}] {step.title}")
         started = time.monotonic()
@@ -6097,7 +6113,8 @@ def run_plan_steps(ctx: Context, steps: Sequence[Step], state: RecreateState, st
                               f"the command: {step_command(step)}\n{exc.hint}\n"
                               f"fix the cause, then resume with: {resume_command}") from None
         ctx.log.info(f"step {n} done in {time.monotonic() - started:.1f} s")
-        state.done.append(step.id)
+        if step.id not in state.done:
+            state.done.append(step.id)
         write_file(state_path, state.to_json())
 
 

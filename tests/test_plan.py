@@ -940,3 +940,22 @@ def test_a_smaller_disk_that_still_holds_everything_is_not_called_larger():
     plan = plan_for(lay, [blank("/dev/vda", 10 * GiB)])
     [note] = [n for n in plan.notes if n.startswith("/dev/sda1")]
     assert "larger" not in note and "/dev/vda" in note
+
+
+def test_a_resumed_run_repeats_the_stop_steps_before_the_step_it_resumes_at():
+    """Killed after cryptsetup open (or mdadm --create) finished but before the journal said
+    so: the resumed run closes (stops) it again first, else the command fails on its own work."""
+    lay, vgcfg = replayed("raid1-luks")
+    here = same_size_blanks(lay)
+    steps = rescue.recreate_plan(lay, here, mapped(lay, here), RecreateOptions(vgcfg=vgcfg)).steps
+    ids = [s.id for s in steps]
+    for resumed_at, repeated in (("open /dev/mapper/cryptroot", ["close again /dev/mapper/cryptroot"]),
+                                 ("create /dev/md1", ["stop old /dev/md1"]),
+                                 ("partition /dev/sda", [])):
+        done = ids[:ids.index(resumed_at)]
+        todo = [s.id for s in rescue.steps_to_run(steps, done)]
+        assert todo == repeated + ids[ids.index(resumed_at):]
+    assert [s.id for s in rescue.steps_to_run(steps, [])] == ids
+    assert rescue.steps_to_run(steps, ids) == []
+    optional_last = steps + [rescue.Step("stop x", "x", ["true"], optional=True)]
+    assert rescue.steps_to_run(optional_last, [s.id for s in optional_last]) == []
