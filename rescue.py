@@ -3269,15 +3269,24 @@ def disks_here(nodes: Dict[str, BlockNode], mounts: Sequence[Dict[str, object]],
 
 def disk_in_use(node: BlockNode, below: Sequence[BlockNode], mounted: Dict[str, str],
                 swapping: Set[str], backup_mount: Optional[str]) -> Optional[str]:
-    for n in [node] + list(below):
+    """Why nothing may touch the disk, not even by --map: the backup or the running system first
+    (the reasons a user most needs to read), then any mount, the rescue medium (an ISO image
+    need not be mounted to be what the rescue system runs from), swap (/proc/swaps names LVs
+    by kname)."""
+    users = [node] + list(below)
+    for n in users if backup_mount else []:
+        if mounted.get(n.name) == backup_mount:
+            return f"it holds the backup ({n.name} is mounted at {backup_mount})"
+    for n in users:
+        if mounted.get(n.name) == "/":
+            return f"it holds the running system ({n.name} is mounted at /)"
+    for n in users:
         if n.name in mounted:
-            where = mounted[n.name]
-            if where == backup_mount:
-                return f"it holds the backup ({n.name} is mounted at {where})"
-            if where == "/":
-                return f"it holds the running system ({n.name} is mounted at /)"
-            return f"{n.name} is mounted at {where}"
-        if n.name in swapping:
+            return f"{n.name} is mounted at {mounted[n.name]}"
+    if any(n.fstype in RESCUE_MEDIUM_FS for n in users):
+        return "it holds an ISO 9660 image (a rescue or installation medium)"
+    for n in users:
+        if n.name in swapping or n.kname in swapping:
             return f"{n.name} is in use as swap"
     return None
 
@@ -3289,8 +3298,6 @@ def disk_exclusion(node: BlockNode, below: Sequence[BlockNode]) -> Optional[str]
         return kind
     if EMMC_AREA_RE.search(node.name):
         return "an eMMC boot or RPMB area, not a disk"
-    if any(n.fstype in RESCUE_MEDIUM_FS for n in [node] + list(below)):
-        return "it holds an ISO 9660 image (a rescue or installation medium)"
     if node.tran == "usb" or node.removable:
         return "removable/USB media"
     if node.size <= 0:
@@ -3525,6 +3532,7 @@ class PlanContext:
 
 
 def recreate_plan(layout: Layout, here: Sequence[DiskHere], mapping: Mapping, options: RecreateOptions) -> Plan:
+    check_names_free(layout, here, set(mapping.disks.values()))
     ctx = PlanContext(layout, here, mapping, options)
     for item in layout.unsupported:
         ctx.notes.append(f"not recreated: {item.what} ({item.kind}): {item.reason}")
@@ -3540,9 +3548,24 @@ def recreate_plan(layout: Layout, here: Sequence[DiskHere], mapping: Mapping, op
                 ctx.notes, ctx.secrets, options.target_root)
 
 
+def check_names_free(layout: Layout, here: Sequence[DiskHere], wiped: Set[str]) -> None:
+    """The arrays, LUKS devices and VGs the plan makes must not be names of devices standing on
+    a disk that is not wiped: the plan stops what has those names (a re-run) and makes its own."""
+    needed = {("md", m.id): f"the RAID {m.id}" for m in layout.md_arrays}
+    needed.update({("crypt", x.name): f"the LUKS device {x.name}" for x in layout.luks})
+    needed.update({("lvm", v.name): f"the VG {v.name}" for v in layout.volume_groups})
+    for disk in (d for d in here if d.path not in wiped):
+        for holder in disk.holders:
+            if holder in needed:
+                raise RescueError(f"{needed[holder]} of the layout has the name of a device on {disk.path}, "
+                                  "which is not to be wiped",
+                                  f"stop or rename it first, or map the layout onto {disk.path} too")
+
+
 def creation_order(layout: Layout, roots: Set[str]) -> List[object]:
     """The layout's items (not the excluded ones), each after what it stands on (KINDS). A
-    volume group also comes after its PVs; a partitioned md array's table after the array."""
+    volume group also comes after its PVs; a partitioned md array's table after the array (a
+    filesystem on a whole disk provides the disk's name too, but stands on the disk)."""
     items = [(kind, item) for kind in KINDS if kind.cls is not Exclusion for item in getattr(layout, kind.items)]
     providers: Dict[str, List[int]] = {}
     for n, (kind, item) in enumerate(items):
@@ -3554,8 +3577,8 @@ def creation_order(layout: Layout, roots: Set[str]) -> List[object]:
         wanted = list(kind.stands_on(item))
         if isinstance(item, VolumeGroup):
             needs[n] = {m for m, (_, other) in enumerate(items) if isinstance(other, PhysicalVolume) and other.vg == item.name}
-        elif isinstance(item, Disk):
-            needs[n] = set(m for m in providers.get(item.id, []) if m != n)
+        elif isinstance(item, Disk):        # a partitioned array's table needs the array, not what stands on it
+            needs[n] = {m for m in providers.get(item.id, []) if isinstance(items[m][1], MdArray)}
         else:
             needs[n] = set()
         for device in wanted:
@@ -3642,7 +3665,7 @@ def resized_last_partition(ctx: PlanContext, disk: Disk, target: DiskHere, last:
             room = 2 ** 32 - 1 - start
             ctx.notes.append(f"{part.id}: an MBR partition ends at 2 TiB; use GPT for more")
         ctx.notes.append(f"{part.id} grows from {human_size(size * ss)} to {human_size(room * ss)} "
-                         f"(onto the larger {target.path})")
+                         f"(to the end of {target.path}, {human_size(target.size)})")
         ctx.grown.add(part.id)
         return None if room == align_down((last_usable - start + 1) * ss, MIB) // ss else room
     need = content_need(ctx, part.id)
@@ -3775,7 +3798,7 @@ def plan_disk(disk: Disk, ctx: PlanContext) -> List[Step]:
                           f"{len(rows)} partitions", ["sfdisk", "--wipe", "always", "--wipe-partitions", "always", new],
                           input=sfdisk_script(disk, rows, new), after=ctx.after(disk.id)))
         parts = [[p.number, partition_device(new, p.number)] for p, _, _ in rows]
-        steps.append(Step(f"wait for {new}", f"Disk {new}: wait until the kernel shows its partitions",
+        steps.append(Step(f"wait for partitions of {new}", f"Disk {new}: wait until the kernel shows its partitions",
                           action="partitions", params={"disk": new, "partitions": parts}, after=[steps[-1].id]))
     if steps:
         ctx.made[new] = steps[-1].id
@@ -4107,6 +4130,21 @@ def recovery_mount_options(mount: Mount) -> str:
     if mount.type == "btrfs" and mount.subvolume:
         kept.append("subvol=" + mount.subvolume)
     return ",".join(kept)
+
+
+def steps_to_run(steps: Sequence[Step], done: Sequence[str]) -> List[Step]:
+    """The steps a run does: those not journaled as done, and again the optional ones just
+    before the first of them. A killed run may have finished a command without journaling it
+    (an array created, a LUKS device opened); the stop/close steps before it undo that, so the
+    command can run again instead of failing on what it made itself."""
+    finished = set(done)
+    first = next((n for n, step in enumerate(steps) if step.id not in finished), None)
+    if first is None:
+        return []
+    again = first
+    while again > 0 and steps[again - 1].optional:
+        again -= 1
+    return [step for n, step in enumerate(steps) if step.id not in finished or again <= n < first]
 
 
 # -- mountonly: the tree as it is --------------------------------------------------------------
@@ -6930,8 +6968,9 @@ def run_journaled(ctx: Context, steps: Sequence[Step], done: List[str], save: Ca
     the journal after it; actions named in again run even when done (a bind mount does not
     outlive a reboot of the rescue system)."""
     total = len(steps)
+    todo = {step.id for step in steps_to_run(steps, done)} | {s.id for s in steps if s.action in again}
     for n, step in enumerate(steps, 1):
-        if step.id in done and step.action not in again:
+        if step.id not in todo:
             continue
         ctx.log.say(f"[{n}/{total}] {step.title}")
         started = time.monotonic()
@@ -7314,20 +7353,6 @@ def restore_phase(ctx: Context, state: RecoverState, state_path: Path, root: Pat
     ctx.log.say(f"Restore done: {human_size(written)} written into {root} in {state.timings['restore']:.1f} s")
     state.restore = "done"
     write_file(state_path, state.to_json())
-
-
-def storage_drivers(disks: Sequence[str]) -> List[str]:
-    """The kernel modules that drive the disks here (virtio_blk, nvme, ahci…), which the
-    rebuilt initramfs must hold: the backed-up system may have booted from other hardware."""
-    out = []
-    for disk in disks:
-        device = Path("/sys/class/block") / os.path.basename(os.path.realpath(disk)) / "device"
-        for sysfs in (device, device / ".."):              # the disk's device, or its controller (nvme)
-            module = sysfs / "driver" / "module"
-            if module.exists():
-                out.append(os.path.basename(os.path.realpath(str(module))))
-                break
-    return list(dict.fromkeys(out))
 
 
 def finalize_phase(ctx: Context, layout: Layout, recreated: RecreateState, state: RecoverState,
