@@ -7316,20 +7316,6 @@ def restore_phase(ctx: Context, state: RecoverState, state_path: Path, root: Pat
     write_file(state_path, state.to_json())
 
 
-def storage_drivers(disks: Sequence[str]) -> List[str]:
-    """The kernel modules that drive the disks here (virtio_blk, nvme, ahci…), which the
-    rebuilt initramfs must hold: the backed-up system may have booted from other hardware."""
-    out = []
-    for disk in disks:
-        device = Path("/sys/class/block") / os.path.basename(os.path.realpath(disk)) / "device"
-        for sysfs in (device, device / ".."):              # the disk's device, or its controller (nvme)
-            module = sysfs / "driver" / "module"
-            if module.exists():
-                out.append(os.path.basename(os.path.realpath(str(module))))
-                break
-    return list(dict.fromkeys(out))
-
-
 def finalize_phase(ctx: Context, layout: Layout, recreated: RecreateState, state: RecoverState,
                    state_path: Path, root: Path) -> None:
     """The finalize plan of what was restored (read from the tree, so a re-run plans the same
