@@ -486,3 +486,37 @@ def test_bind_mounts_are_made_once_and_undone(tmp_path):
     finally:
         while mounts_at(root / "proc"):
             subprocess.run(["umount", "-l", str(root / "proc")], check=True)
+
+
+# -- for real, in a chroot (opt-in: about a minute of CPU) ---------------------------------------------
+
+GUEST_ROOTFS = sorted(Path("/var/cache/rescue-vm-tests").glob("image-*/rootfs/usr/sbin/update-initramfs"))
+
+
+@pytest.mark.skipif(os.environ.get("RESCUE_FINALIZE_CHROOT") != "1" or not GUEST_ROOTFS or os.geteuid() != 0,
+                    reason="set RESCUE_FINALIZE_CHROOT=1 (as root, with the VM guest image built) to run it")
+def test_initramfs_rebuild_and_check_in_a_chroot_of_the_guest_image(tmp_path):
+    """The plan's own steps on an overlay of the VM guest image's Debian 12 rootfs: bind
+    mounts, update-initramfs through chroot, the lsinitramfs check, the unbind."""
+    lower = GUEST_ROOTFS[0].parents[2]
+    merged, upper, work = tmp_path / "merged", tmp_path / "upper", tmp_path / "work"
+    for d in (merged, upper, work):
+        d.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}",
+                    str(merged)], check=True)
+    ctx = context(tmp_path)
+    try:
+        system = rescue.probe_restored(rescue.TreeProbe(merged))
+        options = rescue.FinalizeOptions(target_root=str(merged), boot_disks=["/dev/null"],
+                                         drivers=["virtio_blk", "raid1", "dm-crypt"])
+        steps = [s for s in rescue.finalize_plan(system, options) if "grub" not in s.id]
+        for step in steps:
+            rescue.run_step(ctx, step, {})
+        kernel = system.kernels[0]
+        assert (upper / "boot" / f"initrd.img-{kernel}").stat().st_size > 1 << 20     # written anew
+        assert mounts_at(merged / "proc") == 0
+    finally:
+        for path in ("run", "dev", "sys", "proc"):
+            while mounts_at(merged / path):
+                subprocess.run(["umount", "-l", str(merged / path)], check=True)
+        subprocess.run(["umount", str(merged)], check=True)
