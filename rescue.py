@@ -2488,7 +2488,10 @@ def parse_efibootmgr(text: str) -> List[Dict[str, str]]:
         match = re.match(r"Boot([0-9A-Fa-f]{4})(\*?)\s+(.*)$", line)
         if not match:
             continue
-        label, _, path = match.group(3).partition("\t")
+        label, tab, path = match.group(3).partition("\t")
+        if not tab:                    # output copied from a terminal: the tab became spaces
+            split = re.match(r"(.*?)\s+((?:HD|PciRoot|FvVol|BBS|VenHw|VenMsg|MAC|Uri)\(.*)$", label)
+            label, path = (split.group(1), split.group(2)) if split else (label, "")
         entries.append({"num": match.group(1).upper(), "active": "yes" if match.group(2) else "no",
                         "label": label.strip(), "path": path.strip()})
     return entries

@@ -520,3 +520,11 @@ def test_initramfs_rebuild_and_check_in_a_chroot_of_the_guest_image(tmp_path):
             while mounts_at(merged / path):
                 subprocess.run(["umount", "-l", str(merged / path)], check=True)
         subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_efibootmgr_output_whose_tabs_became_spaces():
+    pasted = EFIBOOTMGR.replace("\t", "        ")
+    assert [(e["label"], e["path"]) for e in rescue.parse_efibootmgr(pasted)] == \
+        [(e["label"], e["path"]) for e in rescue.parse_efibootmgr(EFIBOOTMGR)]
+    assert rescue.efi_loader_of("HD(3,GPT,d8f40d21-76b4-4388-aeac-d55b5e6c924d,0x35552000,0x12c000)"
+                                "/\\EFI\\FEDORA\\SHIMX64.EFI0000424f") == "\\EFI\\FEDORA\\SHIMX64.EFI"
