@@ -6502,7 +6502,7 @@ def efi_entry_steps(system: RestoredSystem, options: FinalizeOptions) -> List[St
                for e in options.esps]
     return [Step("finalize efi boot entries", "NVRAM boot entries: " + ", ".join(
         f"{e['label']} on {e['disk']} partition {e['partition']}" for e in entries), action="efi_entries",
-        params={"entries": entries}, note="entries of the same label are removed first")]
+        params={"entries": entries, "efivars": EFIVARS}, note="entries of the same label are removed first")]
 
 
 def selinux_steps(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
@@ -6631,6 +6631,10 @@ def finalize_action_bind(ctx: Context, source: str, path: str) -> None:
     if mounted_at(path) is not None:
         ctx.log.info(f"{path} is mounted already")
         return
+    if source == EFIVARS and not os.path.isdir(source):
+        ctx.log.warn(f"this system was not booted by UEFI (no {EFIVARS}): the restored system's tools "
+                     "run without the firmware's variables")
+        return
     os.makedirs(path, exist_ok=True)
     ctx.runner.run(["mount", "--bind", source, path], timeout=60)
 
@@ -6697,9 +6701,15 @@ def finalize_action_efi_fallback(ctx: Context, directory: str, files: Sequence[s
         ctx.log.info(f"copied {os.path.join(directory, name)} to {destination}")
 
 
-def finalize_action_efi_entries(ctx: Context, entries: Sequence[Dict[str, object]]) -> None:
+def finalize_action_efi_entries(ctx: Context, entries: Sequence[Dict[str, object]], efivars: str = EFIVARS) -> None:
     """Remove the entries of the same labels, then make one per ESP (the last made comes first
-    in BootOrder, so they are made in reverse)."""
+    in BootOrder, so they are made in reverse). A rescue system booted by BIOS cannot: the
+    machine then starts from the removable path."""
+    if not os.path.isdir(efivars):
+        ctx.log.warn(f"this system was not booted by UEFI (no {efivars}): no NVRAM boot entry is made; "
+                     f"the firmware finds the loader at \\{REMOVABLE_LOADER.replace('/', chr(92))}, or add an entry "
+                     "in its setup")
+        return
     listing = ctx.runner.run(["efibootmgr", "-v"], timeout=60).stdout
     for number in stale_efi_entries(listing, sorted({str(e["label"]) for e in entries})):
         ctx.runner.run(["efibootmgr", "-q", "-b", number, "-B"], timeout=60)

@@ -142,6 +142,7 @@ def test_debian_uefi_runs_grub_install_for_efi_and_makes_an_entry_and_the_remova
     assert steps["finalize efi loader"].params == {"directory": "/mnt/local/boot/efi/EFI/debian",
                                                     "files": ["grubx64.efi"]}
     assert steps["finalize efi removable path"].params["target"] == "/mnt/local/boot/efi/EFI/BOOT/BOOTX64.EFI"
+    assert steps["finalize efi boot entries"].params["efivars"] == "/sys/firmware/efi/efivars"
     assert steps["finalize efi boot entries"].params["entries"] == [
         {"disk": "/dev/nvme0n1", "partition": 1, "label": "debian", "loader": "\\EFI\\debian\\grubx64.efi"}]
     assert not [s for s in steps if "i386-pc" in " ".join(steps[s].argv)]
@@ -371,9 +372,18 @@ def test_efi_entries_action_removes_the_stale_entry_then_makes_one_per_esp(tmp_p
         made.append(argv)
     entries = [{"disk": d, "partition": 1, "label": "CentOS Linux", "loader": "\\EFI\\centos\\shimx64.efi"}
                for d in ("/dev/vda", "/dev/vdb")]
-    rescue.STEP_ACTIONS["efi_entries"](context(tmp_path), entries=entries)
+    efivars = tmp_path / "efivars"                      # where a rescue system booted by UEFI has them
+    efivars.mkdir()
+    rescue.STEP_ACTIONS["efi_entries"](context(tmp_path), entries=entries, efivars=str(efivars))
     calls = [list(c) for c in fake_process.calls]
     assert calls == [["efibootmgr", "-v"], ["efibootmgr", "-q", "-b", "0004", "-B"]] + made
+
+
+def test_a_rescue_system_booted_by_bios_makes_no_nvram_entry_and_says_so(tmp_path, capsys):
+    entries = [{"disk": "/dev/vda", "partition": 1, "label": "debian", "loader": "\\EFI\\debian\\grubx64.efi"}]
+    rescue.STEP_ACTIONS["efi_entries"](context(tmp_path), entries=entries, efivars=str(tmp_path / "none"))
+    assert "not booted by UEFI" in capsys.readouterr().err
+    assert "no NVRAM boot entry" in (tmp_path / "log" / "rescue.log").read_text()
 
 
 def test_the_initramfs_check_reads_a_real_listing(tmp_path, fake_process):
