@@ -538,3 +538,28 @@ def test_efibootmgr_output_whose_tabs_became_spaces():
         [(e["label"], e["path"]) for e in rescue.parse_efibootmgr(EFIBOOTMGR)]
     assert rescue.efi_loader_of("HD(3,GPT,d8f40d21-76b4-4388-aeac-d55b5e6c924d,0x35552000,0x12c000)"
                                 "/\\EFI\\FEDORA\\SHIMX64.EFI0000424f") == "\\EFI\\FEDORA\\SHIMX64.EFI"
+
+
+def test_the_devices_file_is_made_anew_with_only_the_recreated_pvs(tmp_path, rhel_tree, fake_process):
+    """lvmdevices cannot run here (no device-mapper): the fake writes what lvmdevices wrote on a
+    real system (insights-core's SYSTEM_DEVICES1, a devices file made by lvmdevices)."""
+    devices = rhel_tree / "etc" / "lvm" / "devices" / "system.devices"
+    written = ("# LVM uses devices listed in this file.\n"
+               "# Created by LVM command lvmdevices pid 2631 at Fri May 27 07:37:11 2022\n"
+               "VERSION=1.1.2\n"
+               "IDTYPE=devname IDNAME=/dev/vda2 DEVNAME=/dev/vda2 PVID=phl0clFbAokp9UXqbIgI5YYQxuTIJVkD PART=2\n")
+    seen = []
+
+    def lvmdevices(process):
+        seen.append(devices.exists())                # the old file is gone before the first PV is added
+        devices.write_text(written)
+
+    fake_process.register(["chroot", str(rhel_tree), "lvmdevices", "--adddev", "/dev/vda2"], callback=lvmdevices)
+    system = rescue.probe_restored(rescue.TreeProbe(rhel_tree))
+    step = by_id(rescue.finalize_plan(system, rescue.FinalizeOptions(target_root=str(rhel_tree), boot_mode="uefi",
+                                                                    pvs=["/dev/vda2"])))["finalize lvm devices file"]
+    ctx = context(tmp_path)
+    run_steps(ctx, [step])
+    assert seen == [False] and devices.read_text() == written
+    log = (tmp_path / "log" / "rescue.log").read_text()
+    assert "-IDTYPE=sys_serial IDNAME=/dev/vda1" in log                 # the old disk's entry, in the diff
