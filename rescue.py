@@ -6814,10 +6814,14 @@ def esp_targets(layout: Layout, mapping: Mapping) -> List[EspTarget]:
     parts = partitions_under(mount.device, layout) if mount else []
     parts = parts or [p for p in layout.partitions if p.id == layout.boot.esp]
     entries = [e for e in layout.boot.efi_entries if efi_loader_of(e.get("path", ""))]
+    family = FAMILIES.get(layout.boot.family)
+    own_ids = set(family.efi_ids if family else ()) | {layout.boot.distribution.get("id", "")}
+    # The system's own entry: its loader in the distribution's \EFI directory (not Windows', not \EFI\BOOT).
+    own = next((e for e in entries if efi_loader_of(e["path"]).split("\\")[2:3] and
+                efi_loader_of(e["path"]).split("\\")[2].lower() in own_ids), None)
     out = []
     for part in parts:
-        entry = next((e for e in entries if part.uuid and efi_partition_uuid(e["path"]) == part.uuid.lower()),
-                     entries[0] if entries else None)
+        entry = next((e for e in entries if part.uuid and efi_partition_uuid(e["path"]) == part.uuid.lower()), own)
         label = entry["label"] if entry else (layout.boot.distribution.get("id") or "Linux")
         out.append(EspTarget(mapping.new_name(part.disk, layout), part.number, label,
                              efi_loader_of(entry["path"]) if entry else ""))

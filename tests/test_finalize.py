@@ -403,7 +403,7 @@ def test_the_initramfs_check_reads_a_real_listing(tmp_path, fake_process):
 # -- options from the layout ------------------------------------------------------------------------
 
 def raid1_layout(firmware):
-    boot = rescue.Boot(firmware=firmware, family="debian", distribution={"id": "debian"},
+    boot = rescue.Boot(firmware=firmware, family="rhel", distribution={"id": "centos"},
                        efi_entries=rescue.parse_efibootmgr(EFIBOOTMGR))
     layout = rescue.Layout(hostname="h", boot=boot)
     layout.disks = [rescue.Disk("/dev/sda", 10 << 30), rescue.Disk("/dev/sdb", 10 << 30)]
@@ -440,6 +440,22 @@ def test_options_from_the_layout_uefi_raid1_esp_members_with_the_original_entry(
     assert options.esps == [rescue.EspTarget("/dev/nvme0n1", 1, "CentOS Linux", "\\EFI\\centos\\shimx64.efi"),
                             rescue.EspTarget("/dev/nvme1n1", 1, "CentOS Linux", "\\EFI\\centos\\shimx64.efi")]
     assert options.changes["/dev/sda1"] == "/dev/nvme0n1p1"
+
+
+
+def test_an_esp_without_its_own_entry_takes_the_systems_entry_never_another_systems():
+    layout = raid1_layout("uefi")
+    layout.partitions[0].uuid = None
+    windows = {"num": "0001", "active": "yes", "label": "Windows Boot Manager",
+               "path": "HD(1,GPT,d9a4b84f-d02a-419b-94ec-f714451af42f,0x800,0x32000)/\\EFI\\MICROSOFT\\BOOT\\BOOTMGFW.EFI"}
+    layout.boot.efi_entries.insert(0, windows)
+    mapping = rescue.Mapping({"/dev/sda": "/dev/vda", "/dev/sdb": "/dev/vdb"}, {}, [])
+    config = rescue.config_from_values({}, environ={"HOSTNAME": "h"})
+    assert [e.label for e in rescue.finalize_options(layout, mapping, config).esps] == ["CentOS Linux"] * 2
+    layout.boot.distribution = {"id": "debian"}
+    layout.boot.family = "debian"
+    assert rescue.finalize_options(layout, mapping, config).esps == [
+        rescue.EspTarget("/dev/vda", 1, "debian", ""), rescue.EspTarget("/dev/vdb", 1, "debian", "")]
 
 
 # -- no secret in a plan or a log -----------------------------------------------------------------------
