@@ -7349,7 +7349,7 @@ def finalize_phase(ctx: Context, layout: Layout, recreated: RecreateState, state
     ctx.log.say(f"Finalizing {system.os_release.get('pretty_name') or layout.hostname} ({system.family}): {len(left)} steps")
     started = time.monotonic()
     run_journaled(ctx, steps, state.finalized, lambda: write_file(state_path, state.to_json()), {},
-                  "rescue recover", again=("bind",))
+                  "rescue recover", again=("bind", "unbind"))
     state.timings["finalize"] = round(time.monotonic() - started, 1)
     write_file(state_path, state.to_json())
 
