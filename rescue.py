@@ -2488,7 +2488,10 @@ def parse_efibootmgr(text: str) -> List[Dict[str, str]]:
         match = re.match(r"Boot([0-9A-Fa-f]{4})(\*?)\s+(.*)$", line)
         if not match:
             continue
-        label, _, path = match.group(3).partition("\t")
+        label, tab, path = match.group(3).partition("\t")
+        if not tab:                    # output copied from a terminal: the tab became spaces
+            split = re.match(r"(.*?)\s+((?:HD|PciRoot|FvVol|BBS|VenHw|VenMsg|MAC|Uri)\(.*)$", label)
+            label, path = (split.group(1), split.group(2)) if split else (label, "")
         entries.append({"num": match.group(1).upper(), "active": "yes" if match.group(2) else "no",
                         "label": label.strip(), "path": path.strip()})
     return entries
@@ -6537,7 +6540,7 @@ def efi_entry_steps(system: RestoredSystem, options: FinalizeOptions) -> List[St
                for e in options.esps]
     return [Step("finalize efi boot entries", "NVRAM boot entries: " + ", ".join(
         f"{e['label']} on {e['disk']} partition {e['partition']}" for e in entries), action="efi_entries",
-        params={"entries": entries}, note="entries of the same label are removed first")]
+        params={"entries": entries, "efivars": EFIVARS}, note="entries of the same label are removed first")]
 
 
 def selinux_steps(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
@@ -6666,6 +6669,10 @@ def finalize_action_bind(ctx: Context, source: str, path: str) -> None:
     if mounted_at(path) is not None:
         ctx.log.info(f"{path} is mounted already")
         return
+    if source == EFIVARS and not os.path.isdir(source):
+        ctx.log.warn(f"this system was not booted by UEFI (no {EFIVARS}): the restored system's tools "
+                     "run without the firmware's variables")
+        return
     os.makedirs(path, exist_ok=True)
     ctx.runner.run(["mount", "--bind", source, path], timeout=60)
 
@@ -6732,9 +6739,15 @@ def finalize_action_efi_fallback(ctx: Context, directory: str, files: Sequence[s
         ctx.log.info(f"copied {os.path.join(directory, name)} to {destination}")
 
 
-def finalize_action_efi_entries(ctx: Context, entries: Sequence[Dict[str, object]]) -> None:
+def finalize_action_efi_entries(ctx: Context, entries: Sequence[Dict[str, object]], efivars: str = EFIVARS) -> None:
     """Remove the entries of the same labels, then make one per ESP (the last made comes first
-    in BootOrder, so they are made in reverse)."""
+    in BootOrder, so they are made in reverse). A rescue system booted by BIOS cannot: the
+    machine then starts from the removable path."""
+    if not os.path.isdir(efivars):
+        ctx.log.warn(f"this system was not booted by UEFI (no {efivars}): no NVRAM boot entry is made; "
+                     f"the firmware finds the loader at \\{REMOVABLE_LOADER.replace('/', chr(92))}, or add an entry "
+                     "in its setup")
+        return
     listing = ctx.runner.run(["efibootmgr", "-v"], timeout=60).stdout
     for number in stale_efi_entries(listing, sorted({str(e["label"]) for e in entries})):
         ctx.runner.run(["efibootmgr", "-q", "-b", number, "-B"], timeout=60)
@@ -6839,10 +6852,14 @@ def esp_targets(layout: Layout, mapping: Mapping) -> List[EspTarget]:
     parts = partitions_under(mount.device, layout) if mount else []
     parts = parts or [p for p in layout.partitions if p.id == layout.boot.esp]
     entries = [e for e in layout.boot.efi_entries if efi_loader_of(e.get("path", ""))]
+    family = FAMILIES.get(layout.boot.family)
+    own_ids = set(family.efi_ids if family else ()) | {layout.boot.distribution.get("id", "")}
+    # The system's own entry: its loader in the distribution's \EFI directory (not Windows', not \EFI\BOOT).
+    own = next((e for e in entries if efi_loader_of(e["path"]).split("\\")[2:3] and
+                efi_loader_of(e["path"]).split("\\")[2].lower() in own_ids), None)
     out = []
     for part in parts:
-        entry = next((e for e in entries if part.uuid and efi_partition_uuid(e["path"]) == part.uuid.lower()),
-                     entries[0] if entries else None)
+        entry = next((e for e in entries if part.uuid and efi_partition_uuid(e["path"]) == part.uuid.lower()), own)
         label = entry["label"] if entry else (layout.boot.distribution.get("id") or "Linux")
         out.append(EspTarget(mapping.new_name(part.disk, layout), part.number, label,
                              efi_loader_of(entry["path"]) if entry else ""))
@@ -7371,7 +7388,7 @@ def finalize_phase(ctx: Context, layout: Layout, recreated: RecreateState, state
     ctx.log.say(f"Finalizing {system.os_release.get('pretty_name') or layout.hostname} ({system.family}): {len(left)} steps")
     started = time.monotonic()
     run_journaled(ctx, steps, state.finalized, lambda: write_file(state_path, state.to_json()), {},
-                  "rescue recover", again=("bind",))
+                  "rescue recover", again=("bind", "unbind"))
     state.timings["finalize"] = round(time.monotonic() - started, 1)
     write_file(state_path, state.to_json())
 

@@ -142,6 +142,7 @@ def test_debian_uefi_runs_grub_install_for_efi_and_makes_an_entry_and_the_remova
     assert steps["finalize efi loader"].params == {"directory": "/mnt/local/boot/efi/EFI/debian",
                                                     "files": ["grubx64.efi"]}
     assert steps["finalize efi removable path"].params["target"] == "/mnt/local/boot/efi/EFI/BOOT/BOOTX64.EFI"
+    assert steps["finalize efi boot entries"].params["efivars"] == "/sys/firmware/efi/efivars"
     assert steps["finalize efi boot entries"].params["entries"] == [
         {"disk": "/dev/nvme0n1", "partition": 1, "label": "debian", "loader": "\\EFI\\debian\\grubx64.efi"}]
     assert not [s for s in steps if "i386-pc" in " ".join(steps[s].argv)]
@@ -371,9 +372,18 @@ def test_efi_entries_action_removes_the_stale_entry_then_makes_one_per_esp(tmp_p
         made.append(argv)
     entries = [{"disk": d, "partition": 1, "label": "CentOS Linux", "loader": "\\EFI\\centos\\shimx64.efi"}
                for d in ("/dev/vda", "/dev/vdb")]
-    rescue.STEP_ACTIONS["efi_entries"](context(tmp_path), entries=entries)
+    efivars = tmp_path / "efivars"                      # where a rescue system booted by UEFI has them
+    efivars.mkdir()
+    rescue.STEP_ACTIONS["efi_entries"](context(tmp_path), entries=entries, efivars=str(efivars))
     calls = [list(c) for c in fake_process.calls]
     assert calls == [["efibootmgr", "-v"], ["efibootmgr", "-q", "-b", "0004", "-B"]] + made
+
+
+def test_a_rescue_system_booted_by_bios_makes_no_nvram_entry_and_says_so(tmp_path, capsys):
+    entries = [{"disk": "/dev/vda", "partition": 1, "label": "debian", "loader": "\\EFI\\debian\\grubx64.efi"}]
+    rescue.STEP_ACTIONS["efi_entries"](context(tmp_path), entries=entries, efivars=str(tmp_path / "none"))
+    assert "not booted by UEFI" in capsys.readouterr().err
+    assert "no NVRAM boot entry" in (tmp_path / "log" / "rescue.log").read_text()
 
 
 def test_the_initramfs_check_reads_a_real_listing(tmp_path, fake_process):
@@ -393,7 +403,7 @@ def test_the_initramfs_check_reads_a_real_listing(tmp_path, fake_process):
 # -- options from the layout ------------------------------------------------------------------------
 
 def raid1_layout(firmware):
-    boot = rescue.Boot(firmware=firmware, family="debian", distribution={"id": "debian"},
+    boot = rescue.Boot(firmware=firmware, family="rhel", distribution={"id": "centos"},
                        efi_entries=rescue.parse_efibootmgr(EFIBOOTMGR))
     layout = rescue.Layout(hostname="h", boot=boot)
     layout.disks = [rescue.Disk("/dev/sda", 10 << 30), rescue.Disk("/dev/sdb", 10 << 30)]
@@ -430,6 +440,22 @@ def test_options_from_the_layout_uefi_raid1_esp_members_with_the_original_entry(
     assert options.esps == [rescue.EspTarget("/dev/nvme0n1", 1, "CentOS Linux", "\\EFI\\centos\\shimx64.efi"),
                             rescue.EspTarget("/dev/nvme1n1", 1, "CentOS Linux", "\\EFI\\centos\\shimx64.efi")]
     assert options.changes["/dev/sda1"] == "/dev/nvme0n1p1"
+
+
+
+def test_an_esp_without_its_own_entry_takes_the_systems_entry_never_another_systems():
+    layout = raid1_layout("uefi")
+    layout.partitions[0].uuid = None
+    windows = {"num": "0001", "active": "yes", "label": "Windows Boot Manager",
+               "path": "HD(1,GPT,d9a4b84f-d02a-419b-94ec-f714451af42f,0x800,0x32000)/\\EFI\\MICROSOFT\\BOOT\\BOOTMGFW.EFI"}
+    layout.boot.efi_entries.insert(0, windows)
+    mapping = rescue.Mapping({"/dev/sda": "/dev/vda", "/dev/sdb": "/dev/vdb"}, {}, [])
+    config = rescue.config_from_values({}, environ={"HOSTNAME": "h"})
+    assert [e.label for e in rescue.finalize_options(layout, mapping, config).esps] == ["CentOS Linux"] * 2
+    layout.boot.distribution = {"id": "debian"}
+    layout.boot.family = "debian"
+    assert rescue.finalize_options(layout, mapping, config).esps == [
+        rescue.EspTarget("/dev/vda", 1, "debian", ""), rescue.EspTarget("/dev/vdb", 1, "debian", "")]
 
 
 # -- no secret in a plan or a log -----------------------------------------------------------------------
@@ -486,3 +512,70 @@ def test_bind_mounts_are_made_once_and_undone(tmp_path):
     finally:
         while mounts_at(root / "proc"):
             subprocess.run(["umount", "-l", str(root / "proc")], check=True)
+
+
+# -- for real, in a chroot (opt-in: about a minute of CPU) ---------------------------------------------
+
+GUEST_ROOTFS = sorted(Path("/var/cache/rescue-vm-tests").glob("image-*/rootfs/usr/sbin/update-initramfs"))
+
+
+@pytest.mark.skipif(os.environ.get("RESCUE_FINALIZE_CHROOT") != "1" or not GUEST_ROOTFS or os.geteuid() != 0,
+                    reason="set RESCUE_FINALIZE_CHROOT=1 (as root, with the VM guest image built) to run it")
+def test_initramfs_rebuild_and_check_in_a_chroot_of_the_guest_image(tmp_path):
+    """The plan's own steps on an overlay of the VM guest image's Debian 12 rootfs: bind
+    mounts, update-initramfs through chroot, the lsinitramfs check, the unbind."""
+    lower = GUEST_ROOTFS[0].parents[2]
+    merged, upper, work = tmp_path / "merged", tmp_path / "upper", tmp_path / "work"
+    for d in (merged, upper, work):
+        d.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}",
+                    str(merged)], check=True)
+    ctx = context(tmp_path)
+    try:
+        system = rescue.probe_restored(rescue.TreeProbe(merged))
+        options = rescue.FinalizeOptions(target_root=str(merged), boot_disks=["/dev/null"],
+                                         drivers=["virtio_blk", "raid1", "dm-crypt"])
+        steps = [s for s in rescue.finalize_plan(system, options) if "grub" not in s.id]
+        for step in steps:
+            rescue.run_step(ctx, step, {})
+        kernel = system.kernels[0]
+        assert (upper / "boot" / f"initrd.img-{kernel}").stat().st_size > 1 << 20     # written anew
+        assert mounts_at(merged / "proc") == 0
+    finally:
+        for path in ("run", "dev", "sys", "proc"):
+            while mounts_at(merged / path):
+                subprocess.run(["umount", "-l", str(merged / path)], check=True)
+        subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_efibootmgr_output_whose_tabs_became_spaces():
+    pasted = EFIBOOTMGR.replace("\t", "        ")
+    assert [(e["label"], e["path"]) for e in rescue.parse_efibootmgr(pasted)] == \
+        [(e["label"], e["path"]) for e in rescue.parse_efibootmgr(EFIBOOTMGR)]
+    assert rescue.efi_loader_of("HD(3,GPT,d8f40d21-76b4-4388-aeac-d55b5e6c924d,0x35552000,0x12c000)"
+                                "/\\EFI\\FEDORA\\SHIMX64.EFI0000424f") == "\\EFI\\FEDORA\\SHIMX64.EFI"
+
+
+def test_the_devices_file_is_made_anew_with_only_the_recreated_pvs(tmp_path, rhel_tree, fake_process):
+    """lvmdevices cannot run here (no device-mapper): the fake writes what lvmdevices wrote on a
+    real system (insights-core's SYSTEM_DEVICES1, a devices file made by lvmdevices)."""
+    devices = rhel_tree / "etc" / "lvm" / "devices" / "system.devices"
+    written = ("# LVM uses devices listed in this file.\n"
+               "# Created by LVM command lvmdevices pid 2631 at Fri May 27 07:37:11 2022\n"
+               "VERSION=1.1.2\n"
+               "IDTYPE=devname IDNAME=/dev/vda2 DEVNAME=/dev/vda2 PVID=phl0clFbAokp9UXqbIgI5YYQxuTIJVkD PART=2\n")
+    seen = []
+
+    def lvmdevices(process):
+        seen.append(devices.exists())                # the old file is gone before the first PV is added
+        devices.write_text(written)
+
+    fake_process.register(["chroot", str(rhel_tree), "lvmdevices", "--adddev", "/dev/vda2"], callback=lvmdevices)
+    system = rescue.probe_restored(rescue.TreeProbe(rhel_tree))
+    step = by_id(rescue.finalize_plan(system, rescue.FinalizeOptions(target_root=str(rhel_tree), boot_mode="uefi",
+                                                                    pvs=["/dev/vda2"])))["finalize lvm devices file"]
+    ctx = context(tmp_path)
+    run_steps(ctx, [step])
+    assert seen == [False] and devices.read_text() == written
+    log = (tmp_path / "log" / "rescue.log").read_text()
+    assert "-IDTYPE=sys_serial IDNAME=/dev/vda1" in log                 # the old disk's entry, in the diff
