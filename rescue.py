@@ -7378,7 +7378,8 @@ def finalize_phase(ctx: Context, layout: Layout, recreated: RecreateState, state
     steps), run and journaled step by step."""
     mapping = Mapping({old: str(identity["path"]) for old, identity in recreated.mapping.items()}, {}, [])
     system = probe_restored(TreeProbe(str(root)))
-    options = finalize_options(layout, mapping, ctx.config, storage_drivers(list(mapping.disks.values())))
+    here = probe_disks_here(Probe(ctx.runner), ctx.config, str(root))
+    options = finalize_options(layout, mapping, ctx.config, storage_drivers(list(mapping.disks.values())), here=here)
     steps = finalize_plan(system, options)
     check_programs(steps)
     left = [s for s in steps if s.id not in state.finalized]
