@@ -1712,6 +1712,14 @@ class Runner:
         self.log = log
         self.active: Set["subprocess.Popen"] = set()    # running commands (stop_all)
         self._lock = threading.Lock()
+        self.busy = 0.0              # seconds during which at least one command ran
+        self.waited = 0.0            # seconds spent waiting for devices (wait())
+        self._busy_since = 0.0
+
+    def wait(self, seconds: float) -> None:
+        """Sleep while polling for a device, counted apart from rescue's own time."""
+        time.sleep(seconds)
+        self.waited += seconds
 
     def environment(self, extra: Optional[Dict[str, str]], inherit: bool) -> Dict[str, str]:
         if inherit:
@@ -1763,6 +1771,8 @@ class Runner:
             raise RescueError(f"cannot execute {argv[0]}: permission denied",
                               "check that it is an executable file") from None
         with self._lock:
+            if not self.active:
+                self._busy_since = started
             self.active.add(proc)
         try:
             if on_line is not None:
@@ -1772,6 +1782,8 @@ class Runner:
         finally:
             with self._lock:
                 self.active.discard(proc)
+                if not self.active:
+                    self.busy += time.monotonic() - self._busy_since
         result = Result(argv, proc.returncode, stdout, stderr, time.monotonic() - started)
         self.log.debug(f"exit code {proc.returncode} after {result.duration:.2f}s")
         if check and proc.returncode != 0:
@@ -2822,7 +2834,10 @@ def parse_efibootmgr(text: str) -> List[Dict[str, str]]:
         match = re.match(r"Boot([0-9A-Fa-f]{4})(\*?)\s+(.*)$", line)
         if not match:
             continue
-        label, _, path = match.group(3).partition("\t")
+        label, tab, path = match.group(3).partition("\t")
+        if not tab:                    # output copied from a terminal: the tab became spaces
+            split = re.match(r"(.*?)\s+((?:HD|PciRoot|FvVol|BBS|VenHw|VenMsg|MAC|Uri)\(.*)$", label)
+            label, path = (split.group(1), split.group(2)) if split else (label, "")
         entries.append({"num": match.group(1).upper(), "active": "yes" if match.group(2) else "no",
                         "label": label.strip(), "path": path.strip()})
     return entries
@@ -3603,15 +3618,24 @@ def disks_here(nodes: Dict[str, BlockNode], mounts: Sequence[Dict[str, object]],
 
 def disk_in_use(node: BlockNode, below: Sequence[BlockNode], mounted: Dict[str, str],
                 swapping: Set[str], backup_mount: Optional[str]) -> Optional[str]:
-    for n in [node] + list(below):
+    """Why nothing may touch the disk, not even by --map: the backup or the running system first
+    (the reasons a user most needs to read), then any mount, the rescue medium (an ISO image
+    need not be mounted to be what the rescue system runs from), swap (/proc/swaps names LVs
+    by kname)."""
+    users = [node] + list(below)
+    for n in users if backup_mount else []:
+        if mounted.get(n.name) == backup_mount:
+            return f"it holds the backup ({n.name} is mounted at {backup_mount})"
+    for n in users:
+        if mounted.get(n.name) == "/":
+            return f"it holds the running system ({n.name} is mounted at /)"
+    for n in users:
         if n.name in mounted:
-            where = mounted[n.name]
-            if where == backup_mount:
-                return f"it holds the backup ({n.name} is mounted at {where})"
-            if where == "/":
-                return f"it holds the running system ({n.name} is mounted at /)"
-            return f"{n.name} is mounted at {where}"
-        if n.name in swapping:
+            return f"{n.name} is mounted at {mounted[n.name]}"
+    if any(n.fstype in RESCUE_MEDIUM_FS for n in users):
+        return "it holds an ISO 9660 image (a rescue or installation medium)"
+    for n in users:
+        if n.name in swapping or n.kname in swapping:
             return f"{n.name} is in use as swap"
     return None
 
@@ -3623,8 +3647,6 @@ def disk_exclusion(node: BlockNode, below: Sequence[BlockNode]) -> Optional[str]
         return kind
     if EMMC_AREA_RE.search(node.name):
         return "an eMMC boot or RPMB area, not a disk"
-    if any(n.fstype in RESCUE_MEDIUM_FS for n in [node] + list(below)):
-        return "it holds an ISO 9660 image (a rescue or installation medium)"
     if node.tran == "usb" or node.removable:
         return "removable/USB media"
     if node.size <= 0:
@@ -3859,6 +3881,7 @@ class PlanContext:
 
 
 def recreate_plan(layout: Layout, here: Sequence[DiskHere], mapping: Mapping, options: RecreateOptions) -> Plan:
+    check_names_free(layout, here, set(mapping.disks.values()))
     ctx = PlanContext(layout, here, mapping, options)
     for item in layout.unsupported:
         ctx.notes.append(f"not recreated: {item.what} ({item.kind}): {item.reason}")
@@ -3874,9 +3897,24 @@ def recreate_plan(layout: Layout, here: Sequence[DiskHere], mapping: Mapping, op
                 ctx.notes, ctx.secrets, options.target_root)
 
 
+def check_names_free(layout: Layout, here: Sequence[DiskHere], wiped: Set[str]) -> None:
+    """The arrays, LUKS devices and VGs the plan makes must not be names of devices standing on
+    a disk that is not wiped: the plan stops what has those names (a re-run) and makes its own."""
+    needed = {("md", m.id): f"the RAID {m.id}" for m in layout.md_arrays}
+    needed.update({("crypt", x.name): f"the LUKS device {x.name}" for x in layout.luks})
+    needed.update({("lvm", v.name): f"the VG {v.name}" for v in layout.volume_groups})
+    for disk in (d for d in here if d.path not in wiped):
+        for holder in disk.holders:
+            if holder in needed:
+                raise RescueError(f"{needed[holder]} of the layout has the name of a device on {disk.path}, "
+                                  "which is not to be wiped",
+                                  f"stop or rename it first, or map the layout onto {disk.path} too")
+
+
 def creation_order(layout: Layout, roots: Set[str]) -> List[object]:
     """The layout's items (not the excluded ones), each after what it stands on (KINDS). A
-    volume group also comes after its PVs; a partitioned md array's table after the array."""
+    volume group also comes after its PVs; a partitioned md array's table after the array (a
+    filesystem on a whole disk provides the disk's name too, but stands on the disk)."""
     items = [(kind, item) for kind in KINDS if kind.cls is not Exclusion for item in getattr(layout, kind.items)]
     providers: Dict[str, List[int]] = {}
     for n, (kind, item) in enumerate(items):
@@ -3888,8 +3926,8 @@ def creation_order(layout: Layout, roots: Set[str]) -> List[object]:
         wanted = list(kind.stands_on(item))
         if isinstance(item, VolumeGroup):
             needs[n] = {m for m, (_, other) in enumerate(items) if isinstance(other, PhysicalVolume) and other.vg == item.name}
-        elif isinstance(item, Disk):
-            needs[n] = set(m for m in providers.get(item.id, []) if m != n)
+        elif isinstance(item, Disk):        # a partitioned array's table needs the array, not what stands on it
+            needs[n] = {m for m in providers.get(item.id, []) if isinstance(items[m][1], MdArray)}
         else:
             needs[n] = set()
         for device in wanted:
@@ -3976,7 +4014,7 @@ def resized_last_partition(ctx: PlanContext, disk: Disk, target: DiskHere, last:
             room = 2 ** 32 - 1 - start
             ctx.notes.append(f"{part.id}: an MBR partition ends at 2 TiB; use GPT for more")
         ctx.notes.append(f"{part.id} grows from {human_size(size * ss)} to {human_size(room * ss)} "
-                         f"(onto the larger {target.path})")
+                         f"(to the end of {target.path}, {human_size(target.size)})")
         ctx.grown.add(part.id)
         return None if room == align_down((last_usable - start + 1) * ss, MIB) // ss else room
     need = content_need(ctx, part.id)
@@ -4109,7 +4147,7 @@ def plan_disk(disk: Disk, ctx: PlanContext) -> List[Step]:
                           f"{len(rows)} partitions", ["sfdisk", "--wipe", "always", "--wipe-partitions", "always", new],
                           input=sfdisk_script(disk, rows, new), after=ctx.after(disk.id)))
         parts = [[p.number, partition_device(new, p.number)] for p, _, _ in rows]
-        steps.append(Step(f"wait for {new}", f"Disk {new}: wait until the kernel shows its partitions",
+        steps.append(Step(f"wait for partitions of {new}", f"Disk {new}: wait until the kernel shows its partitions",
                           action="partitions", params={"disk": new, "partitions": parts}, after=[steps[-1].id]))
     if steps:
         ctx.made[new] = steps[-1].id
@@ -4441,6 +4479,21 @@ def recovery_mount_options(mount: Mount) -> str:
     if mount.type == "btrfs" and mount.subvolume:
         kept.append("subvol=" + mount.subvolume)
     return ",".join(kept)
+
+
+def steps_to_run(steps: Sequence[Step], done: Sequence[str]) -> List[Step]:
+    """The steps a run does: those not journaled as done, and again the optional ones just
+    before the first of them. A killed run may have finished a command without journaling it
+    (an array created, a LUKS device opened); the stop/close steps before it undo that, so the
+    command can run again instead of failing on what it made itself."""
+    finished = set(done)
+    first = next((n for n, step in enumerate(steps) if step.id not in finished), None)
+    if first is None:
+        return []
+    again = first
+    while again > 0 and steps[again - 1].optional:
+        again -= 1
+    return [step for n, step in enumerate(steps) if step.id not in finished or again <= n < first]
 
 
 # -- mountonly: the tree as it is --------------------------------------------------------------
@@ -5557,6 +5610,9 @@ def passphrase(ctx: "Context", purpose: str) -> str:
     symmetric = not (config.get("BACKUP_DUPLICITY_GPG_ENC_KEY") or config.get("BACKUP_DUPLICITY_GPG_HIDDEN_ENC_KEY"))
     asking = (purpose == "restore" and config.setting("BACKUP_DUPLICITY_ASK_PASSPHRASE")) or (
         symmetric and not configured)
+    given = getattr(ctx.args, "passphrase_file", None)
+    if given and purpose == "restore":
+        return passphrase_from_file(ctx, given)
     if not asking or "--no-encryption" in config.setting("BACKUP_DUPLICITY_OPTIONS"):
         return configured
     if ctx.args.non_interactive:
@@ -5573,6 +5629,19 @@ def passphrase(ctx: "Context", purpose: str) -> str:
     ctx.log.add_secret(answer)
     ctx.typed[purpose] = answer
     return answer
+
+
+def passphrase_from_file(ctx: "Context", path: str) -> str:
+    """--passphrase-file: the file's content without one trailing newline (never argv or a log)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise RescueError(f"cannot read the passphrase file {path}: {exc.strerror}", "give a readable file") from None
+    value = text[:-1] if text.endswith("\n") else text
+    if not value:
+        raise RescueError(f"the passphrase file {path} is empty", "write the duplicity passphrase into it")
+    ctx.log.add_secret(value)
+    return value
 
 
 def backup_encryption(ctx: "Context", purpose: str) -> Encryption:
@@ -6450,6 +6519,8 @@ LABEL_SAMPLES = ("/etc/passwd", "/etc/selinux/config", "/usr/bin/ls", "/usr/sbin
 BIND_MOUNTS = ("/proc", "/sys", "/dev", "/run")
 EFIVARS = "/sys/firmware/efi/efivars"
 REMOVABLE_LOADER = "EFI/BOOT/BOOTX64.EFI"
+SHIM_LOADERS = ("shimx64.efi", "shim.efi")          # SUSE: shim.efi and grub.efi
+GRUB_LOADERS = ("grubx64.efi", "grub.efi")
 GRUBENV_SIZE = 1024
 
 
@@ -6493,6 +6564,9 @@ class TreeProbe:
     def is_file(self, path: str) -> bool:
         return os.path.isfile(self.host_path(path))
 
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(self.host_path(path))
+
     def read_text(self, path: str) -> Optional[str]:
         try:
             with open(self.host_path(path), encoding="utf-8", errors="surrogateescape") as stream:
@@ -6535,8 +6609,7 @@ class RestoredSystem:
     file_contexts: str                             # of the configured policy ("" when absent)
     labels_present: bool                           # the restored files carry security.selinux
     esp_dir: str                                   # where the ESP is mounted ("" if none)
-    efi_dirs: List[str]                            # vendor directories in \EFI (not BOOT)
-    shim: bool                                     # a shimx64.efi in one of them
+    efi_dirs: Dict[str, List[str]]                 # vendor directory in \EFI (not BOOT) -> its files
     removable: bool                                # \EFI\BOOT\BOOTX64.EFI is there
     grub_cfg: str                                  # the GRUB configuration grub-mkconfig writes
     tools: Dict[str, str]                          # program -> its path in the tree
@@ -6549,8 +6622,10 @@ def probe_restored(probe: TreeProbe) -> RestoredSystem:
     if family not in FAMILIES:
         family = next((f.name for f in FAMILIES.values() if any(t in tools for t in f.initramfs)), "unknown")
     kernels = [k for k in probe.listdir("/lib/modules") if probe.is_file(f"/boot/vmlinuz-{k}")]
-    esp_dir = esp_mountpoint(probe.read_text("/etc/fstab") or "")
-    efi_dirs = [d for d in probe.listdir(f"{esp_dir}/EFI") if d.upper() != "BOOT"] if esp_dir else []
+    esp_dir = esp_mountpoint(probe.read_text("/etc/fstab") or "") or next(
+        (d for d in ("/boot/efi", "/efi") if probe.is_dir(f"{d}/EFI")), "")
+    efi_dirs = {d: probe.listdir(f"{esp_dir}/EFI/{d}") for d in probe.listdir(f"{esp_dir}/EFI")
+                if d.upper() != "BOOT"} if esp_dir else {}
     texts = {}
     for path in naming_files(probe, esp_dir, efi_dirs):
         text = probe.read_text(path)
@@ -6567,7 +6642,6 @@ def probe_restored(probe: TreeProbe) -> RestoredSystem:
         selinux=selinux, file_contexts=contexts if contexts and probe.is_file(contexts) else "",
         labels_present=all(probe.has_xattr(p, "security.selinux") for p in LABEL_SAMPLES if probe.exists(p)),
         esp_dir=esp_dir, efi_dirs=efi_dirs,
-        shim=any(probe.is_file(f"{esp_dir}/EFI/{d}/shimx64.efi") for d in efi_dirs),
         removable=bool(esp_dir) and probe.is_file(f"{esp_dir}/{REMOVABLE_LOADER}"),
         grub_cfg=system_grub_cfg(probe, family, esp_dir, efi_dirs), tools=tools)
 
@@ -6663,8 +6737,9 @@ def finalize_plan(system: RestoredSystem, options: FinalizeOptions) -> List[Step
         for kernel in system.kernels:
             steps += initramfs_steps(system, family, options, kernel)
     steps += bootloader_steps(system, family, options)
-    steps.append(Step("finalize unbind", f"Unmount the bind mounts below {root}", action="unbind",
-                      params={"paths": [root + p for p in reversed(bind_points(options.boot_mode == "uefi"))]}))
+    unbound = [root + p for p in reversed(bind_points(options.boot_mode == "uefi"))]
+    steps.append(Step("finalize unbind", f"Unmount the bind mounts below {root}", argv=["umount"] + unbound,
+                      action="unbind", params={"paths": unbound}))
     steps += selinux_steps(system, options)
     return steps
 
@@ -6743,6 +6818,9 @@ def bootloader_steps(system: RestoredSystem, family: Family, options: FinalizeOp
         "finalize grub config", f"Write the GRUB menu {system.grub_cfg}",
         argv=in_root(root, mkconfig) if mkconfig == "update-grub" else in_root(root, mkconfig, "-o", system.grub_cfg))]
     if options.boot_mode != "uefi":
+        if family.grub_install not in system.tools:
+            raise RescueError(f"the restored system has no {family.grub_install} to install GRUB with",
+                              "the backup lacks GRUB's tools: restore them, or install the bootloader by hand")
         return bios_steps(family, options, root) + config
     return uefi_steps(system, family, options) + config + efi_entry_steps(system, options)
 
@@ -6763,7 +6841,14 @@ def vendor_dir(system: RestoredSystem, family: Family, options: FinalizeOptions)
         if len(parts) >= 3 and parts[0].upper() == "EFI" and parts[1].upper() != "BOOT":
             return parts[1]
     own = [d for d in system.efi_dirs if d.lower() in family.efi_ids]
-    return (own or system.efi_dirs or [family.efi_ids[0]])[0]
+    return (own or list(system.efi_dirs) or [family.efi_ids[0]])[0]
+
+
+def efi_loaders(system: RestoredSystem, vendor: str) -> Tuple[str, str]:
+    """(shim, GRUB) file names in the vendor directory ("" where there is none)."""
+    files = {name.lower(): name for name in system.efi_dirs.get(vendor, [])}
+    return (next((files[n] for n in SHIM_LOADERS if n in files), ""),
+            next((files[n] for n in GRUB_LOADERS if n in files), ""))
 
 
 def uefi_steps(system: RestoredSystem, family: Family, options: FinalizeOptions) -> List[Step]:
@@ -6771,16 +6856,18 @@ def uefi_steps(system: RestoredSystem, family: Family, options: FinalizeOptions)
     removable path as a fallback."""
     root, esp = options.target_root, system.esp_dir or "/boot/efi"
     vendor = vendor_dir(system, family, options)
+    shim, grub = efi_loaders(system, vendor)
     steps = []
-    if family.efi_grub_install == "always" or (family.efi_grub_install == "without-shim" and not system.shim):
+    if family.grub_install in system.tools and (
+            family.efi_grub_install == "always" or (family.efi_grub_install == "without-shim" and not shim)):
+        grub = grub or GRUB_LOADERS[0]
         steps.append(Step("finalize grub-install efi", f"Install GRUB (UEFI) into {esp}/EFI/{vendor}",
                           argv=in_root(root, family.grub_install, "--target=x86_64-efi", f"--efi-directory={esp}",
                                        f"--bootloader-id={vendor}", "--no-nvram")))
-    loader = "shimx64.efi" if system.shim else "grubx64.efi"
-    files = [loader] + (["grubx64.efi"] if system.shim else [])
-    steps.append(Step("finalize efi loader", f"Check the loader {esp}/EFI/{vendor}/{loader}", action="efi_loader",
+    files = [shim, grub or GRUB_LOADERS[0]] if shim else [grub or GRUB_LOADERS[0]]
+    steps.append(Step("finalize efi loader", f"Check the loader {esp}/EFI/{vendor}/{files[0]}", action="efi_loader",
                       params={"directory": f"{root}{esp}/EFI/{vendor}", "files": files},
-                      note="shim chain kept as restored" if system.shim else ""))
+                      note="the shim chain is kept as restored" if shim else ""))
     if not system.removable:
         steps.append(Step("finalize efi removable path", f"Copy the loader to the removable path {esp}/{REMOVABLE_LOADER}",
                           action="efi_fallback", params={"directory": f"{root}{esp}/EFI/{vendor}", "files": files,
@@ -6792,13 +6879,14 @@ def uefi_steps(system: RestoredSystem, family: Family, options: FinalizeOptions)
 def efi_entry_steps(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
     if not options.esps:
         return []
-    family = FAMILIES[system.family]
-    default = "\\EFI\\{}\\{}".format(vendor_dir(system, family, options), "shimx64.efi" if system.shim else "grubx64.efi")
+    vendor = vendor_dir(system, FAMILIES[system.family], options)
+    shim, grub = efi_loaders(system, vendor)
+    default = f"\\EFI\\{vendor}\\{shim or grub or GRUB_LOADERS[0]}"
     entries = [{"disk": e.disk, "partition": e.partition, "label": e.label, "loader": e.loader or default}
                for e in options.esps]
     return [Step("finalize efi boot entries", "NVRAM boot entries: " + ", ".join(
         f"{e['label']} on {e['disk']} partition {e['partition']}" for e in entries), action="efi_entries",
-        params={"entries": entries}, note="entries of the same label are removed first")]
+        params={"entries": entries, "efivars": EFIVARS}, note="entries of the same label are removed first")]
 
 
 def selinux_steps(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
@@ -6927,6 +7015,10 @@ def finalize_action_bind(ctx: Context, source: str, path: str) -> None:
     if mounted_at(path) is not None:
         ctx.log.info(f"{path} is mounted already")
         return
+    if source == EFIVARS and not os.path.isdir(source):
+        ctx.log.warn(f"this system was not booted by UEFI (no {EFIVARS}): the restored system's tools "
+                     "run without the firmware's variables")
+        return
     os.makedirs(path, exist_ok=True)
     ctx.runner.run(["mount", "--bind", source, path], timeout=60)
 
@@ -6993,9 +7085,15 @@ def finalize_action_efi_fallback(ctx: Context, directory: str, files: Sequence[s
         ctx.log.info(f"copied {os.path.join(directory, name)} to {destination}")
 
 
-def finalize_action_efi_entries(ctx: Context, entries: Sequence[Dict[str, object]]) -> None:
+def finalize_action_efi_entries(ctx: Context, entries: Sequence[Dict[str, object]], efivars: str = EFIVARS) -> None:
     """Remove the entries of the same labels, then make one per ESP (the last made comes first
-    in BootOrder, so they are made in reverse)."""
+    in BootOrder, so they are made in reverse). A rescue system booted by BIOS cannot: the
+    machine then starts from the removable path."""
+    if not os.path.isdir(efivars):
+        ctx.log.warn(f"this system was not booted by UEFI (no {efivars}): no NVRAM boot entry is made; "
+                     f"the firmware finds the loader at \\{REMOVABLE_LOADER.replace('/', chr(92))}, or add an entry "
+                     "in its setup")
+        return
     listing = ctx.runner.run(["efibootmgr", "-v"], timeout=60).stdout
     for number in stale_efi_entries(listing, sorted({str(e["label"]) for e in entries})):
         ctx.runner.run(["efibootmgr", "-q", "-b", number, "-B"], timeout=60)
@@ -7018,11 +7116,12 @@ FINALIZE_ACTIONS: Dict[str, Callable[..., None]] = {
 # -- from the layout -------------------------------------------------------------------------------
 
 def finalize_options(layout: Layout, mapping: Mapping, config: Config, drivers: Sequence[str] = (),
-                     changes: Optional[Dict[str, str]] = None) -> FinalizeOptions:
+                     changes: Optional[Dict[str, str]] = None, here: Sequence[DiskHere] = ()) -> FinalizeOptions:
     """FinalizeOptions for a recovery of layout onto the disks of mapping: the boot disks
     (GRUB2_INSTALL_DEVICES, mapped as ReaR's MIGRATION_MODE does, else the disks GRUB was on,
     else those under /boot), each ESP (RAID1 members too) with its original entry's label and
-    loader, the device names that changed (plus changes, e.g. UUIDs recreate could not keep)."""
+    loader, the device and by-id names that changed (by-id: with here, the disks here), plus
+    changes (e.g. UUIDs recreate could not keep)."""
     configured = config.setting("GRUB2_INSTALL_DEVICES")
     if configured:
         boot_disks = [mapping.new_name(d, layout) for d in configured]
@@ -7032,10 +7131,42 @@ def finalize_options(layout: Layout, mapping: Mapping, config: Config, drivers: 
                                          [d.id for d in layout.disks] + [p.id for p in layout.partitions]) if old != new}
     return FinalizeOptions(
         target_root=config.setting("TARGET_FS_ROOT"), boot_mode=layout.boot.firmware, boot_disks=boot_disks,
-        esps=esp_targets(layout, mapping), changes={**renamed, **(changes or {})},
+        esps=esp_targets(layout, mapping), changes={**renamed, **by_id_changes(layout, mapping, here), **(changes or {})},
         pvs=[mapping.new_name(pv.device, layout) for pv in layout.physical_volumes],
         drivers=list(drivers), rebuild_initramfs=config.setting("REBUILD_INITRAMFS"),
         selinux_relabel=config.setting("SELINUX_RELABEL"))
+
+
+def by_id_changes(layout: Layout, mapping: Mapping, here: Sequence[DiskHere]) -> Dict[str, str]:
+    """/dev/disk/by-id names of the layout's disks -> the name of the same kind (ata-, nvme-,
+    wwn-, …) of the disk that takes its place (partitions follow as …-partN)."""
+    by_path = {d.path: d for d in here}
+    out = {}
+    for disk in layout.disks:
+        new = by_path.get(mapping.disks.get(disk.id, ""))
+        for name in disk.by_id if new else []:
+            kind = name.split("-", 1)[0]
+            match = next((n for n in new.by_id if n.split("-", 1)[0] == kind), None)
+            if match and match != name:
+                out[f"/dev/disk/by-id/{name}"] = f"/dev/disk/by-id/{match}"
+    return out
+
+
+def storage_drivers(disks: Sequence[str], sys_root: str = "/sys") -> List[str]:
+    """The drivers (as module names) of the disks here and the controllers above them, from
+    sysfs: what the restored system's initramfs needs to find its disks (dracut --add-drivers
+    and the check of the new initramfs)."""
+    found = []
+    devices = os.path.join(sys_root, "devices")
+    for disk in disks:
+        path = os.path.realpath(os.path.join(sys_root, "block", os.path.basename(os.path.realpath(disk)), "device"))
+        while path.startswith(devices + "/"):
+            driver = os.path.join(path, "driver")
+            if os.path.islink(driver):
+                module = os.path.join(driver, "module")
+                found.append(os.path.basename(os.path.realpath(module if os.path.exists(module) else driver)).replace("-", "_"))
+            path = os.path.dirname(path)
+    return list(dict.fromkeys(found))
 
 
 def partitions_under(device: str, layout: Layout) -> List[Partition]:
@@ -7067,10 +7198,14 @@ def esp_targets(layout: Layout, mapping: Mapping) -> List[EspTarget]:
     parts = partitions_under(mount.device, layout) if mount else []
     parts = parts or [p for p in layout.partitions if p.id == layout.boot.esp]
     entries = [e for e in layout.boot.efi_entries if efi_loader_of(e.get("path", ""))]
+    family = FAMILIES.get(layout.boot.family)
+    own_ids = set(family.efi_ids if family else ()) | {layout.boot.distribution.get("id", "")}
+    # The system's own entry: its loader in the distribution's \EFI directory (not Windows', not \EFI\BOOT).
+    own = next((e for e in entries if efi_loader_of(e["path"]).split("\\")[2:3] and
+                efi_loader_of(e["path"]).split("\\")[2].lower() in own_ids), None)
     out = []
     for part in parts:
-        entry = next((e for e in entries if part.uuid and efi_partition_uuid(e["path"]) == part.uuid.lower()),
-                     entries[0] if entries else None)
+        entry = next((e for e in entries if part.uuid and efi_partition_uuid(e["path"]) == part.uuid.lower()), own)
         label = entry["label"] if entry else (layout.boot.distribution.get("id") or "Linux")
         out.append(EspTarget(mapping.new_name(part.disk, layout), part.number, label,
                              efi_loader_of(entry["path"]) if entry else ""))
@@ -7196,8 +7331,9 @@ def run_journaled(ctx: Context, steps: Sequence[Step], done: List[str], save: Ca
     the journal after it; actions named in again run even when done (a bind mount does not
     outlive a reboot of the rescue system)."""
     total = len(steps)
+    todo = {step.id for step in steps_to_run(steps, done)} | {s.id for s in steps if s.action in again}
     for n, step in enumerate(steps, 1):
-        if step.id in done and step.action not in again:
+        if step.id not in todo:
             continue
         ctx.log.say(f"[{n}/{total}] {step.title}")
         started = time.monotonic()
@@ -7256,7 +7392,7 @@ def action_partitions(ctx: Context, disk: str, partitions: Sequence[Sequence[obj
                               f"after {WAIT_SECONDS:g} s", "check dmesg; another program may hold the disk")
         for argv in (["partx", "-a", disk], ["partx", "-u", disk]):
             ctx.runner.run(argv, check=False, timeout=60)
-        time.sleep(0.2)
+        ctx.runner.wait(0.2)
 
 
 def action_devices(ctx: Context, devices: Sequence[str]) -> None:
@@ -7267,7 +7403,7 @@ def action_devices(ctx: Context, devices: Sequence[str]) -> None:
             return
         if time.monotonic() > deadline:
             raise RescueError(f"{', '.join(missing)} did not appear within {WAIT_SECONDS:g} s", "check dmesg")
-        time.sleep(0.2)
+        ctx.runner.wait(0.2)
 
 
 def action_mount(ctx: Context, device: str, path: str, type: str, options: str) -> None:
@@ -7582,27 +7718,14 @@ def restore_phase(ctx: Context, state: RecoverState, state_path: Path, root: Pat
     write_file(state_path, state.to_json())
 
 
-def storage_drivers(disks: Sequence[str]) -> List[str]:
-    """The kernel modules that drive the disks here (virtio_blk, nvme, ahci…), which the
-    rebuilt initramfs must hold: the backed-up system may have booted from other hardware."""
-    out = []
-    for disk in disks:
-        device = Path("/sys/class/block") / os.path.basename(os.path.realpath(disk)) / "device"
-        for sysfs in (device, device / ".."):              # the disk's device, or its controller (nvme)
-            module = sysfs / "driver" / "module"
-            if module.exists():
-                out.append(os.path.basename(os.path.realpath(str(module))))
-                break
-    return list(dict.fromkeys(out))
-
-
 def finalize_phase(ctx: Context, layout: Layout, recreated: RecreateState, state: RecoverState,
                    state_path: Path, root: Path) -> None:
     """The finalize plan of what was restored (read from the tree, so a re-run plans the same
     steps), run and journaled step by step."""
     mapping = Mapping({old: str(identity["path"]) for old, identity in recreated.mapping.items()}, {}, [])
     system = probe_restored(TreeProbe(str(root)))
-    options = finalize_options(layout, mapping, ctx.config, storage_drivers(list(mapping.disks.values())))
+    here = probe_disks_here(Probe(ctx.runner), ctx.config, str(root))
+    options = finalize_options(layout, mapping, ctx.config, storage_drivers(list(mapping.disks.values())), here=here)
     steps = finalize_plan(system, options)
     check_programs(steps)
     left = [s for s in steps if s.id not in state.finalized]
@@ -7612,9 +7735,34 @@ def finalize_phase(ctx: Context, layout: Layout, recreated: RecreateState, state
     ctx.log.say(f"Finalizing {system.os_release.get('pretty_name') or layout.hostname} ({system.family}): {len(left)} steps")
     started = time.monotonic()
     run_journaled(ctx, steps, state.finalized, lambda: write_file(state_path, state.to_json()), {},
-                  "rescue recover", again=("bind",))
+                  "rescue recover", again=("bind", "unbind"))
     state.timings["finalize"] = round(time.monotonic() - started, 1)
     write_file(state_path, state.to_json())
+
+
+RESTOREONLY_STATE = "restoreonly.json"
+
+
+def restore_and_finalize(ctx: Context, time_: Optional[str]) -> int:
+    """restoreonly without --target: restore into the tree layoutonly (or mountonly) mounted
+    at TARGET_FS_ROOT, then finalize it as recover does."""
+    root = Path(ctx.config.setting("TARGET_FS_ROOT"))
+    if not os.path.ismount(str(root)):
+        raise RescueError(f"nothing is mounted at {root}", "recreate and mount the storage first (rescue layoutonly, "
+                          "or rescue mountonly), or restore elsewhere with --target DIR")
+    layout, _ = recovery_layout(ctx)
+    digest = layout_digest(json.loads(layout_to_json(layout)))
+    recreated = read_recreate_state(var_dir(ctx.config) / RECREATE_STATE)
+    if recreated is None or recreated.layout_digest != digest:
+        recreated = RecreateState(digest, {d.id: {"path": d.id} for d in layout.disks}, {})
+        ctx.log.say("No recreate journal of this layout: the disks are taken to have their original names")
+    check_backup_readable(ctx, time_)
+    state = RecoverState(digest, time_)
+    state_path = var_dir(ctx.config) / RESTOREONLY_STATE
+    restore_phase(ctx, state, state_path, root)
+    finalize_phase(ctx, layout, recreated, state, state_path, root)
+    wrap_up(ctx, layout, recreated, state, root)
+    return 0
 
 
 def recover_report(layout: Layout, recreated: RecreateState, state: RecoverState) -> str:
@@ -7644,6 +7792,13 @@ def unmount_tree(ctx: Context, layout: Layout, root: str) -> None:
         ctx.log.info(step.title)
         run_step(ctx, step, {})
     ctx.log.say(f"Unmounted {root}; LVM, LUKS and RAID are stopped")
+
+
+def time_split(total: float, runner: Runner) -> str:
+    """Where a run's time went: in the tools it ran, waiting for devices, in rescue itself."""
+    own = max(0.0, total - runner.busy - runner.waited)
+    return (f"Time: {total:.1f} s: tools {runner.busy:.1f} s, waiting for devices {runner.waited:.1f} s, "
+            f"rescue itself {own:.1f} s ({100 * own / total if total else 0:.1f} %)")
 
 
 def recover(ctx: Context) -> int:
@@ -7681,6 +7836,7 @@ def recover(ctx: Context) -> int:
         state.reported = True
         write_file(state_path, state.to_json())
     ctx.log.say(f"{layout.hostname} is recovered in {time.monotonic() - started:.0f} s")
+    ctx.log.say(time_split(time.monotonic() - started, ctx.runner))
     if args.unmount:
         unmount_tree(ctx, layout, str(root))
     else:
@@ -7853,18 +8009,29 @@ def wf_verify(ctx: Context) -> int:
 
 
 def restore_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", metavar="DIR", required=True,
-                        help="restore into DIR: empty, or freshly made filesystems mounted there")
+    parser.add_argument("--target", metavar="DIR",
+                        help="restore into DIR: empty, or freshly made filesystems mounted there (default: "
+                        "into TARGET_FS_ROOT, as recreated by layoutonly, and finalize it to boot)")
     parser.add_argument("--restore-time", metavar="TIME",
                         help="restore the backup as of TIME (default: BACKUP_DUPLICITY_RESTORE_TIME, else the latest)")
     parser.add_argument("--layout-only", action="store_true",
                         help="only fetch the layout and configuration stored beside the backup")
+    passphrase_argument(parser)
+
+
+def passphrase_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--passphrase-file", metavar="FILE",
+                        help="read the duplicity passphrase from FILE (instead of the configuration or the prompt)")
 
 
 @workflow("restoreonly", "restore the backup into --target DIR (may hold mounted filesystems)",
           needs_root=True, changes_state=True, arguments=restore_arguments)
 def wf_restoreonly(ctx: Context) -> int:
     time_ = restore_time(ctx.config, ctx.args.restore_time)
+    if not ctx.args.target:
+        if ctx.args.layout_only:
+            raise ConfigError("--layout-only needs --target DIR", "e.g. --layout-only --target /tmp/layout")
+        return restore_and_finalize(ctx, time_)
     target = Path(ctx.args.target)
     if ctx.args.layout_only:
         fetch_layout(ctx, target, time_)
@@ -7921,6 +8088,7 @@ def wf_mountonly(ctx: Context) -> int:
 
 def recover_arguments(parser: argparse.ArgumentParser) -> None:
     recreate_arguments(parser)
+    passphrase_argument(parser)
     parser.add_argument("--unmount", action="store_true",
                         help="unmount the recovered system afterwards (stop LVM, LUKS, RAID)")
 

@@ -107,3 +107,22 @@ def test_unmount_undoes_the_mounts_then_lvm_luks_and_raid_in_that_order(tmp_path
     kinds = [s.argv[0] if s.argv[0] != "lvm" else "lvm" for s in steps[1:]]
     assert kinds == sorted(kinds, key=["lvm", "cryptsetup", "mdadm"].index) and set(kinds) == {"lvm", "cryptsetup", "mdadm"}
     assert all(s.optional for s in steps)
+
+
+def test_restoreonly_without_target_needs_the_recreated_tree_mounted(site, tmp_path):
+    proc = site.run("restoreonly", TARGET_FS_ROOT=str(tmp_path / "not-mounted"))
+    assert_clean_error(proc, f"nothing is mounted at {tmp_path / 'not-mounted'}", "rescue layoutonly")
+
+
+def test_the_passphrase_from_a_file_opens_the_backup_and_stays_out_of_the_log(site):
+    canary = "CANARY-from-a-file-7f3a"
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE=canary).returncode == 0
+    secret = site.tmp / "passphrase"
+    secret.write_text(canary + "\n")
+    proc = site.run("--non-interactive", "restoreonly", "--target", site.tmp / "r", "--passphrase-file", secret,
+                    BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="")
+    assert proc.returncode == 0, proc.stderr
+    assert canary not in (site.tmp / "log/rescue.log").read_text() + proc.stdout + proc.stderr
+    proc = site.run("--non-interactive", "restoreonly", "--target", site.tmp / "r2", "--passphrase-file",
+                    site.tmp / "missing")
+    assert_clean_error(proc, "cannot read the passphrase file")
