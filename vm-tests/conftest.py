@@ -5,6 +5,8 @@ Fixtures:
   golden          session: golden("bios-lvm") -> Golden, provisioned once per session
   make_machine    per test: make_machine("bios-lvm") -> Machine on overlays of that golden;
                   make_machine(None, name="x", ...) -> a bare Machine; all closed after the test
+  make_standin    per test: make_standin("rescue", firmware="bios", udev=True, network=True)
+                  -> StandIn (vmlib/standin.py): a rescue-system stand-in VM; closed after the test
   rescue_py       path of the rescue.py of the checkout under test
 
 Tests marked `vm` are skipped, with the reason, only when qemu-system-x86_64 or debootstrap
@@ -22,7 +24,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vmlib import Golden, Machine, get_golden, get_image  # noqa: E402
+from vmlib import Golden, Machine, StandIn, get_golden, get_image, rescue_standin  # noqa: E402
 from vmlib import procs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,7 +109,7 @@ def golden(guest_image):
 @pytest.fixture
 def make_machine(request, tmp_path, golden, guest_image):
     machines: List[Machine] = []
-    request.node.vm_machines = machines
+    request.node.vm_machines = getattr(request.node, "vm_machines", [])
 
     def make(spec: Optional[str], name: Optional[str] = None, **options) -> Machine:
         name = name or spec
@@ -117,11 +119,30 @@ def make_machine(request, tmp_path, golden, guest_image):
         else:
             m = Machine(name, workdir, ssh_key=guest_image.ssh_key, **options)
         machines.append(m)
+        request.node.vm_machines.append(m)
         return m
 
     yield make
     for m in machines:
         m.close()
+
+
+@pytest.fixture
+def make_standin(request, tmp_path, guest_image):
+    standins: List[StandIn] = []
+    request.node.vm_machines = getattr(request.node, "vm_machines", [])
+
+    def make(name: str = "rescue", firmware: str = "bios", udev: bool = True, network: bool = True,
+             **options) -> StandIn:
+        s = rescue_standin(guest_image, name, tmp_path / name, firmware=firmware, udev=udev,
+                           network=network, **options)
+        standins.append(s)
+        request.node.vm_machines.append(s)
+        return s
+
+    yield make
+    for s in standins:
+        s.close()
 
 
 @pytest.fixture(scope="session")

@@ -192,3 +192,68 @@ def test_run_reports_failure_output_and_enforces_timeout():
     assert "evidence" in failure.value.output
     with pytest.raises(procs.HarnessError, match="timed out"):
         procs.run(["sleep", "30"], timeout=0.5)
+
+
+def fake_image(tmp_path):
+    """A GuestImage directory with just what the stand-in reads: kernel, modules, recipe."""
+    from vmlib import GuestImage
+    moddir = tmp_path / "img/rootfs/lib/modules/6.1.0-x/kernel"
+    moddir.mkdir(parents=True)
+    (moddir.parent / "modules.dep").write_text(
+        "kernel/virtio_blk.ko: kernel/virtio_ring.ko kernel/virtio.ko\n"
+        "kernel/virtio_ring.ko: kernel/virtio.ko\nkernel/virtio.ko:\n"
+        "kernel/virtio_pci.ko: kernel/virtio_ring.ko kernel/virtio.ko\n")
+    for name in ("virtio", "virtio_ring", "virtio_blk", "virtio_pci"):
+        (moddir / (name + ".ko")).write_bytes(b"ELF " + name.encode())
+    for name in ("vmlinuz", "tools.img", "id_ed25519"):
+        (tmp_path / "img" / name).write_bytes(b"x")
+    (tmp_path / "img/recipe.json").write_text('{"kernel": "6.1.0-x"}')
+    return GuestImage(tmp_path / "img", "k")
+
+
+def test_standin_initramfs_holds_init_stage2_busybox_modules_and_settings(tmp_path):
+    from vmlib.standin import rescue_standin
+    s = rescue_standin(fake_image(tmp_path), "r", tmp_path / "r", udev=False, hostname="src-host")
+    entries = read_cpio(s.initrd)
+    assert entries["init"][0] == 0o100755 and entries["init"][1].startswith(b"#!/bin/busybox sh")
+    assert b"switch_root /newroot /run/standin/busybox sh /run/standin/stage2.sh" in entries["init"][1]
+    assert b"udevadm trigger --type=devices --action=add" in entries["stage2.sh"][1]
+    assert b"poweroff -f" in entries["poweroff.sh"][1]
+    assert entries["bin/busybox"][1] == Path("/bin/busybox").read_bytes()
+    assert entries["etc/standin.conf"][1] == b"UDEV=0\nNET=static\nHOSTNAME=src-host\n"
+    # dependencies first, each once
+    assert entries["etc/standin-modules"][1].decode().split() == [
+        "kernel/virtio.ko", "kernel/virtio_ring.ko", "kernel/virtio_pci.ko", "kernel/virtio_blk.ko"]
+    assert entries["lib/modules/kernel/virtio_blk.ko"][1] == b"ELF virtio_blk"
+    assert entries["dev/console"][2] == (5, 1)
+    s.close()
+
+
+def test_standin_qemu_argv_boots_kernel_with_tools_disk_as_snapshot(tmp_path):
+    from vmlib.standin import rescue_standin
+    image = fake_image(tmp_path)
+    s = rescue_standin(image, "r", tmp_path / "r", firmware="uefi")
+    s.add_disk(tmp_path / "t.qcow2", "disk0", bus="nvme")
+    s.ssh_port = 2200
+    argv = s.qemu_argv()
+    joined = " ".join(argv)
+    assert argv[argv.index("-kernel") + 1] == str(image.kernel)
+    assert argv[argv.index("-initrd") + 1] == str(s.initrd)
+    assert "console=ttyS0" in argv[argv.index("-append") + 1]
+    assert ("-drive if=none,id=d-tools,file=%s,format=raw,cache=unsafe,snapshot=on "
+            "-device virtio-blk-pci,drive=d-tools,serial=tools" % image.tools_img) in joined
+    assert "-device nvme,drive=d-disk0,serial=disk0" in joined
+    assert "hostfwd=tcp:127.0.0.1:2200-:22" in joined and "-m 2048" in joined
+    assert "if=pflash" in joined
+    with pytest.raises(procs.HarnessError, match="stand-in's own root disk"):
+        s.add_disk(tmp_path / "x.qcow2", "tools")
+    with pytest.raises(procs.HarnessError, match="hostname"):
+        rescue_standin(image, "q", tmp_path / "q", hostname="bad name;")
+    s.close()
+
+
+def test_standin_serials_from_sysfs_listing():
+    from vmlib.standin import parse_serials
+    listing = "vda tools\nvdb disk0\nnvme0n1 target\nsda backup\nsr0 \nloop0\n"
+    assert parse_serials(listing) == {"tools": "/dev/vda", "disk0": "/dev/vdb", "target": "/dev/nvme0n1",
+                                      "backup": "/dev/sda"}
