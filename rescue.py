@@ -289,6 +289,7 @@ class Lit:
     text: str
     quoted: bool
 
+
 @dataclass
 class Var:
     name: str
@@ -1542,6 +1543,7 @@ SSH_SCHEMES = ("rsync", "sftp", "scp", "ssh", "pexpect+sftp", "pexpect+scp", "pa
 FAST_SSH_CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
                     "aes128-ctr,aes192-ctr,aes256-ctr")
 
+
 def cpu_has_aes() -> bool:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -1589,8 +1591,6 @@ class SshSharing:
                 runner.log.debug(f"could not end the shared ssh connection: {exc.message}")
         shutil.rmtree(self.directory, ignore_errors=True)
         self.directory = None
-
-
 
 
 @dataclass
@@ -1654,10 +1654,43 @@ def write_file(path: Path, data: Union[str, bytes], mode: int = 0o600, keep_dir_
         stream.write(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
 
 
+OWNER_FILE = ".rescue-owner"
+
+
+def process_identity(pid: int) -> str:
+    """"PID STARTTIME" of a live process, "" when it is gone (a reused pid is another process)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    return f"{pid} {fields[19]}" if len(fields) > 19 else ""
+
+
+def sweep_stale_work(parent: str, prefix: str) -> None:
+    """Remove the work directories of runs that died without cleaning up (SIGKILL): a copy of
+    the keyring or duplicity's temporary volumes must not outlive the run that made them."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                owner = Path(entry.path, OWNER_FILE).read_text().strip()
+                alive = process_identity(int(owner.split()[0])) == owner
+            except (OSError, ValueError, IndexError):
+                continue                          # not rescue's, or being made right now
+            if not alive:
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def work_directory(prefix: str, parent: Optional[str] = None) -> "Iterator[Path]":
+    """A new private directory, removed afterwards; it names its owner, so that the next run
+    removes it should this one be killed."""
+    parent = parent or tempfile.gettempdir()
+    sweep_stale_work(parent, prefix)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
+        (path / OWNER_FILE).write_text(process_identity(os.getpid()) + "\n")
         yield path
     finally:
         shutil.rmtree(str(path), ignore_errors=True)
@@ -4185,6 +4218,7 @@ DUPLICITY_LAUNCHER = (
     "os.execve = execve\n"
     "runpy.run_module('duplicity', run_name='__main__', alter_sys=False)\n")
 
+
 def duplicity_command(config: Config) -> Tuple[List[str], Dict[str, str]]:
     """argv prefix and extra environment that run duplicity."""
     prog = config.setting("DUPLICITY_PROG")
@@ -4287,6 +4321,7 @@ KNOWN_FAILURES = (
     ("Another duplicity instance is already running", "another duplicity is using this archive directory",
      "wait for it to finish"),
 )
+
 
 def diagnose(output: str) -> Optional[Tuple[str, str]]:
     """(what went wrong, what to do) for failures we recognise in duplicity's output."""
@@ -4747,27 +4782,8 @@ class WriteProgress:
 # holds one directory. A part is a plain directory inside one filesystem (no mountpoint at or
 # below it), so it restores into a staging directory on its own filesystem, renamed into place.
 
-#
-# One duplicity process keeps about one core busy (gpg compressing in one process, tar and
-# librsync in the other), so with more cores the backup is split: a few large directories
-# ("parts") each get a chain of their own at URL/part-ID, backed up side by side with the main
-# chain at URL, which holds everything else (the chain ReaR would make, minus the parts).
-# The plan is kept in VAR_DIR/backup-parts.json and stored with the layout, so a restore as of
-# any time reads the plan of that time. A part's ID comes from its path: a chain only ever
-# holds one directory. A part is a plain directory inside one filesystem (no mountpoint at or
-# below it), so it restores into a staging directory on its own filesystem, renamed into place.
-
-#
-# One duplicity process keeps about one core busy (gpg compressing in one process, tar and
-# librsync in the other), so with more cores the backup is split: a few large directories
-# ("parts") each get a chain of their own at URL/part-ID, backed up side by side with the main
-# chain at URL, which holds everything else (the chain ReaR would make, minus the parts).
-# The plan is kept in VAR_DIR/backup-parts.json and stored with the layout, so a restore as of
-# any time reads the plan of that time. A part's ID comes from its path: a chain only ever
-# holds one directory. A part is a plain directory inside one filesystem (no mountpoint at or
-# below it), so it restores into a staging directory on its own filesystem, renamed into place.
-
 PARTS_FILE = "backup-parts.json"
+
 
 def part_id(path: str) -> str:
     return "part-" + hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:12]
@@ -4968,20 +4984,8 @@ def read_parts_plan(path: Path) -> PartsPlan:
 # filesystems before the backup, writes what duplicity would lose to
 # VAR_DIR/backup-metadata.jsonl.gz (inside the backup), and puts it back after a restore.
 
-#
-# duplicity stores neither extended attributes (so no POSIX ACLs, SELinux labels or file
-# capabilities), nor hard links (each name becomes a copy), nor holes (sparse files come back
-# full), and it does not restore the mtime of symbolic links. rescue walks the same
-# filesystems before the backup, writes what duplicity would lose to
-# VAR_DIR/backup-metadata.jsonl.gz (inside the backup), and puts it back after a restore.
-
 METADATA_FILE = "backup-metadata.jsonl.gz"
 
-#
-# duplicity stores neither extended attributes (so no POSIX ACLs, SELinux labels or file
-# capabilities), nor hard links (each name becomes a copy), nor holes (sparse files come back
-# full), and it does not restore the mtime of symbolic links. rescue walks the same filesystems before the backup, writes what duplicity would lose
-# to VAR_DIR/backup-metadata.jsonl.gz (inside the backup), and puts it back after a restore.
 
 def walk_filesystem(root: str, mountpoints: Set[str], skip: Sequence[str]) -> "Iterator[Tuple[str, os.stat_result]]":
     """root and everything below it, not descending into other mountpoints or skipped paths."""
@@ -5007,6 +5011,7 @@ def walk_filesystem(root: str, mountpoints: Set[str], skip: Sequence[str]) -> "I
             yield path, st
             if stat.S_ISDIR(st.st_mode):
                 pending.append(path)
+
 
 def metadata_records(path: str, st: os.stat_result, links: Dict[Tuple[int, int], List[str]]) -> List[dict]:
     records = []
@@ -5455,6 +5460,33 @@ def choose_parts(ctx: "Context", previous: PartsPlan, selection: Selection,
     return PartsPlan(parts, sorted((set(previous.retired) | set(old)) - set(parts)), workers)
 
 
+LEFT_OUT_FILE = "left-out.json"
+
+
+def left_out_entries(excluded: Sequence[Tuple[str, str]], config: Config) -> List[Dict[str, object]]:
+    """The mountpoints the backup leaves out (/proc, /sys, /dev, /run, /tmp, other mounts, a
+    bind-mounted /etc/machine-id) and BACKUP_DUPLICITY_EXCLUDE's plain paths, as they are here:
+    a restore makes them again with their type, mode, owner and times (not what is below)."""
+    paths = sorted({p for p, _ in excluded} | {p for p in config.setting("BACKUP_DUPLICITY_EXCLUDE")
+                                                if p.startswith("/") and not any(c in p for c in "*?[")})
+    includes = [glob_prefix(i) for i in config.setting("BACKUP_DUPLICITY_INCLUDE")]
+    if includes:
+        paths = [p for p in paths if any(path_within(p, i) for i in includes)]
+    out: List[Dict[str, object]] = []
+    for path in paths:
+        if path == "/" or any(path_within(path, o) and path != o for o in paths):
+            continue                              # below another left-out path: not on the disk
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+            out.append({"path": path, "type": "dir" if stat.S_ISDIR(st.st_mode) else "file",
+                        "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+                        "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
 def make_backup(ctx: "Context") -> int:
     config = ctx.config
     url = backup_url(config)
@@ -5475,6 +5507,7 @@ def make_backup(ctx: "Context") -> int:
         ctx.log.info("Leaving out: " + ", ".join(f"{p} ({why})" for p, why in selection.excluded))
         run_retention(ctx, opts, url, previous.parts + previous.retired)
         write_file(var_dir(config) / STORED_CONFIG_FILE, config_without_secrets(config))
+        write_file(var_dir(config) / LEFT_OUT_FILE, json.dumps(left_out_entries(excluded, config), indent=1) + "\n")
         if not (var_dir(config) / LAST_BACKUP_FILE).exists():
             write_file(var_dir(config) / LAST_BACKUP_FILE, "{}\n")   # before the backup sees VAR_DIR
         mountpoints = in_scope + [p for p, _ in excluded]
@@ -5505,15 +5538,6 @@ def make_backup(ctx: "Context") -> int:
 # directory into place (same filesystem: no copying) and the root's own attributes copied.
 # =============================================================================================
 
-#
-# duplicity 3.x refuses to restore into a directory that is not empty, even with --force, and
-# recovery restores into /mnt/local where the child filesystems (/boot, /home, …) are already
-# mounted. So duplicity restores into an empty staging directory on the target's root
-# filesystem, with --rename sending each top-level name that holds a mountpoint (boot, home,
-# var, …) through "../NAME" into the real tree: every byte is written once, onto the
-# filesystem it belongs to. Afterwards the other top-level names are renamed from the staging
-# directory into place (same filesystem: no copying) and the root's own attributes copied.
-
 def redirected_names(target: str, mountpoints: Sequence[str]) -> List[str]:
     """Top-level names under target that are, or contain, a mountpoint."""
     names = set()
@@ -5521,6 +5545,7 @@ def redirected_names(target: str, mountpoints: Sequence[str]) -> List[str]:
         if mount != target and path_within(mount, target):
             names.add(mount[len(target.rstrip("/")) + 1:].split("/")[0])
     return sorted(names)
+
 
 def unexpected_entries(entries: Dict[str, bool], redirected: Sequence[str]) -> List[str]:
     """Names in the target (name -> is an empty directory) that a restore would collide with."""
@@ -5573,7 +5598,14 @@ def private_gnupg_home(runner: Runner, crypt: Optional[Encryption] = None) -> "I
     decryption at a time, and a restore decrypts every volume and metadata file. The
     copy lives in /run (a tmpfs, mode 0700) and is removed afterwards; the keyring itself is
     not touched."""
-    home = Path(tempfile.mkdtemp(prefix="rescue-home-", dir="/run" if os.access("/run", os.W_OK) else None))
+    with work_directory("rescue-home-", "/run" if os.access("/run", os.W_OK) else None) as home:
+        with keyring_copy(runner, home, crypt) as env:
+            yield env
+
+
+@contextlib.contextmanager
+def keyring_copy(runner: Runner, home: Path, crypt: Optional[Encryption]) -> "Iterator[Dict[str, str]]":
+    """The keyring copied into home/.gnupg, its keys protected anew; its agent stopped afterwards."""
     gnupg = home / ".gnupg"
     source = Path(os.environ.get("GNUPGHOME") or Path(os.environ.get("HOME") or "/root") / ".gnupg")
     if source.is_dir():
@@ -5597,7 +5629,6 @@ def private_gnupg_home(runner: Runner, crypt: Optional[Encryption] = None) -> "I
             runner.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False, timeout=30)
         except RescueError as exc:
             runner.log.debug(f"could not stop the temporary gpg-agent: {exc.message}")
-        shutil.rmtree(str(home), ignore_errors=True)
 
 
 def restore_workspace(config: Config, target: Path) -> "contextlib.AbstractContextManager[Path]":
@@ -5819,8 +5850,46 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
         ctx.log.info(f"Restored what duplicity does not keep: {done}")
         if done["failed"]:
             ctx.log.warn(f"{done['failed']} extended attributes could not be set (see the log)")
+    made = make_left_out(target, read_left_out(Path(below(target, str(var_dir(ctx.config) / LEFT_OUT_FILE)))))
+    if made:
+        ctx.log.info("Made again what the backup left out: " + ", ".join(made))
     copy_root_attributes(root, target)
     return progress.written()
+
+
+def read_left_out(path: Path) -> List[Dict[str, object]]:
+    """The record of what the backup left out; a backup without one (ReaR's) left out the
+    pseudo filesystems and /tmp, which every system needs as directories."""
+    try:
+        return [dict(e) for e in json.loads(path.read_text())]
+    except FileNotFoundError:
+        return [{"path": p, "type": "dir", "mode": m, "uid": 0, "gid": 0} for p, m in
+                (("/proc", 0o555), ("/sys", 0o555), ("/dev", 0o755), ("/run", 0o755), ("/tmp", 0o1777))]
+    except (OSError, ValueError, TypeError) as exc:
+        raise RescueError(f"cannot read {path}: {exc}", "the restored files are there; make the directories "
+                          "the backup left out (/proc, /sys, /dev, /run, /tmp) by hand") from None
+
+
+def make_left_out(target: Path, entries: Sequence[Dict[str, object]]) -> List[str]:
+    """Make each left-out path that the restore did not bring (whose directory it did), with
+    its type, mode, owner and times; the directory it is made in keeps its times."""
+    made = []
+    for entry in sorted(entries, key=lambda e: str(e["path"]).count("/")):
+        path = Path(below(target, str(entry["path"])))
+        if os.path.lexists(str(path)) or not path.parent.is_dir():
+            continue
+        before = os.lstat(str(path.parent))
+        if entry["type"] == "dir":
+            path.mkdir()
+        else:
+            path.touch()
+        os.chown(str(path), int(entry["uid"]), int(entry["gid"]))
+        os.chmod(str(path), int(entry["mode"]))
+        if "mtime_ns" in entry:
+            os.utime(str(path), ns=(int(entry["atime_ns"]), int(entry["mtime_ns"])))
+        os.utime(str(path.parent), ns=(before.st_atime_ns, before.st_mtime_ns))
+        made.append(str(entry["path"]))
+    return made
 
 
 def fetch_layout(ctx: "Context", destination: Path, time_: Optional[str]) -> None:
