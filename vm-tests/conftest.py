@@ -8,6 +8,8 @@ Fixtures:
   make_standin    per test: make_standin("rescue", firmware="bios", udev=True, network=True)
                   -> StandIn (vmlib/standin.py): a rescue-system stand-in VM; closed after the test
   rescue_py       path of the rescue.py of the checkout under test
+  rescue_pyz      session: dist/rescue.pyz (rescue + duplicity) built from the checkout by
+                  build_zipapp.py into the session's tmp dir; $RESCUE_PYZ names a ready one
 
 Tests marked `vm` are skipped, with the reason, only when qemu-system-x86_64 or debootstrap
 is missing or the run is not root. Anything else that goes wrong is a failure: a broken image
@@ -151,6 +153,19 @@ def rescue_py() -> Path:
     if not path.is_file():
         pytest.fail("%s does not exist: the VM tests run the checkout's rescue.py" % path)
     return path
+
+
+@pytest.fixture(scope="session")
+def rescue_pyz(tmp_path_factory) -> Path:
+    if os.environ.get("RESCUE_PYZ"):
+        path = Path(os.environ["RESCUE_PYZ"])
+        if not path.is_file():
+            pytest.fail("RESCUE_PYZ=%s does not exist" % path)
+        return path
+    out = tmp_path_factory.mktemp("pyz") / "rescue.pyz"
+    procs.run([sys.executable, REPO / "build_zipapp.py", "-o", out], timeout=600, env=dict(os.environ),
+              log_file=out.parent / "build.log")
+    return out
 
 
 @pytest.hookimpl(hookwrapper=True)
