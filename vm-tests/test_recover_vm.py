@@ -25,17 +25,20 @@ from vmlib.drill import Timer
 def drill_backup(golden, rescue_pyz):
     made: Dict[str, object] = {}
 
-    def get(spec_name: str) -> drill.Backup:
-        if spec_name not in made:
-            made[spec_name] = drill.get_backup(golden(spec_name), rescue_pyz)
-        return made[spec_name]
+    def get(spec_name: str, second: bool = False) -> drill.Backup:
+        if (spec_name, second) not in made:
+            made[spec_name, second] = drill.get_backup(golden(spec_name), rescue_pyz, second)
+        return made[spec_name, second]
     return get
 
 
 def run_drill(spec_name, golden, drill_backup, rescue_pyz, make_standin, make_machine, tmp_path,
-              bus=None, size_factor=1, same_serials=True, check_layout=True):
+              bus=None, size_factor=1, same_serials=True, check_layout=True, point_in_time=False,
+              in_recovered=None):
+    """The whole drill; in_recovered(machine, source_info) adds checks in the booted recovered
+    system. Returns the report (also in drill-timings.json) and the recovered disks."""
     g = golden(spec_name)
-    backup = drill_backup(spec_name)
+    backup = drill_backup(spec_name, point_in_time)
     source = backup.info
     assert not source["passphrase_leaks"], "the GPG passphrase is in %s" % source["passphrase_leaks"]
     timer = Timer()
@@ -56,7 +59,8 @@ def run_drill(spec_name, golden, drill_backup, rescue_pyz, make_standin, make_ma
         drill.install_rescue(s, rescue_pyz, backup.conf)
         targets = {d.name: s.disk_path(d) for d in disks}
     recover_started = time.monotonic()
-    how = drill.recover(s, targets, g.spec.firmware, timer, tmp_path)
+    how = drill.recover(s, targets, g.spec.firmware, timer, tmp_path,
+                        restore_time=source["restore_time"] if point_in_time else "")
     leaks = s.run("grep -rl -- %s /var/lib/rescue /var/log/rescue /tmp 2>/dev/null" % drill.PASSPHRASE).stdout
     with timer.step("stand-in: poweroff"):
         s.shutdown()
@@ -76,6 +80,7 @@ def run_drill(spec_name, golden, drill_backup, rescue_pyz, make_standin, make_ma
     machine_id = m.run("cat /etc/machine-id", check=True).stdout.strip()
     with timer.step("recovered: rescue checklayout"):
         checklayout = m.run(drill.RESCUE + " checklayout", timeout=300)
+    extra = in_recovered(m, source) if in_recovered else None
     with timer.step("recovered: poweroff"):
         m.shutdown()
 
@@ -99,9 +104,72 @@ def run_drill(spec_name, golden, drill_backup, rescue_pyz, make_standin, make_ma
     if check_layout:
         assert checklayout.returncode == 0, "checklayout: exit %d\n%s\n%s" % (
             checklayout.returncode, checklayout.stdout[-3000:], checklayout.stderr[-3000:])
-    return report
+    report["extra"] = extra
+    return report, disks
 
 
 @pytest.mark.vm
 def test_recover_bios_lvm(golden, drill_backup, rescue_pyz, make_standin, make_machine, tmp_path):
+    """The quick drill (CI's quick stage): bios-lvm onto a blank disk like the old one."""
     run_drill("bios-lvm", golden, drill_backup, rescue_pyz, make_standin, make_machine, tmp_path)
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_recover_uefi_gpt_boots_through_the_new_nvram_entry(golden, drill_backup, rescue_pyz, make_standin,
+                                                           make_machine, tmp_path):
+    def boot_entry(m, source):
+        out = m.run("efibootmgr -v", check=True).stdout
+        current = next(line.split()[1] for line in out.splitlines() if line.startswith("BootCurrent:"))
+        entry = next(line for line in out.splitlines() if line.startswith("Boot%s" % current))
+        return entry
+    report, _ = run_drill("uefi-gpt", golden, drill_backup, rescue_pyz, make_standin, make_machine, tmp_path,
+                          in_recovered=boot_entry)
+    entry = report["extra"]
+    # the firmware started the recovered system through an NVRAM entry of the installed loader,
+    # not the removable-media fallback \EFI\BOOT\BOOTX64.EFI nor a firmware default
+    assert "\\EFI\\BOOT\\" not in entry.upper() and ".efi" in entry.lower(), entry
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_recover_raid1_luks_each_disk_boots_alone(golden, drill_backup, rescue_pyz, make_standin, make_machine,
+                                                 tmp_path):
+    _, disks = run_drill("raid1-luks", golden, drill_backup, rescue_pyz, make_standin, make_machine, tmp_path)
+    for alone in disks:
+        m = make_machine(None, name="alone-" + alone.name)
+        m.add_disk(alone.path, alone.name, bootindex=0, snapshot=True)
+        m.start()
+        state = m.wait_booted()
+        degraded = m.run("cat /proc/mdstat", check=True).stdout
+        m.shutdown()
+        assert state in ("running", "degraded"), state
+        assert "_" in degraded, "the arrays should run degraded with one disk:\n" + degraded
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_recover_bios_lvm_onto_a_twice_as_big_nvme_disk(golden, drill_backup, rescue_pyz, make_standin,
+                                                        make_machine, tmp_path):
+    def sizes(m, source):
+        return m.run("lsblk -J -b -o NAME,TYPE,SIZE", check=True).stdout
+    report, disks = run_drill("bios-lvm", golden, drill_backup, rescue_pyz, make_standin, make_machine, tmp_path,
+                              bus="nvme", size_factor=2, same_serials=False, check_layout=False,
+                              in_recovered=sizes)
+    source = drill_backup("bios-lvm").info["identity"]
+    grown = drill.storage_identity_sizes(report["extra"])
+    old_disk = max(int(r["SIZE"]) for r in source if r["TYPE"] == "disk")
+    assert grown["disk"] == 2 * old_disk
+    old_part = max(int(r["SIZE"]) for r in source if r["TYPE"] == "part")
+    assert grown["part"] > old_part + old_disk // 2, "the last partition was not grown: %s" % grown
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_recover_point_in_time_restores_the_first_of_two_backups(golden, drill_backup, rescue_pyz, make_standin,
+                                                                 make_machine, tmp_path):
+    def later(m, source):
+        return m.run("test -e %s" % drill.LATER_ROOT).returncode
+    report, _ = run_drill("bios-lvm", golden, drill_backup, rescue_pyz, make_standin, make_machine, tmp_path,
+                          point_in_time=True, in_recovered=later)
+    assert report["extra"] == 1, "%s of the second backup is in the recovered system" % drill.LATER_ROOT

@@ -37,6 +37,7 @@ BACKUP_MOUNT = "/backup"
 RESCUE = "/usr/local/sbin/rescue"   # where rescue.pyz goes, in the source and in the stand-in
 DRILL_DIR = "/run/drill"            # the harness's scripts in a guest (tmpfs: never backed up)
 DATA_ROOTS = ("/srv/drill", "/boot/drill")
+LATER_ROOT = "/srv/later"           # written after the first backup (point-in-time drill)
 PASSPHRASE = "drill-CANARY-4f9c1e7a"   # must never show up in rescue's logs, layout or state
 
 # Paths whose contents a recovered system may have changed, with the reason. Left out of both
@@ -95,10 +96,14 @@ def recipe_key(golden: Golden, rescue_pyz: Path) -> str:
                         scripts, local_conf(), sorted(VOLATILE), VOLATILE_GLOBS, DATA_ROOTS)
 
 
-def get_backup(golden: Golden, rescue_pyz: Path) -> Backup:
-    """The cached backup of golden's machine with the drill data, made first if needed."""
-    name = cache.entry_name("backup", recipe_key(golden, rescue_pyz), golden.spec.name)
-    return Backup(cache.build_once(cache.cache_dir(), name, lambda out: _build(golden, rescue_pyz, out)))
+def get_backup(golden: Golden, rescue_pyz: Path, second: bool = False) -> Backup:
+    """The cached backup of golden's machine with the drill data, made first if needed.
+
+    second: then more data (LATER_ROOT) and a second `rescue mkbackuponly`; the manifest and
+    info["restore_time"] are those of the first backup (a point-in-time recovery)."""
+    kind = "backup2" if second else "backup"
+    name = cache.entry_name(kind, recipe_key(golden, rescue_pyz), golden.spec.name)
+    return Backup(cache.build_once(cache.cache_dir(), name, lambda out: _build(golden, rescue_pyz, out, second)))
 
 
 class Timer:
@@ -164,6 +169,19 @@ def storage_identity(m: Machine) -> List[Dict]:
     return [r for r in rows if r["LABEL"] != BACKUP_DISK and r["TYPE"] not in ("rom", "loop")]
 
 
+def storage_identity_sizes(lsblk_json: str) -> Dict[str, int]:
+    """The biggest disk and the biggest partition of an `lsblk -J -b -o NAME,TYPE,SIZE`."""
+    out: Dict[str, int] = {}
+
+    def walk(devs):
+        for d in devs:
+            if d.get("type") in ("disk", "part"):
+                out[d["type"]] = max(out.get(d["type"], 0), int(d["size"]))
+            walk(d.get("children") or [])
+    walk(json.loads(lsblk_json)["blockdevices"])
+    return out
+
+
 def identity_keys(rows: Sequence[Dict]) -> List[Tuple]:
     """The identities to compare: (type, fstype, UUID, label) of every device that has one, and
     the partition and table ids; device names and sizes may differ (another bus, a bigger disk)."""
@@ -219,7 +237,7 @@ def _short(value):
     return value if value is None or len(value) <= 40 else value[:37] + "..."
 
 
-def _build(golden: Golden, rescue_pyz: Path, out: Path) -> None:
+def _build(golden: Golden, rescue_pyz: Path, out: Path, second: bool = False) -> None:
     timer = Timer()
     (out / "local.conf").write_text(local_conf())
     create_disk_image(out / "backup.qcow2", BACKUP_DISK_SIZE)
@@ -245,6 +263,15 @@ def _build(golden: Golden, rescue_pyz: Path, out: Path) -> None:
         roots = [p for p in roots if p != BACKUP_MOUNT]
         with timer.step("source: manifest"):
             take_manifest(m, roots, out / "manifest.json")
+        restore_time = None
+        if second:
+            restore_time = m.run("sleep 2; date +%s; sleep 2", check=True).stdout.strip()
+            m.run("python3 %s/drill-data.py %s" % (DRILL_DIR, LATER_ROOT), check=True)
+            with timer.step("source: second rescue mkbackuponly"):
+                r = m.run(RESCUE + " mkbackuponly", timeout=1500)
+            (out / "mkbackuponly-2.log").write_text("exit %d\n--- stdout\n%s--- stderr\n%s"
+                                                     % (r.returncode, r.stdout, r.stderr))
+            r.check()
         identity = storage_identity(m)
         leaks = m.run("grep -rl -- %s /var/lib/rescue /var/log/rescue %s 2>/dev/null" % (PASSPHRASE, BACKUP_MOUNT)).stdout
         hostname = m.run("hostname", check=True).stdout.strip()
@@ -254,7 +281,7 @@ def _build(golden: Golden, rescue_pyz: Path, out: Path) -> None:
     finally:
         m.close()
     info = {"spec": golden.spec.name, "golden": golden.path.name, "hostname": hostname, "machine_id": machine_id,
-            "roots": roots, "identity": identity, "data": json.loads(data), "passphrase_leaks": leaks.split(),
+            "roots": roots, "restore_time": restore_time, "identity": identity, "data": json.loads(data), "passphrase_leaks": leaks.split(),
             "rescue_pyz_sha256": hashlib.sha256(rescue_pyz.read_bytes()).hexdigest(),
             "timings": timer.as_dict(), "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (out / "source.json").write_text(json.dumps(info, indent=1) + "\n")
