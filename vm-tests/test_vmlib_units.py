@@ -329,9 +329,11 @@ def test_drill_comparison_leaves_out_volatile_paths_and_their_directories_mtime(
     f = lambda **kw: dict({"type": "file", "mode": "0644", "uid": 0, "gid": 0, "mtime": 1}, **kw)  # noqa: E731
     d = lambda mtime: {"type": "dir", "mode": "0755", "uid": 0, "gid": 0, "mtime": mtime}  # noqa: E731
     src = {"files": {"/var": d(1), "/var/log/syslog": f(), "/etc": d(1), "/etc/x": f(sha256="a"),
-                     "/boot": d(1), "/boot/initrd.img-6.1": f(sha256="b")}, "hardlinks": []}
+                     "/boot": d(1), "/boot/initrd.img-6.1": f(sha256="b"), "/sock": f(type="socket"),
+                     "/backup": {"type": "dir", "mountpoint": True, "mode": "0755", "uid": 0, "gid": 0}},
+           "hardlinks": []}
     dst = {"files": {"/var": d(2), "/var/log/new": f(), "/etc": d(2), "/etc/x": f(sha256="c"),
-                     "/boot": d(2), "/boot/initrd.img-6.1": f(sha256="d")}, "hardlinks": []}
+                     "/boot": d(2), "/boot/initrd.img-6.1": f(sha256="d"), "/backup": d(5)}, "hardlinks": []}
     assert compare_manifests(src, dst) == ["/etc: mtime 1 -> 2", "/etc/x: sha256 a -> c"]
 
 

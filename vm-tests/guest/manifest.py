@@ -3,7 +3,9 @@
     python3 manifest.py [--skip PATH ...] MOUNTPOINT [MOUNTPOINT ...] > manifest.json
 
 Walks each mountpoint without crossing into other filesystems (like the backup) and skips
-the given paths (and everything below them). For every other path it records
+the given paths (and everything below them). A directory where another filesystem is mounted
+is recorded as a mountpoint (type, mode, owner of what is seen there), not entered. For every
+other path it records
     type, mode (permission and set-id bits), uid, gid, mtime (whole seconds: duplicity keeps
     no more), size and sha256 (regular files), target (symlinks), rdev (devices),
     xattrs (every namespace root can read: user, trusted, security.capability, the POSIX
@@ -80,7 +82,9 @@ def walk(root, skip):
             if stat.S_ISDIR(st.st_mode):
                 if st.st_dev == dev:
                     pending.append(path)
-                continue  # a mountpoint: its own filesystem (or not part of the manifest)
+                else:
+                    yield path, None   # a mountpoint: its own filesystem, walked as a root or not at all
+                continue
             yield path, st
 
 
@@ -88,6 +92,12 @@ def manifest(roots, skip):
     files, inodes = {}, {}
     for root in roots:
         for path, st in walk(root, skip):
+            if st is None:
+                if path not in files:
+                    mounted = os.lstat(path)
+                    files[path] = {"type": "dir", "mountpoint": True, "mode": "%04o" % stat.S_IMODE(mounted.st_mode),
+                                   "uid": mounted.st_uid, "gid": mounted.st_gid}
+                continue
             files[path] = entry(path, st)
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                 inodes.setdefault((st.st_dev, st.st_ino), []).append(path)

@@ -11,8 +11,10 @@ module's constants and the guest scripts it runs), so every drill of a session, 
 sessions with the same rescue.pyz, share one. Drills attach it as an overlay: the entry is
 never written.
 
-What a recovered system may legitimately differ in (VOLATILE, each with its reason) is left
-out of both manifests; the mtime of a directory holding a left-out path is not compared.
+Manifests are complete; the comparison leaves out what a recovered system may legitimately
+differ in (VOLATILE, each with its reason) and the mtime of a directory holding such a path.
+Sockets are not compared (a live process's endpoint: no backup restores one), nor the mtime
+of a mountpoint (the source shows the mounted filesystem's root there).
 """
 
 import hashlib
@@ -40,8 +42,8 @@ DATA_ROOTS = ("/srv/drill", "/boot/drill")
 LATER_ROOT = "/srv/later"           # written after the first backup (point-in-time drill)
 PASSPHRASE = "drill-CANARY-4f9c1e7a"   # must never show up in rescue's logs, layout or state
 
-# Paths whose contents a recovered system may have changed, with the reason. Left out of both
-# manifests, and the mtime of the directory holding each is not compared.
+# Paths whose contents a recovered system may have changed, with the reason. Left out of the
+# comparison, and the mtime of the directory holding each is not compared.
 VOLATILE = {
     "/var/log": "journald, wtmp/lastlog of every ssh login and rescue's own logs keep writing",
     "/var/lib/rescue": "rescue writes its state and statistics after duplicity has finished",
@@ -49,6 +51,7 @@ VOLATILE = {
     "/var/tmp": "temporary files (duplicity's, systemd's PrivateTmp directories)",
     "/tmp": "temporary files; rescue recreates it empty (1777)",
     "/root/.cache": "duplicity's archive directory (its signature cache) lives here",
+    "/root/.gnupg": "gpg, run by the backup, keeps its agent sockets, lock files and random_seed here",
     "/root/.shiv": "rescue.pyz unpacks itself here on first use",
     "/boot/grub": "grub-install and update-grub rewrite the boot loader during recovery",
     "/etc/lvm/archive": "LVM writes an archive of each metadata change (recreating the VG is one)",
@@ -86,14 +89,13 @@ def local_conf(extra: str = "") -> str:
 
 
 def manifest_command(roots: Sequence[str]) -> str:
-    skips = " ".join("--skip %s" % p for p in sorted(VOLATILE))
-    return "python3 %s/manifest.py %s %s > %s/manifest.json" % (DRILL_DIR, skips, " ".join(roots), DRILL_DIR)
+    return "python3 %s/manifest.py %s > %s/manifest.json" % (DRILL_DIR, " ".join(roots), DRILL_DIR)
 
 
 def recipe_key(golden: Golden, rescue_pyz: Path) -> str:
     scripts = [(GUEST_DIR / n).read_text() for n in ("drill-data.py", "manifest.py")]
     return cache.digest(RECIPE_VERSION, golden.path.name, hashlib.sha256(rescue_pyz.read_bytes()).hexdigest(),
-                        scripts, local_conf(), sorted(VOLATILE), VOLATILE_GLOBS, DATA_ROOTS)
+                        scripts, local_conf(), DATA_ROOTS, LATER_ROOT)
 
 
 def get_backup(golden: Golden, rescue_pyz: Path, second: bool = False) -> Backup:
@@ -202,8 +204,8 @@ def volatile(path: str) -> bool:
 
 def compare_manifests(source: Dict, recovered: Dict) -> List[str]:
     """Every difference, one line each; [] when the recovered files equal the source's."""
-    a = {p: e for p, e in source["files"].items() if not volatile(p)}
-    b = {p: e for p, e in recovered["files"].items() if not volatile(p)}
+    a = {p: e for p, e in source["files"].items() if not volatile(p) and e["type"] != "socket"}
+    b = {p: e for p, e in recovered["files"].items() if not volatile(p) and e["type"] != "socket"}
     parents = {p.rsplit("/", 1)[0] or "/" for p in list(VOLATILE) + list(VOLATILE_GLOBS)}
     out = []
     for path in sorted(set(a) - set(b)):
@@ -212,8 +214,9 @@ def compare_manifests(source: Dict, recovered: Dict) -> List[str]:
         out.append("extra: %s (%s)" % (path, b[path]["type"]))
     for path in sorted(set(a) & set(b)):
         x, y = a[path], b[path]
+        mountpoint = x.get("mountpoint") or y.get("mountpoint")
         for key in sorted(set(x) | set(y)):
-            if key == "mtime" and path in parents and x.get("type") == "dir":
+            if key == "mountpoint" or (key == "mtime" and (mountpoint or (path in parents and x["type"] == "dir"))):
                 continue
             if key == "xattrs":
                 xa, ya = x.get(key) or {}, y.get(key) or {}
@@ -314,7 +317,7 @@ def recover(standin: Machine, targets: Dict[str, str], firmware: str, timer: Tim
         r.check()
 
     if rescue_has(standin, "recover"):
-        rescue("recover", "--yes" + when, 2400)
+        rescue("recover", "--yes --unmount" + when, 2400)
         return "recover"
     rescue("layoutonly", "--yes" + when, 900)
     rescue("restoreonly", "--target /mnt/local" + when, 1800)
