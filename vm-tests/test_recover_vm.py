@@ -58,9 +58,17 @@ def run_drill(spec_name, golden, drill_backup, rescue_pyz, make_standin, make_ma
               check=True)
         drill.install_rescue(s, rescue_pyz, backup.conf)
         targets = {d.name: s.disk_path(d) for d in disks}
+        options = ""
+        if g.spec.luks:
+            # the recreated LUKS devices get the golden's key: the restored initramfs unlocks
+            # the root with its embedded copy of it (/etc/cryptsetup-keys.d)
+            s.run("mkdir -p %s" % drill.DRILL_DIR, check=True)
+            s.put(g.luks_keyfile(g.spec.luks[0].name), drill.DRILL_DIR + "/luks.key")
+            s.run("echo LUKS_KEY_FILE=%s/luks.key > %s/luks.conf" % (drill.DRILL_DIR, drill.DRILL_DIR), check=True)
+            options = "-C %s/luks.conf" % drill.DRILL_DIR
     recover_started = time.monotonic()
     how = drill.recover(s, targets, g.spec.firmware, timer, tmp_path,
-                        restore_time=source["restore_time"] if point_in_time else "")
+                        restore_time=source["restore_time"] if point_in_time else "", options=options)
     leaks = s.run("grep -rl -- %s /var/lib/rescue /var/log/rescue /tmp 2>/dev/null" % drill.PASSPHRASE).stdout
     with timer.step("stand-in: poweroff"):
         s.shutdown()

@@ -298,19 +298,20 @@ def rescue_has(m: Machine, workflow: str) -> bool:
 
 
 def recover(standin: Machine, targets: Dict[str, str], firmware: str, timer: Timer, log_dir: Path,
-            restore_time: str = "") -> str:
+            restore_time: str = "", options: str = "") -> str:
     """Run the recovery in the stand-in (rescue and local.conf installed, backup mounted).
 
     `rescue recover` when this rescue has it; until then the same through its parts:
     layoutonly, restoreonly into /mnt/local, and the harness installs the boot loader (what
     recover's finalize will do) and unmounts. targets: spec disk name -> /dev node of its new
-    disk, in boot order. Returns the way it recovered ("recover" or "layoutonly+restoreonly").
+    disk, in boot order; options: rescue's global options (e.g. -C FILE). Returns the way it
+    recovered ("recover" or "layoutonly+restoreonly").
     """
     when = " --restore-time %s" % restore_time if restore_time else ""
 
     def rescue(name: str, args: str, timeout: float) -> None:
         with timer.step("recover: rescue " + name):
-            r = standin.run("%s --non-interactive %s %s" % (RESCUE, name, args), timeout=timeout)
+            r = standin.run("%s --non-interactive %s %s %s" % (RESCUE, options, name, args), timeout=timeout)
         (log_dir / ("rescue-%s.log" % name)).write_text(
             "$ rescue %s %s\nexit %d in %.1f s\n--- stdout\n%s--- stderr\n%s"
             % (name, args, r.returncode, r.seconds, r.stdout, r.stderr))
