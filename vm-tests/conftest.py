@@ -5,7 +5,11 @@ Fixtures:
   golden          session: golden("bios-lvm") -> Golden, provisioned once per session
   make_machine    per test: make_machine("bios-lvm") -> Machine on overlays of that golden;
                   make_machine(None, name="x", ...) -> a bare Machine; all closed after the test
+  make_standin    per test: make_standin("rescue", firmware="bios", udev=True, network=True)
+                  -> StandIn (vmlib/standin.py): a rescue-system stand-in VM; closed after the test
   rescue_py       path of the rescue.py of the checkout under test
+  rescue_pyz      session: dist/rescue.pyz (rescue + duplicity) built from the checkout by
+                  build_zipapp.py into the session's tmp dir; $RESCUE_PYZ names a ready one
 
 Tests marked `vm` are skipped, with the reason, only when qemu-system-x86_64 or debootstrap
 is missing or the run is not root. Anything else that goes wrong is a failure: a broken image
@@ -22,7 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vmlib import Golden, Machine, get_golden, get_image  # noqa: E402
+from vmlib import Golden, Machine, StandIn, get_golden, get_image, rescue_standin  # noqa: E402
 from vmlib import procs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,7 +111,7 @@ def golden(guest_image):
 @pytest.fixture
 def make_machine(request, tmp_path, golden, guest_image):
     machines: List[Machine] = []
-    request.node.vm_machines = machines
+    request.node.vm_machines = getattr(request.node, "vm_machines", [])
 
     def make(spec: Optional[str], name: Optional[str] = None, **options) -> Machine:
         name = name or spec
@@ -117,11 +121,30 @@ def make_machine(request, tmp_path, golden, guest_image):
         else:
             m = Machine(name, workdir, ssh_key=guest_image.ssh_key, **options)
         machines.append(m)
+        request.node.vm_machines.append(m)
         return m
 
     yield make
     for m in machines:
         m.close()
+
+
+@pytest.fixture
+def make_standin(request, tmp_path, guest_image):
+    standins: List[StandIn] = []
+    request.node.vm_machines = getattr(request.node, "vm_machines", [])
+
+    def make(name: str = "rescue", firmware: str = "bios", udev: bool = True, network: bool = True,
+             **options) -> StandIn:
+        s = rescue_standin(guest_image, name, tmp_path / name, firmware=firmware, udev=udev,
+                           network=network, **options)
+        standins.append(s)
+        request.node.vm_machines.append(s)
+        return s
+
+    yield make
+    for s in standins:
+        s.close()
 
 
 @pytest.fixture(scope="session")
@@ -130,6 +153,19 @@ def rescue_py() -> Path:
     if not path.is_file():
         pytest.fail("%s does not exist: the VM tests run the checkout's rescue.py" % path)
     return path
+
+
+@pytest.fixture(scope="session")
+def rescue_pyz(tmp_path_factory) -> Path:
+    if os.environ.get("RESCUE_PYZ"):
+        path = Path(os.environ["RESCUE_PYZ"])
+        if not path.is_file():
+            pytest.fail("RESCUE_PYZ=%s does not exist" % path)
+        return path
+    out = tmp_path_factory.mktemp("pyz") / "rescue.pyz"
+    procs.run([sys.executable, REPO / "build_zipapp.py", "-o", out], timeout=600, env=dict(os.environ),
+              log_file=out.parent / "build.log")
+    return out
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -192,3 +192,160 @@ def test_run_reports_failure_output_and_enforces_timeout():
     assert "evidence" in failure.value.output
     with pytest.raises(procs.HarnessError, match="timed out"):
         procs.run(["sleep", "30"], timeout=0.5)
+
+
+def fake_image(tmp_path):
+    """A GuestImage directory with just what the stand-in reads: kernel, modules, recipe."""
+    from vmlib import GuestImage
+    moddir = tmp_path / "img/rootfs/lib/modules/6.1.0-x/kernel"
+    moddir.mkdir(parents=True)
+    (moddir.parent / "modules.dep").write_text(
+        "kernel/virtio_blk.ko: kernel/virtio_ring.ko kernel/virtio.ko\n"
+        "kernel/virtio_ring.ko: kernel/virtio.ko\nkernel/virtio.ko:\n"
+        "kernel/virtio_pci.ko: kernel/virtio_ring.ko kernel/virtio.ko\n")
+    for name in ("virtio", "virtio_ring", "virtio_blk", "virtio_pci"):
+        (moddir / (name + ".ko")).write_bytes(b"ELF " + name.encode())
+    for name in ("vmlinuz", "tools.img", "id_ed25519"):
+        (tmp_path / "img" / name).write_bytes(b"x")
+    (tmp_path / "img/recipe.json").write_text('{"kernel": "6.1.0-x"}')
+    return GuestImage(tmp_path / "img", "k")
+
+
+def test_standin_initramfs_holds_init_stage2_busybox_modules_and_settings(tmp_path):
+    from vmlib.standin import rescue_standin
+    s = rescue_standin(fake_image(tmp_path), "r", tmp_path / "r", udev=False, hostname="src-host")
+    entries = read_cpio(s.initrd)
+    assert entries["init"][0] == 0o100755 and entries["init"][1].startswith(b"#!/bin/busybox sh")
+    assert b"switch_root /newroot /run/standin/busybox sh /run/standin/stage2.sh" in entries["init"][1]
+    assert b"udevadm trigger --type=devices --action=add" in entries["stage2.sh"][1]
+    assert b"poweroff -f" in entries["poweroff.sh"][1]
+    assert entries["bin/busybox"][1] == Path("/bin/busybox").read_bytes()
+    assert entries["etc/standin.conf"][1] == b"UDEV=0\nNET=static\nHOSTNAME=src-host\n"
+    # dependencies first, each once
+    assert entries["etc/standin-modules"][1].decode().split() == [
+        "kernel/virtio.ko", "kernel/virtio_ring.ko", "kernel/virtio_pci.ko", "kernel/virtio_blk.ko"]
+    assert entries["lib/modules/kernel/virtio_blk.ko"][1] == b"ELF virtio_blk"
+    assert entries["dev/console"][2] == (5, 1)
+    s.close()
+
+
+def test_standin_qemu_argv_boots_kernel_with_tools_disk_as_snapshot(tmp_path):
+    from vmlib.standin import rescue_standin
+    image = fake_image(tmp_path)
+    s = rescue_standin(image, "r", tmp_path / "r", firmware="uefi")
+    s.add_disk(tmp_path / "t.qcow2", "disk0", bus="nvme")
+    s.ssh_port = 2200
+    argv = s.qemu_argv()
+    joined = " ".join(argv)
+    assert argv[argv.index("-kernel") + 1] == str(image.kernel)
+    assert argv[argv.index("-initrd") + 1] == str(s.initrd)
+    assert "console=ttyS0" in argv[argv.index("-append") + 1]
+    assert ("-drive if=none,id=d-tools,file=%s,format=raw,cache=unsafe,snapshot=on "
+            "-device virtio-blk-pci,drive=d-tools,serial=tools" % image.tools_img) in joined
+    assert "-device nvme,drive=d-disk0,serial=disk0" in joined
+    assert "hostfwd=tcp:127.0.0.1:2200-:22" in joined and "-m 2048" in joined
+    assert "if=pflash" in joined
+    with pytest.raises(procs.HarnessError, match="stand-in's own root disk"):
+        s.add_disk(tmp_path / "x.qcow2", "tools")
+    with pytest.raises(procs.HarnessError, match="hostname"):
+        rescue_standin(image, "q", tmp_path / "q", hostname="bad name;")
+    s.close()
+
+
+def test_standin_serials_from_sysfs_listing():
+    from vmlib.standin import parse_serials
+    listing = "vda tools\nvdb disk0\nnvme0n1 target\nsda backup\nsr0 \nloop0\n"
+    assert parse_serials(listing) == {"tools": "/dev/vda", "disk0": "/dev/vdb", "target": "/dev/nvme0n1",
+                                      "backup": "/dev/sda"}
+
+
+def guest_script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), Path(__file__).parent / "guest" / (name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def drill_tree(tmp_path):
+    """The drills' test data, made on this host by the script the guests run."""
+    import os
+    import shutil
+    if os.geteuid() != 0 or not shutil.which("setcap"):
+        pytest.skip("needs root and setcap (trusted xattrs, odd owners, a file capability)")
+    root = tmp_path / "src"
+    guest_script("drill-data").make(str(root))
+    return root
+
+
+def test_drill_manifest_sees_every_kind_of_test_data(drill_tree):
+    manifest = guest_script("manifest").manifest([str(drill_tree)], [])
+    files = {k[len(str(drill_tree)):]: v for k, v in manifest["files"].items()}
+    assert files["/ping-copy"]["xattrs"]["security.capability"].startswith("01000002")   # v2, effective
+    assert files["/acl.txt"]["xattrs"]["system.posix_acl_access"].startswith("02000000")
+    assert "system.posix_acl_default" in files["/acl-dir"]["xattrs"]
+    assert files["/xattrs.txt"]["xattrs"]["user.drill.text"] == b"hello".hex()
+    assert files["/sparse.img"]["sparse"] and files["/sparse.img"]["size"] == 64 * 1024 * 1024 + 4096
+    assert files["/fifo"]["type"] == "fifo" and files["/dangling-link"]["target"] == "does/not/exist"
+    assert (files["/odd-owner"]["uid"], files["/odd-owner"]["mtime"]) == (4242, 1000000000)
+    assert files["/setuid"]["mode"] == "4755" and files["/sticky-dir"]["mode"] == "1777"
+    assert manifest["hardlinks"] == [sorted(str(drill_tree / p) for p in ("linked-a", "linked-b", "other-dir/linked-c"))]
+
+
+def test_drill_comparison_finds_what_a_restore_loses(drill_tree, tmp_path):
+    import os
+    import subprocess
+    from vmlib.drill import compare_manifests
+    make = guest_script("manifest").manifest
+    copy = tmp_path / "copy"
+    # what a careful restore does: cp -a keeps xattrs, ACLs, capabilities, links, holes, times
+    subprocess.run(["cp", "-a", str(drill_tree), str(copy)], check=True)
+
+    def relative(m, root):
+        return {"files": {"/x" + k[len(str(root)):]: v for k, v in m["files"].items()},
+                "hardlinks": [["/x" + p[len(str(root)):] for p in g] for g in m["hardlinks"]]}
+    source = relative(make([str(drill_tree)], []), drill_tree)
+    assert compare_manifests(source, relative(make([str(copy)], []), copy)) == []
+    # now lose what duplicity alone loses
+    os.removexattr(copy / "ping-copy", "security.capability")
+    os.unlink(copy / "linked-b")
+    subprocess.run(["cp", str(copy / "linked-a"), str(copy / "linked-b")], check=True)
+    os.utime(copy / "linked-b", (os.stat(drill_tree / "linked-b").st_atime, os.stat(drill_tree / "linked-b").st_mtime))
+    os.utime(copy, (1200000000, 1200000000))
+    (copy / "fifo").unlink()
+    (copy / "extra").write_text("x")
+    os.utime(copy, (1200000000, 1200000000))
+    diff = compare_manifests(source, relative(make([str(copy)], []), copy))
+    assert "/x/ping-copy: xattr security.capability 0100000200200000000000000000000000000000 -> None" in diff
+    assert "missing: /x/fifo (fifo)" in diff and "extra: /x/extra (file)" in diff
+    assert "hard links lost: /x/linked-a = /x/linked-b = /x/other-dir/linked-c" in diff
+    assert "hard links new: /x/linked-a = /x/other-dir/linked-c" in diff
+    assert len(diff) == 5, diff
+
+
+def test_drill_comparison_leaves_out_volatile_paths_and_their_directories_mtime():
+    from vmlib.drill import compare_manifests
+    f = lambda **kw: dict({"type": "file", "mode": "0644", "uid": 0, "gid": 0, "mtime": 1}, **kw)  # noqa: E731
+    d = lambda mtime: {"type": "dir", "mode": "0755", "uid": 0, "gid": 0, "mtime": mtime}  # noqa: E731
+    src = {"files": {"/var": d(1), "/var/log/syslog": f(), "/etc": d(1), "/etc/x": f(sha256="a"),
+                     "/boot": d(1), "/boot/initrd.img-6.1": f(sha256="b"), "/sock": f(type="socket"),
+                     "/backup": {"type": "dir", "mountpoint": True, "mode": "0755", "uid": 0, "gid": 0}},
+           "hardlinks": []}
+    dst = {"files": {"/var": d(2), "/var/log/new": f(), "/etc": d(2), "/etc/x": f(sha256="c"),
+                     "/boot": d(2), "/boot/initrd.img-6.1": f(sha256="d"), "/backup": d(5)}, "hardlinks": []}
+    assert compare_manifests(src, dst) == ["/etc: mtime 1 -> 2", "/etc/x: sha256 a -> c"]
+
+
+def test_drill_identity_keys_ignore_names_and_sizes():
+    from vmlib.drill import identity_keys
+    row = lambda name, typ, size, **kw: dict({"NAME": name, "TYPE": typ, "FSTYPE": None, "UUID": None,  # noqa: E731
+                                             "LABEL": None, "PARTUUID": None, "PTUUID": None, "PTTYPE": None,
+                                             "SIZE": size}, **kw)
+    a = [row("vda", "disk", 4, PTUUID="ab", PTTYPE="dos"), row("vda1", "part", 1, FSTYPE="ext4", UUID="u1",
+                                                              PARTUUID="ab-01")]
+    b = [row("nvme0n1", "disk", 8, PTUUID="ab", PTTYPE="dos"), row("nvme0n1p1", "part", 1, FSTYPE="ext4",
+                                                                  UUID="u1", PARTUUID="ab-01")]
+    assert identity_keys(a) == identity_keys(b)
+    b[1]["LABEL"] = "boot"
+    assert identity_keys(a) != identity_keys(b)

@@ -9,6 +9,7 @@ Map (each module's docstring says more):
   provision  golden disk sets built by the helper VM, cached by spec + image hash
   machine    one QEMU guest: disks, firmware, console log, ssh commands, file copies
   cpio       a tiny newc writer for the helper initramfs
+  standin    the rescue stand-in VM (image kernel + harness initramfs + tools disk as root)
 """
 
 from .image import GuestImage, get_image
@@ -16,7 +17,8 @@ from .machine import Disk, GuestError, GuestResult, Machine, create_disk_image
 from .procs import HarnessError
 from .provision import Golden, get_golden, run_helper
 from .spec import Spec, available_specs, load_spec
+from .standin import StandIn, rescue_standin
 
 __all__ = ["Disk", "Golden", "GuestError", "GuestImage", "GuestResult", "HarnessError", "Machine",
-           "Spec", "available_specs", "create_disk_image", "get_golden", "get_image", "load_spec",
-           "run_helper"]
+           "Spec", "StandIn", "available_specs", "create_disk_image", "get_golden", "get_image", "load_spec",
+           "rescue_standin", "run_helper"]
