@@ -1712,6 +1712,7 @@ class Runner:
         self.log = log
         self.active: Set["subprocess.Popen"] = set()    # running commands (stop_all)
         self._lock = threading.Lock()
+        self.started = time.monotonic()
         self.busy = 0.0              # seconds during which at least one command ran
         self.waited = 0.0            # seconds spent waiting for devices (wait())
         self._busy_since = 0.0
@@ -7794,8 +7795,10 @@ def unmount_tree(ctx: Context, layout: Layout, root: str) -> None:
     ctx.log.say(f"Unmounted {root}; LVM, LUKS and RAID are stopped")
 
 
-def time_split(total: float, runner: Runner) -> str:
-    """Where a run's time went: in the tools it ran, waiting for devices, in rescue itself."""
+def time_split(runner: Runner) -> str:
+    """Where the run's time went (since the runner was made, at the start): in the tools it
+    ran, waiting for devices, in rescue itself."""
+    total = time.monotonic() - runner.started
     own = max(0.0, total - runner.busy - runner.waited)
     return (f"Time: {total:.1f} s: tools {runner.busy:.1f} s, waiting for devices {runner.waited:.1f} s, "
             f"rescue itself {own:.1f} s ({100 * own / total if total else 0:.1f} %)")
@@ -7836,7 +7839,7 @@ def recover(ctx: Context) -> int:
         state.reported = True
         write_file(state_path, state.to_json())
     ctx.log.say(f"{layout.hostname} is recovered in {time.monotonic() - started:.0f} s")
-    ctx.log.say(time_split(time.monotonic() - started, ctx.runner))
+    ctx.log.say(time_split(ctx.runner))
     if args.unmount:
         unmount_tree(ctx, layout, str(root))
     else:
