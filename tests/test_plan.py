@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 import rescue
+from conftest import run_rescue
 from rescue import (Boot, Disk, DiskHere, Filesystem, Layout, LogicalVolume, Luks, MdArray, Mount, Partition,
                     PartitionTable, PhysicalVolume, RecreateOptions, RescueError, Swap, VolumeGroup)
 
@@ -959,3 +960,49 @@ def test_a_resumed_run_repeats_the_stop_steps_before_the_step_it_resumes_at():
     assert rescue.steps_to_run(steps, ids) == []
     optional_last = steps + [rescue.Step("stop x", "x", ["true"], optional=True)]
     assert rescue.steps_to_run(optional_last, [s.id for s in optional_last]) == []
+
+
+# -- the CLI's review, replayed (nothing runs) ---------------------------------------------------------
+
+def saved_layout_file(tmp_path, name):
+    out = tmp_path / "layout"
+    conf = tmp_path / "host.conf"
+    conf.write_text(f"LOGFILE={tmp_path}/savelayout.log\nLOCKFILE={tmp_path}/savelayout.lock\n")
+    done = run_rescue("-C", conf, "savelayout", "--replay", LAYOUTS / name, "-o", out)
+    assert done.returncode == 0, done.stderr
+    return out / "layout.json", conf
+
+
+def test_cli_plan_reads_rear_disk_mappings_and_refuses_a_disk_in_use_in_one_line(tmp_path, conf_dir):
+    layout_file, _ = saved_layout_file(tmp_path, "bios-lvm")
+    (conf_dir / "mappings").mkdir()
+    (conf_dir / "mappings" / "disk_mappings").write_text("/dev/vda /dev/vda\n")
+    done = run_rescue("-c", conf_dir, "layoutonly", "--plan", "--layout", layout_file, "--replay", LAYOUTS / "bios-lvm")
+    assert done.returncode == 1
+    assert f"Using the disk mapping in {conf_dir}/mappings/disk_mappings" in done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("rescue: error:")]
+    assert errors == ["rescue: error: /dev/vda cannot take the place of /dev/vda: it holds the running system "
+                      "(/dev/mapper/vg0-root is mounted at /)"]
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_plan_of_a_hand_changed_or_truncated_layout_is_refused(tmp_path, conf_dir):
+    layout_file, _ = saved_layout_file(tmp_path, "uefi-gpt")
+    data = json.loads(layout_file.read_text())
+    data["partitions"][-1]["size"] -= 8
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(layout_file.read_text()[:700])
+    for path, expected in ((broken, "was changed after rescue savelayout wrote it"), (truncated, "is not a valid layout")):
+        done = run_rescue("-c", conf_dir, "layoutonly", "--plan", "--layout", path, "--replay", LAYOUTS / "uefi-gpt")
+        errors = [line for line in done.stderr.splitlines() if line.startswith("rescue: error:")]
+        assert done.returncode != 0 and len(errors) == 1 and expected in errors[0], done.stderr
+
+
+def test_cli_map_naming_a_disk_that_does_not_exist(tmp_path, conf_dir):
+    layout_file, _ = saved_layout_file(tmp_path, "bios-lvm")
+    done = run_rescue("-c", conf_dir, "layoutonly", "--json", "--layout", layout_file, "--replay", LAYOUTS / "bios-lvm",
+                      "--map", "/dev/vda=/dev/sdq")
+    assert done.returncode == 1 and done.stdout.count("{") == 0
+    assert "rescue: error: the mapping names /dev/sdq, which is not a disk here" in done.stderr
