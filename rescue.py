@@ -3692,9 +3692,16 @@ def resize_volumes(ctx: PlanContext) -> None:
         ctx.grown.add(lv.id)
 
 
-def sfdisk_script(disk: Disk, rows: Sequence[Tuple[Partition, int, Optional[int]]], new_disk: str) -> str:
+def sfdisk_script(disk: Disk, rows: Sequence[Tuple[Partition, int, Optional[int]]], new_disk: str,
+                  sector_size: int) -> str:
+    """The table as sfdisk reads it. A GPT partition that starts before 1 MiB (a bios_grub at
+    sector 34 of an older install) needs first-lba said: sfdisk's own is 1 MiB."""
     table = disk.partition_table
-    lines = [f"label: {table.label}"] + ([f"label-id: {table.id}"] if table.id else []) + ["unit: sectors", ""]
+    lines = [f"label: {table.label}"] + ([f"label-id: {table.id}"] if table.id else []) + ["unit: sectors"]
+    first = min((start for _, start, _ in rows), default=None)
+    if table.label == "gpt" and first is not None and first < MIB // sector_size:
+        lines.append(f"first-lba: {first}")
+    lines.append("")
     for part, start, size in rows:
         fields = [f"start={start}"] + ([f"size={size}"] if size is not None else []) + [f"type={part.type}"]
         if part.uuid and table.label == "gpt":
@@ -3731,7 +3738,8 @@ def plan_disk(disk: Disk, ctx: PlanContext) -> List[Step]:
     if rows:
         steps.append(Step(f"partition {new}", f"Disk {new}: {disk.partition_table.label} partition table with "
                           f"{len(rows)} partitions", ["sfdisk", "--wipe", "always", "--wipe-partitions", "always", new],
-                          input=sfdisk_script(disk, rows, new), after=ctx.after(disk.id)))
+                          input=sfdisk_script(disk, rows, new, here.logical_sector_size if here else
+                                              disk.partition_table.sector_size), after=ctx.after(disk.id)))
         parts = [[p.number, partition_device(new, p.number)] for p, _, _ in rows]
         steps.append(Step(f"wait for partitions of {new}", f"Disk {new}: wait until the kernel shows its partitions",
                           action="partitions", params={"disk": new, "partitions": parts}, after=[steps[-1].id]))

@@ -1006,3 +1006,18 @@ def test_cli_map_naming_a_disk_that_does_not_exist(tmp_path, conf_dir):
                       "--map", "/dev/vda=/dev/sdq")
     assert done.returncode == 1 and done.stdout.count("{") == 0
     assert "rescue: error: the mapping names /dev/sdq, which is not a disk here" in done.stderr
+
+
+@pytest.mark.parametrize("target_ss", [512, 4096])
+def test_a_gpt_partition_before_1_mib_gets_its_first_lba(target_ss):
+    """sfdisk 2.38 refuses 'start=34' ("Sector 34 already used") unless the script says
+    first-lba: 34 (its default is 1 MiB); tried by hand on an image file."""
+    d = gpt_disk("/dev/sda", 10 * GiB)
+    grub = Partition("/dev/sda1", "/dev/sda", 1, 34 if target_ss == 512 else 48, 2014, "21686148-6449-6e6f-744e-656564454649")
+    lay = layout(d, grub, part(d, 2, 1, 9000), Filesystem("/dev/sda2", "ext4", "u2", None, 9000 * MiB, MiB))
+    plan = plan_for(lay, [blank("/dev/vda", 10 * GiB, logical_sector_size=target_ss)])
+    script = step(plan, "partition /dev/vda").input
+    first = int(sfdisk_rows(plan, "/dev/vda")["/dev/vda1"]["start"])
+    assert first == (34 if target_ss == 512 else 6)
+    assert f"first-lba: {first}\n" in script
+    assert "first-lba" not in step(plan_for(lvm_layout(), [blank("/dev/vda", 10 * GiB)]), "partition /dev/vda").input
