@@ -3931,18 +3931,18 @@ def lvcreate_args(ctx: PlanContext, lv: LogicalVolume, vg: VolumeGroup) -> List[
 
 @plan_item.register
 def plan_lv(lv: LogicalVolume, ctx: PlanContext) -> List[Step]:
-    """LVs come with their VG (vgcfgrestore or lvcreate); a restored VG whose PV grew gives
-    the growing LV what the PV gained."""
+    """LVs come with their VG (vgcfgrestore or lvcreate); a restored VG whose PVs grew (each
+    one that did is resized) gives the growing LV what they gained."""
     vg = next(v for v in ctx.layout.volume_groups if v.name == lv.vg)
     if ctx.lv_extents.get(lv.id) != -1 or not vgcfg_restorable(ctx, vg):
         return []
-    pv = next(p for p in ctx.layout.physical_volumes if p.vg == lv.vg)
-    steps = [Step(f"pvresize {ctx.name(pv.device)}", f"LVM PV {ctx.name(pv.device)}: use the larger partition",
-                  lvm("pvresize", ctx.name(pv.device)), after=[ctx.made[lv.id]]),
-             Step(f"lvextend {lv.vg}/{lv.name}", f"LVM LV {lv.vg}/{lv.name}: grow into what the PV gained",
-                  lvm("lvextend", "-l", "+100%FREE", f"{lv.vg}/{lv.name}"))]
-    steps[1].after = [steps[0].id]
-    ctx.made[lv.id] = steps[1].id
+    steps: List[Step] = []
+    for pv in (p for p in ctx.layout.physical_volumes if p.vg == lv.vg and p.device in ctx.grown):
+        steps.append(Step(f"pvresize {ctx.name(pv.device)}", f"LVM PV {ctx.name(pv.device)}: use the larger partition",
+                          lvm("pvresize", ctx.name(pv.device)), after=[steps[-1].id if steps else ctx.made[lv.id]]))
+    steps.append(Step(f"lvextend {lv.vg}/{lv.name}", f"LVM LV {lv.vg}/{lv.name}: grow into what the PVs gained",
+                      lvm("lvextend", "-l", "+100%FREE", f"{lv.vg}/{lv.name}"), after=[steps[-1].id]))
+    ctx.made[lv.id] = steps[-1].id
     return steps
 
 

@@ -1021,3 +1021,22 @@ def test_a_gpt_partition_before_1_mib_gets_its_first_lba(target_ss):
     assert first == (34 if target_ss == 512 else 6)
     assert f"first-lba: {first}\n" in script
     assert "first-lba" not in step(plan_for(lvm_layout(), [blank("/dev/vda", 10 * GiB)]), "partition /dev/vda").input
+
+
+def test_a_vg_on_two_disks_resizes_the_pv_that_grew():
+    a, b = gpt_disk("/dev/sda", 10 * GiB), gpt_disk("/dev/sdb", 10 * GiB)
+    pa, pb = part(a, 1, 1, 10 * 1024 - 2, type=LVM_GUID), part(b, 1, 1, 10 * 1024 - 2, type=LVM_GUID)
+    lay = layout(a, b, pa, pb, PhysicalVolume(pa.id, "pv-a", "vg0", pa.size * 512), PhysicalVolume(pb.id, "pv-b", "vg0", pb.size * 512),
+                 VolumeGroup("vg0", "vgu", 4 * MiB, 20 * GiB - 16 * MiB, [pa.id, pb.id]),
+                 LogicalVolume("/dev/mapper/vg0-data", "vg0", "data", "lvu", 19 * GiB),
+                 Filesystem("/dev/mapper/vg0-data", "ext4", "fsu", None, 19 * GiB, GiB))
+    here = [blank("/dev/vda", 10 * GiB), blank("/dev/vdb", 30 * GiB)]
+    plan = plan_for(lay, here, vgcfg={"vg0": ("/x/vg0.vgcfg", "vg0 {\n}\n")})
+    assert_ordered(plan)
+    assert [s.argv[-1] for s in plan.steps if s.id.startswith("pvresize")] == ["/dev/vdb1"]
+    assert step(plan, "lvextend vg0/data").after == ["pvresize /dev/vdb1"]
+    here = [blank("/dev/vda", 20 * GiB), blank("/dev/vdb", 30 * GiB)]
+    plan = plan_for(lay, here, vgcfg={"vg0": ("/x/vg0.vgcfg", "vg0 {\n}\n")})
+    assert_ordered(plan)
+    assert [s.argv[-1] for s in plan.steps if s.id.startswith("pvresize")] == ["/dev/vda1", "/dev/vdb1"]
+    assert step(plan, "mkfs /dev/mapper/vg0-data").after == ["lvextend vg0/data"]
