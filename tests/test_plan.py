@@ -902,6 +902,27 @@ def test_property_bijection_order_and_nothing_outside_the_wipe_list(case):
         assert words <= allowed, (s.id, words - allowed)
         assert not words & untouchable, (s.id, words & untouchable)
         assert s.input.count("/dev/") == 0 or all(w.split()[0] in allowed for w in s.input.splitlines() if " : " in w)
+    for disk in (d for d in here if d.path in plan.wipe):
+        assert_table_fits(plan, disk)
+
+
+def assert_table_fits(plan, disk):
+    """The partitions of a planned table lie on the disk (before a GPT's backup), in whole
+    sectors of the disk, and do not overlap."""
+    if not [s for s in plan.steps if s.id == f"partition {disk.path}"]:
+        return
+    ss = disk.logical_sector_size
+    gpt = "label: gpt" in step(plan, f"partition {disk.path}").input
+    last = disk.size // ss - 1 - (33 if gpt and ss == 512 else 5 if gpt else 0)
+    spans = []
+    for row in sfdisk_rows(plan, disk.path).values():
+        start = int(row["start"])
+        end = start + int(row["size"]) - 1 if "size" in row else last
+        assert 0 < start <= end <= last, (disk, row)
+        if row["type"] not in ("5", "f", "85"):
+            spans.append((start, end))
+    spans.sort()
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:])), spans
 
 
 def test_uuids_and_labels_are_kept_in_every_mkfs_argv():
@@ -1040,3 +1061,29 @@ def test_a_vg_on_two_disks_resizes_the_pv_that_grew():
     assert_ordered(plan)
     assert [s.argv[-1] for s in plan.steps if s.id.startswith("pvresize")] == ["/dev/vda1", "/dev/vdb1"]
     assert step(plan, "mkfs /dev/mapper/vg0-data").after == ["lvextend vg0/data"]
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(8, 40), st.integers(4, 80), st.sampled_from([512, 4096]), st.integers(0, 30),
+       st.sampled_from(["gpt", "dos"]), st.booleans())
+def test_property_resized_tables_and_lvs_fit_the_target(old_gib, new_gib, ss, used_gib, label, vgcfg):
+    lay = lvm_layout(old_gib * GiB, used=min(used_gib, old_gib - 2) * GiB, label=label)
+    here = [blank("/dev/vda", new_gib * GiB, logical_sector_size=ss, physical_sector_size=4096)]
+    options = {"vgcfg": {"vg0": ("/x/vg0.vgcfg", "vg0 {\n}\n")}} if vgcfg else {}
+    try:
+        plan = plan_for(lay, here, **options)
+    except RescueError as exc:
+        event("refused")
+        assert new_gib < old_gib and "too small" in exc.message, exc.message
+        return
+    event("grown" if new_gib > old_gib else "shrunk" if new_gib < old_gib else "same")
+    assert_ordered(plan)
+    assert_table_fits(plan, here[0])
+    row = sfdisk_rows(plan, "/dev/vda")["/dev/vda2"]
+    pv_bytes = (int(row["size"]) if "size" in row else (new_gib * GiB // ss - 34 - int(row["start"]))) * ss
+    creates = [s for s in plan.steps if s.id.startswith("lv ")]
+    extents = [int(s.argv[s.argv.index("-l") + 1]) for s in creates if s.argv[s.argv.index("-l") + 1].isdigit()]
+    assert sum(extents) * 4 * MiB <= pv_bytes - MiB
+    if new_gib < old_gib:
+        root = next(s for s in creates if s.id == "lv vg0/root")
+        assert int(root.argv[root.argv.index("-l") + 1]) * 4 * MiB >= min(used_gib, old_gib - 2) * GiB
