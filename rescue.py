@@ -3174,6 +3174,20 @@ def node_descendants(nodes: Dict[str, BlockNode], name: str) -> List[BlockNode]:
     return out
 
 
+SYSFS_SERIALS = ("/sys/block/{}/serial", "/sys/block/{}/device/serial")     # virtio; NVMe
+
+
+def fill_serials(nodes: Dict[str, BlockNode], read: Callable[[str], Optional[str]]) -> None:
+    """lsblk takes a disk's serial from udev; a rescue system without udev still has it in
+    sysfs (virtio, NVMe), and the mapping's 'same serial' rule needs it."""
+    for node in (n for n in nodes.values() if not n.parents and not n.serial):
+        for pattern in SYSFS_SERIALS:
+            text = (read(pattern.format(os.path.basename(node.kname))) or "").strip()
+            if text:
+                node.serial = text
+                break
+
+
 def disks_here(nodes: Dict[str, BlockNode], mounts: Sequence[Dict[str, object]],
                swaps: Sequence[Tuple[str, str]], by_id: Dict[str, str], vg_of_pv: Dict[str, str],
                backup_dir: Optional[str]) -> List[DiskHere]:
@@ -6256,6 +6270,7 @@ def probe_disks_here(probe: Probe, config: Config, own_root: Optional[str] = Non
     """The disks here, from the same questions savelayout asks (so its recording can answer).
     Mounts below own_root (the tree an earlier run mounted) do not make a disk busy."""
     nodes = parse_lsblk(probe_output(probe, ["lsblk", "-J", "-b", "-p", "-o", LSBLK_COLUMNS], True))
+    fill_serials(nodes, probe.read_text_optional)
     mounts = parse_findmnt(probe_output(probe, ["findmnt", "-J", "-l", "-b", "-o", FINDMNT_COLUMNS], True))
     if own_root:
         mounts = [m for m in mounts if not path_within(str(m.get("target")), own_root)]

@@ -1087,3 +1087,23 @@ def test_property_resized_tables_and_lvs_fit_the_target(old_gib, new_gib, ss, us
     if new_gib < old_gib:
         root = next(s for s in creates if s.id == "lv vg0/root")
         assert int(root.argv[root.argv.index("-l") + 1]) * 4 * MiB >= min(used_gib, old_gib - 2) * GiB
+
+
+def test_serials_from_sysfs_when_lsblk_has_none():
+    """Without udev (the helper VM, a minimal rescue system) lsblk prints no SERIAL."""
+    nodes = lsblk_json(("/dev/vdc", "disk", 4 * GiB, {}, [("/dev/vdc1", "part", GiB, {})]),
+                       ("/dev/nvme0n1", "disk", 8 * GiB, {}), ("/dev/sda", "disk", GiB, {"serial": "FROM-UDEV"}),
+                       ("/dev/sdb", "disk", GiB, {}))
+    sysfs = {"/sys/block/vdc/serial": "disk0", "/sys/block/nvme0n1/device/serial": "big                 \n",
+             "/sys/block/sda/serial": "never read", "/sys/block/vdc1/serial": "not a disk"}
+    rescue.fill_serials(nodes, sysfs.get)
+    assert {n: nodes[n].serial for n in nodes} == {"/dev/vdc": "disk0", "/dev/vdc1": None, "/dev/nvme0n1": "big",
+                                                   "/dev/sda": "FROM-UDEV", "/dev/sdb": None}
+    lay, _ = replayed("uefi-gpt")
+    m = mapped(lay, here_from(nodes))
+    assert m.disks == {"/dev/vda": "/dev/vdc"} and m.reasons == {"/dev/vda": "the same serial"}
+
+
+def test_recordings_without_sysfs_answers_still_replay():
+    here = rescue.probe_disks_here(rescue.Probe(replay_dir=LAYOUTS / "bios-lvm"), default_config())
+    assert [d.serial for d in here if d.path == "/dev/vda"] == ["disk0"]
