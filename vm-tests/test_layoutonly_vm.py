@@ -312,6 +312,8 @@ def test_bios_lvm_bad_input_refused_then_killed_run_resumes(golden, guest_image,
     assert half - 2 <= len(journal["done"]) < total
     rc, text = result(out, "resumed")
     assert rc == 0, text
+    assert "Using the layout of vm in /job/layout/layout.json (given with --layout)" in text
+    assert "/dev/vda (4 GiB) -> /dev/vdc (4 GiB, the same size): the same serial" in result(out, "plan")[1]
     assert f"Resuming the interrupted run at step {len(journal['done']) + 1} of {total}" in text
     rc, text = result(out, "again")
     assert rc == 0 and "Nothing to do" in text, text
