@@ -350,7 +350,7 @@ def test_uefi_gpt_onto_a_blank_disk_twice(golden, guest_image, tmp_path):
 def test_raid1_luks_onto_two_blank_disks_twice(golden, guest_image, tmp_path):
     disks = blank_disks(tmp_path, [("disk0", "4G"), ("disk1", "4G")])
     job_dir, layout = job(tmp_path, "raid1-luks", TWICE + r"""
-cryptsetup open --test-passphrase --key-file=/job/luks.pass "$(blkid -t TYPE=crypto_LUKS -o device)"
+printf %s "$(cat /job/luks.pass)" | cryptsetup open --test-passphrase --key-file=- "$(blkid -t TYPE=crypto_LUKS -o device)"
 echo $? >"$O/passphrase.rc"
 """, disks)
     assert_golden_uuids(layout, golden("raid1-luks").info["uuids"])
@@ -361,7 +361,7 @@ echo $? >"$O/passphrase.rc"
     rc, text = result(out, "again")
     assert rc == 0 and "Nothing to do" in text, text
     assert_recreated(out, layout)
-    assert (out / "passphrase.rc").read_text().strip() == "0"        # the configured key file opens it
+    assert (out / "passphrase.rc").read_text().strip() == "0"        # the configured passphrase opens it
 
 
 @pytest.mark.vm
