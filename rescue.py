@@ -3589,6 +3589,20 @@ def node_descendants(nodes: Dict[str, BlockNode], name: str) -> List[BlockNode]:
     return out
 
 
+SYSFS_SERIALS = ("/sys/block/{}/serial", "/sys/block/{}/device/serial")     # virtio; NVMe
+
+
+def fill_serials(nodes: Dict[str, BlockNode], read: Callable[[str], Optional[str]]) -> None:
+    """lsblk takes a disk's serial from udev; a rescue system without udev still has it in
+    sysfs (virtio, NVMe), and the mapping's 'same serial' rule needs it."""
+    for node in (n for n in nodes.values() if not n.parents and not n.serial):
+        for pattern in SYSFS_SERIALS:
+            text = (read(pattern.format(os.path.basename(node.kname))) or "").strip()
+            if text:
+                node.serial = text
+                break
+
+
 def disks_here(nodes: Dict[str, BlockNode], mounts: Sequence[Dict[str, object]],
                swaps: Sequence[Tuple[str, str]], by_id: Dict[str, str], vg_of_pv: Dict[str, str],
                backup_dir: Optional[str]) -> List[DiskHere]:
@@ -4107,9 +4121,16 @@ def resize_volumes(ctx: PlanContext) -> None:
         ctx.grown.add(lv.id)
 
 
-def sfdisk_script(disk: Disk, rows: Sequence[Tuple[Partition, int, Optional[int]]], new_disk: str) -> str:
+def sfdisk_script(disk: Disk, rows: Sequence[Tuple[Partition, int, Optional[int]]], new_disk: str,
+                  sector_size: int) -> str:
+    """The table as sfdisk reads it. A GPT partition that starts before 1 MiB (a bios_grub at
+    sector 34 of an older install) needs first-lba said: sfdisk's own is 1 MiB."""
     table = disk.partition_table
-    lines = [f"label: {table.label}"] + ([f"label-id: {table.id}"] if table.id else []) + ["unit: sectors", ""]
+    lines = [f"label: {table.label}"] + ([f"label-id: {table.id}"] if table.id else []) + ["unit: sectors"]
+    first = min((start for _, start, _ in rows), default=None)
+    if table.label == "gpt" and first is not None and first < MIB // sector_size:
+        lines.append(f"first-lba: {first}")
+    lines.append("")
     for part, start, size in rows:
         fields = [f"start={start}"] + ([f"size={size}"] if size is not None else []) + [f"type={part.type}"]
         if part.uuid and table.label == "gpt":
@@ -4146,7 +4167,8 @@ def plan_disk(disk: Disk, ctx: PlanContext) -> List[Step]:
     if rows:
         steps.append(Step(f"partition {new}", f"Disk {new}: {disk.partition_table.label} partition table with "
                           f"{len(rows)} partitions", ["sfdisk", "--wipe", "always", "--wipe-partitions", "always", new],
-                          input=sfdisk_script(disk, rows, new), after=ctx.after(disk.id)))
+                          input=sfdisk_script(disk, rows, new, here.logical_sector_size if here else
+                                              disk.partition_table.sector_size), after=ctx.after(disk.id)))
         parts = [[p.number, partition_device(new, p.number)] for p, _, _ in rows]
         steps.append(Step(f"wait for partitions of {new}", f"Disk {new}: wait until the kernel shows its partitions",
                           action="partitions", params={"disk": new, "partitions": parts}, after=[steps[-1].id]))
@@ -4338,18 +4360,18 @@ def lvcreate_args(ctx: PlanContext, lv: LogicalVolume, vg: VolumeGroup) -> List[
 
 @plan_item.register
 def plan_lv(lv: LogicalVolume, ctx: PlanContext) -> List[Step]:
-    """LVs come with their VG (vgcfgrestore or lvcreate); a restored VG whose PV grew gives
-    the growing LV what the PV gained."""
+    """LVs come with their VG (vgcfgrestore or lvcreate); a restored VG whose PVs grew (each
+    one that did is resized) gives the growing LV what they gained."""
     vg = next(v for v in ctx.layout.volume_groups if v.name == lv.vg)
     if ctx.lv_extents.get(lv.id) != -1 or not vgcfg_restorable(ctx, vg):
         return []
-    pv = next(p for p in ctx.layout.physical_volumes if p.vg == lv.vg)
-    steps = [Step(f"pvresize {ctx.name(pv.device)}", f"LVM PV {ctx.name(pv.device)}: use the larger partition",
-                  lvm("pvresize", ctx.name(pv.device)), after=[ctx.made[lv.id]]),
-             Step(f"lvextend {lv.vg}/{lv.name}", f"LVM LV {lv.vg}/{lv.name}: grow into what the PV gained",
-                  lvm("lvextend", "-l", "+100%FREE", f"{lv.vg}/{lv.name}"))]
-    steps[1].after = [steps[0].id]
-    ctx.made[lv.id] = steps[1].id
+    steps: List[Step] = []
+    for pv in (p for p in ctx.layout.physical_volumes if p.vg == lv.vg and p.device in ctx.grown):
+        steps.append(Step(f"pvresize {ctx.name(pv.device)}", f"LVM PV {ctx.name(pv.device)}: use the larger partition",
+                          lvm("pvresize", ctx.name(pv.device)), after=[steps[-1].id if steps else ctx.made[lv.id]]))
+    steps.append(Step(f"lvextend {lv.vg}/{lv.name}", f"LVM LV {lv.vg}/{lv.name}: grow into what the PVs gained",
+                      lvm("lvextend", "-l", "+100%FREE", f"{lv.vg}/{lv.name}"), after=[steps[-1].id]))
+    ctx.made[lv.id] = steps[-1].id
     return steps
 
 
@@ -7469,6 +7491,7 @@ def probe_disks_here(probe: Probe, config: Config, own_root: Optional[str] = Non
     """The disks here, from the same questions savelayout asks (so its recording can answer).
     Mounts below own_root (the tree an earlier run mounted) do not make a disk busy."""
     nodes = parse_lsblk(probe_output(probe, ["lsblk", "-J", "-b", "-p", "-o", LSBLK_COLUMNS], True))
+    fill_serials(nodes, probe.read_text_optional)
     mounts = parse_findmnt(probe_output(probe, ["findmnt", "-J", "-l", "-b", "-o", FINDMNT_COLUMNS], True))
     if own_root:
         mounts = [m for m in mounts if not path_within(str(m.get("target")), own_root)]

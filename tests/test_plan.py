@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 import rescue
+from conftest import run_rescue
 from rescue import (Boot, Disk, DiskHere, Filesystem, Layout, LogicalVolume, Luks, MdArray, Mount, Partition,
                     PartitionTable, PhysicalVolume, RecreateOptions, RescueError, Swap, VolumeGroup)
 
@@ -860,6 +861,11 @@ def layouts_and_disks(draw):
     return lay, here
 
 
+def kernel_partition_name(disk, number):
+    """The kernel's rule (block/partitions/core.c): a 'p' after a disk name ending in a digit."""
+    return f"{disk}p{number}" if disk[-1].isdigit() else f"{disk}{number}"
+
+
 def device_words(argv):
     for word in argv:
         for value in [word] + word.split("=", 1)[1:]:
@@ -893,7 +899,7 @@ def test_property_bijection_order_and_nothing_outside_the_wipe_list(case):
     assert sorted(plan.wipe) == sorted(targets)
     allowed = set(plan.wipe) | {d.id for d in lay.md_arrays} | {lv.id for lv in lay.logical_volumes}
     allowed |= {p for d in here if d.path in plan.wipe for p in d.partitions}        # their old partitions
-    allowed |= {rescue.partition_device(m.disks[p.disk], p.number) for p in lay.partitions}
+    allowed |= {kernel_partition_name(m.disks[p.disk], p.number) for p in lay.partitions}
     untouchable = {d.path for d in here if d.path not in plan.wipe}
     untouchable |= {p for d in here if d.path not in plan.wipe for p in d.partitions}
     for s in plan.steps:
@@ -901,6 +907,27 @@ def test_property_bijection_order_and_nothing_outside_the_wipe_list(case):
         assert words <= allowed, (s.id, words - allowed)
         assert not words & untouchable, (s.id, words & untouchable)
         assert s.input.count("/dev/") == 0 or all(w.split()[0] in allowed for w in s.input.splitlines() if " : " in w)
+    for disk in (d for d in here if d.path in plan.wipe):
+        assert_table_fits(plan, disk)
+
+
+def assert_table_fits(plan, disk):
+    """The partitions of a planned table lie on the disk (before a GPT's backup), in whole
+    sectors of the disk, and do not overlap."""
+    if not [s for s in plan.steps if s.id == f"partition {disk.path}"]:
+        return
+    ss = disk.logical_sector_size
+    gpt = "label: gpt" in step(plan, f"partition {disk.path}").input
+    last = disk.size // ss - 1 - (33 if gpt and ss == 512 else 5 if gpt else 0)
+    spans = []
+    for row in sfdisk_rows(plan, disk.path).values():
+        start = int(row["start"])
+        end = start + int(row["size"]) - 1 if "size" in row else last
+        assert 0 < start <= end <= last, (disk, row)
+        if row["type"] not in ("5", "f", "85"):
+            spans.append((start, end))
+    spans.sort()
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:])), spans
 
 
 def test_uuids_and_labels_are_kept_in_every_mkfs_argv():
@@ -959,3 +986,129 @@ def test_a_resumed_run_repeats_the_stop_steps_before_the_step_it_resumes_at():
     assert rescue.steps_to_run(steps, ids) == []
     optional_last = steps + [rescue.Step("stop x", "x", ["true"], optional=True)]
     assert rescue.steps_to_run(optional_last, [s.id for s in optional_last]) == []
+
+
+# -- the CLI's review, replayed (nothing runs) ---------------------------------------------------------
+
+def saved_layout_file(tmp_path, name):
+    out = tmp_path / "layout"
+    conf = tmp_path / "host.conf"
+    conf.write_text(f"LOGFILE={tmp_path}/savelayout.log\nLOCKFILE={tmp_path}/savelayout.lock\n")
+    done = run_rescue("-C", conf, "savelayout", "--replay", LAYOUTS / name, "-o", out)
+    assert done.returncode == 0, done.stderr
+    return out / "layout.json", conf
+
+
+def test_cli_plan_reads_rear_disk_mappings_and_refuses_a_disk_in_use_in_one_line(tmp_path, conf_dir):
+    layout_file, _ = saved_layout_file(tmp_path, "bios-lvm")
+    (conf_dir / "mappings").mkdir()
+    (conf_dir / "mappings" / "disk_mappings").write_text("/dev/vda /dev/vda\n")
+    done = run_rescue("-c", conf_dir, "layoutonly", "--plan", "--layout", layout_file, "--replay", LAYOUTS / "bios-lvm")
+    assert done.returncode == 1
+    assert f"Using the disk mapping in {conf_dir}/mappings/disk_mappings" in done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("rescue: error:")]
+    assert errors == ["rescue: error: /dev/vda cannot take the place of /dev/vda: it holds the running system "
+                      "(/dev/mapper/vg0-root is mounted at /)"]
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_plan_of_a_hand_changed_or_truncated_layout_is_refused(tmp_path, conf_dir):
+    layout_file, _ = saved_layout_file(tmp_path, "uefi-gpt")
+    data = json.loads(layout_file.read_text())
+    data["partitions"][-1]["size"] -= 8
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(layout_file.read_text()[:700])
+    for path, expected in ((broken, "was changed after rescue savelayout wrote it"), (truncated, "is not a valid layout")):
+        done = run_rescue("-c", conf_dir, "layoutonly", "--plan", "--layout", path, "--replay", LAYOUTS / "uefi-gpt")
+        errors = [line for line in done.stderr.splitlines() if line.startswith("rescue: error:")]
+        assert done.returncode != 0 and len(errors) == 1 and expected in errors[0], done.stderr
+
+
+def test_cli_map_naming_a_disk_that_does_not_exist(tmp_path, conf_dir):
+    layout_file, _ = saved_layout_file(tmp_path, "bios-lvm")
+    done = run_rescue("-c", conf_dir, "layoutonly", "--json", "--layout", layout_file, "--replay", LAYOUTS / "bios-lvm",
+                      "--map", "/dev/vda=/dev/sdq")
+    assert done.returncode == 1 and done.stdout.count("{") == 0
+    assert "rescue: error: the mapping names /dev/sdq, which is not a disk here" in done.stderr
+
+
+@pytest.mark.parametrize("target_ss", [512, 4096])
+def test_a_gpt_partition_before_1_mib_gets_its_first_lba(target_ss):
+    """sfdisk 2.38 refuses 'start=34' ("Sector 34 already used") unless the script says
+    first-lba: 34 (its default is 1 MiB); tried by hand on an image file."""
+    d = gpt_disk("/dev/sda", 10 * GiB)
+    grub = Partition("/dev/sda1", "/dev/sda", 1, 34 if target_ss == 512 else 48, 2014, "21686148-6449-6e6f-744e-656564454649")
+    lay = layout(d, grub, part(d, 2, 1, 9000), Filesystem("/dev/sda2", "ext4", "u2", None, 9000 * MiB, MiB))
+    plan = plan_for(lay, [blank("/dev/vda", 10 * GiB, logical_sector_size=target_ss)])
+    script = step(plan, "partition /dev/vda").input
+    first = int(sfdisk_rows(plan, "/dev/vda")["/dev/vda1"]["start"])
+    assert first == (34 if target_ss == 512 else 6)
+    assert f"first-lba: {first}\n" in script
+    assert "first-lba" not in step(plan_for(lvm_layout(), [blank("/dev/vda", 10 * GiB)]), "partition /dev/vda").input
+
+
+def test_a_vg_on_two_disks_resizes_the_pv_that_grew():
+    a, b = gpt_disk("/dev/sda", 10 * GiB), gpt_disk("/dev/sdb", 10 * GiB)
+    pa, pb = part(a, 1, 1, 10 * 1024 - 2, type=LVM_GUID), part(b, 1, 1, 10 * 1024 - 2, type=LVM_GUID)
+    lay = layout(a, b, pa, pb, PhysicalVolume(pa.id, "pv-a", "vg0", pa.size * 512), PhysicalVolume(pb.id, "pv-b", "vg0", pb.size * 512),
+                 VolumeGroup("vg0", "vgu", 4 * MiB, 20 * GiB - 16 * MiB, [pa.id, pb.id]),
+                 LogicalVolume("/dev/mapper/vg0-data", "vg0", "data", "lvu", 19 * GiB),
+                 Filesystem("/dev/mapper/vg0-data", "ext4", "fsu", None, 19 * GiB, GiB))
+    here = [blank("/dev/vda", 10 * GiB), blank("/dev/vdb", 30 * GiB)]
+    plan = plan_for(lay, here, vgcfg={"vg0": ("/x/vg0.vgcfg", "vg0 {\n}\n")})
+    assert_ordered(plan)
+    assert [s.argv[-1] for s in plan.steps if s.id.startswith("pvresize")] == ["/dev/vdb1"]
+    assert step(plan, "lvextend vg0/data").after == ["pvresize /dev/vdb1"]
+    here = [blank("/dev/vda", 20 * GiB), blank("/dev/vdb", 30 * GiB)]
+    plan = plan_for(lay, here, vgcfg={"vg0": ("/x/vg0.vgcfg", "vg0 {\n}\n")})
+    assert_ordered(plan)
+    assert [s.argv[-1] for s in plan.steps if s.id.startswith("pvresize")] == ["/dev/vda1", "/dev/vdb1"]
+    assert step(plan, "mkfs /dev/mapper/vg0-data").after == ["lvextend vg0/data"]
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(8, 40), st.integers(4, 80), st.sampled_from([512, 4096]), st.integers(0, 30),
+       st.sampled_from(["gpt", "dos"]), st.booleans())
+def test_property_resized_tables_and_lvs_fit_the_target(old_gib, new_gib, ss, used_gib, label, vgcfg):
+    lay = lvm_layout(old_gib * GiB, used=min(used_gib, old_gib - 2) * GiB, label=label)
+    here = [blank("/dev/vda", new_gib * GiB, logical_sector_size=ss, physical_sector_size=4096)]
+    options = {"vgcfg": {"vg0": ("/x/vg0.vgcfg", "vg0 {\n}\n")}} if vgcfg else {}
+    try:
+        plan = plan_for(lay, here, **options)
+    except RescueError as exc:
+        event("refused")
+        assert new_gib < old_gib and "too small" in exc.message, exc.message
+        return
+    event("grown" if new_gib > old_gib else "shrunk" if new_gib < old_gib else "same")
+    assert_ordered(plan)
+    assert_table_fits(plan, here[0])
+    row = sfdisk_rows(plan, "/dev/vda")["/dev/vda2"]
+    pv_bytes = (int(row["size"]) if "size" in row else (new_gib * GiB // ss - 34 - int(row["start"]))) * ss
+    creates = [s for s in plan.steps if s.id.startswith("lv ")]
+    extents = [int(s.argv[s.argv.index("-l") + 1]) for s in creates if s.argv[s.argv.index("-l") + 1].isdigit()]
+    assert sum(extents) * 4 * MiB <= pv_bytes - MiB
+    if new_gib < old_gib:
+        root = next(s for s in creates if s.id == "lv vg0/root")
+        assert int(root.argv[root.argv.index("-l") + 1]) * 4 * MiB >= min(used_gib, old_gib - 2) * GiB
+
+
+def test_serials_from_sysfs_when_lsblk_has_none():
+    """Without udev (the helper VM, a minimal rescue system) lsblk prints no SERIAL."""
+    nodes = lsblk_json(("/dev/vdc", "disk", 4 * GiB, {}, [("/dev/vdc1", "part", GiB, {})]),
+                       ("/dev/nvme0n1", "disk", 8 * GiB, {}), ("/dev/sda", "disk", GiB, {"serial": "FROM-UDEV"}),
+                       ("/dev/sdb", "disk", GiB, {}))
+    sysfs = {"/sys/block/vdc/serial": "disk0", "/sys/block/nvme0n1/device/serial": "big                 \n",
+             "/sys/block/sda/serial": "never read", "/sys/block/vdc1/serial": "not a disk"}
+    rescue.fill_serials(nodes, sysfs.get)
+    assert {n: nodes[n].serial for n in nodes} == {"/dev/vdc": "disk0", "/dev/vdc1": None, "/dev/nvme0n1": "big",
+                                                   "/dev/sda": "FROM-UDEV", "/dev/sdb": None}
+    lay, _ = replayed("uefi-gpt")
+    m = mapped(lay, here_from(nodes))
+    assert m.disks == {"/dev/vda": "/dev/vdc"} and m.reasons == {"/dev/vda": "the same serial"}
+
+
+def test_recordings_without_sysfs_answers_still_replay():
+    here = rescue.probe_disks_here(rescue.Probe(replay_dir=LAYOUTS / "bios-lvm"), default_config())
+    assert [d.serial for d in here if d.path == "/dev/vda"] == ["disk0"]

@@ -312,6 +312,8 @@ def test_bios_lvm_bad_input_refused_then_killed_run_resumes(golden, guest_image,
     assert half - 2 <= len(journal["done"]) < total
     rc, text = result(out, "resumed")
     assert rc == 0, text
+    assert "Using the layout of vm in /job/layout/layout.json (given with --layout)" in text
+    assert "/dev/vda (4 GiB) -> /dev/vdc (4 GiB, the same size): the same serial" in result(out, "plan")[1]
     assert f"Resuming the interrupted run at step {len(journal['done']) + 1} of {total}" in text
     rc, text = result(out, "again")
     assert rc == 0 and "Nothing to do" in text, text
@@ -348,7 +350,7 @@ def test_uefi_gpt_onto_a_blank_disk_twice(golden, guest_image, tmp_path):
 def test_raid1_luks_onto_two_blank_disks_twice(golden, guest_image, tmp_path):
     disks = blank_disks(tmp_path, [("disk0", "4G"), ("disk1", "4G")])
     job_dir, layout = job(tmp_path, "raid1-luks", TWICE + r"""
-cryptsetup open --test-passphrase --key-file=/job/luks.pass "$(blkid -t TYPE=crypto_LUKS -o device)"
+printf %s "$(cat /job/luks.pass)" | cryptsetup open --test-passphrase --key-file=- "$(blkid -t TYPE=crypto_LUKS -o device)"
 echo $? >"$O/passphrase.rc"
 """, disks)
     assert_golden_uuids(layout, golden("raid1-luks").info["uuids"])
@@ -359,7 +361,7 @@ echo $? >"$O/passphrase.rc"
     rc, text = result(out, "again")
     assert rc == 0 and "Nothing to do" in text, text
     assert_recreated(out, layout)
-    assert (out / "passphrase.rc").read_text().strip() == "0"        # the configured key file opens it
+    assert (out / "passphrase.rc").read_text().strip() == "0"        # the configured passphrase opens it
 
 
 @pytest.mark.vm
