@@ -5186,6 +5186,61 @@ def passphrase(ctx: "Context", purpose: str) -> str:
     return answer
 
 
+MANIFEST_RE = re.compile(r"^duplicity-(?:full|inc)\.(?:\w+\.to\.)?(\w+)\.manifest\.gpg$")
+WRONG_PASSPHRASE = ("Bad passphrase", "Bad session key")
+
+
+def newest_manifest(names: Sequence[str]) -> Optional[str]:
+    """The manifest of the newest backup set among a chain directory's file names."""
+    found = [(match.group(1), name) for name in names for match in [MANIFEST_RE.match(name)] if match]
+    return max(found)[1] if found else None
+
+
+def remote_file(ctx: "Context", url: str, name: Optional[str] = None) -> Optional[bytes]:
+    """A file of the target directory (its listing, one name a line, when name is None), for
+    file:// and ssh targets; None for other backends and a directory that is not there."""
+    place = url_path(url)
+    if place is not None:
+        try:
+            if name is None:
+                return "\n".join(os.listdir(place)).encode("utf-8", "surrogateescape")
+            return Path(place, name).read_bytes()
+        except FileNotFoundError:
+            return None
+    login = ssh_login(url, ctx.ssh_options())
+    if login is None or not remote_path(url):
+        return None
+    path = remote_path(url) + ("/" + name if name else "")
+    result = ctx.runner.run(login + [("cat -- " if name else "ls -1 -- ") + shlex.quote(path)], check=False,
+                            timeout=120)
+    if result.returncode == 255:
+        raise ssh_failure(f"cannot reach the backup server {urllib.parse.urlsplit(url).hostname}", result)
+    return result.stdout.encode("utf-8", "surrogateescape") if result.returncode == 0 else None
+
+
+def check_passphrase(ctx: "Context", crypt: Encryption, url: str, workdir: Path) -> None:
+    """Before anything is written or removed: the passphrase opens the newest manifest of the
+    chain at url. A mistyped one would otherwise encrypt new sets (the layout chain's fulls, a
+    new full chain) that no later run, with the right passphrase, can read."""
+    passphrase = crypt.env.get("PASSPHRASE")
+    listing = remote_file(ctx, url) if passphrase else None
+    newest = newest_manifest(listing.decode("utf-8", "surrogateescape").splitlines()) if listing else None
+    data = remote_file(ctx, url, newest) if newest else None
+    if data is None:
+        return
+    encrypted = workdir / "newest-manifest.gpg"
+    encrypted.write_bytes(data)
+    result = ctx.runner.run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase-fd", "0",
+                             "--decrypt", str(encrypted)],
+                            input=passphrase + "\n", check=False, timeout=120)
+    if result.returncode != 0 and any(text in result.stderr for text in WRONG_PASSPHRASE):
+        raise RescueError(f"wrong passphrase: it does not open the backup at {ctx.log.redact(url)} "
+                          f"({newest}); nothing was written",
+                          "check BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE (or the answer typed)")
+    if result.returncode != 0:
+        ctx.log.info(f"Could not check the passphrase against {newest}: " + " ".join(result.stderr.split()[-12:]))
+
+
 def backup_encryption(ctx: "Context", purpose: str) -> Encryption:
     if purpose == "backup" and ctx.config.setting("BACKUP_DUPLICITY_ASK_PASSPHRASE"):
         ctx.log.say("The duplicity passphrase will be asked for on restore (BACKUP_DUPLICITY_ASK_PASSPHRASE)")
@@ -5339,7 +5394,8 @@ def tree_digest(root: Path) -> str:
 
 def upload_layout(ctx: "Context", opts: DuplicityOptions, url: str, workdir: Path) -> str:
     """A full backup of the layout and the configuration (no secrets) to URL/layout, unless the
-    last backup already stored the same (a restore as of any time then finds an equal one).
+    last backup, which succeeded, already stored the same (a restore as of any time then finds
+    an equal one; a failed run's layout set is not trusted, it is stored again).
     Returns what identifies the stored content, for last-backup.json."""
     staging = workdir / "layout-upload"
     staging.mkdir(mode=0o700)
@@ -5351,7 +5407,8 @@ def upload_layout(ctx: "Context", opts: DuplicityOptions, url: str, workdir: Pat
     if plan.is_file():
         shutil.copy2(str(plan), str(staging / PARTS_FILE))
     digest = hashlib.sha256((url + tree_digest(staging)).encode()).hexdigest()
-    if previous_record(ctx.config).get("layout_digest") == digest:
+    previous = previous_record(ctx.config)
+    if previous.get("success") and previous.get("layout_digest") == digest:
         ctx.log.info("The layout and configuration on the target are up to date")
         return digest
     ctx.log.say(f"Storing the layout and configuration in {ctx.log.redact(layout_url(url))}")
@@ -5468,6 +5525,7 @@ def make_backup(ctx: "Context") -> int:
     plan_file = var_dir(config) / PARTS_FILE
     previous = read_parts_plan(plan_file)
     with work_directory("rescue-backup-") as workdir:
+        check_passphrase(ctx, crypt, url, workdir)
         in_scope, excluded = mounts_to_back_up(ctx, layout)
         own = own_paths(config, archive_dir, workdir)
         selection = backup_selection(in_scope, excluded, config, own)

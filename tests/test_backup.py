@@ -536,6 +536,49 @@ def test_a_full_target_fails_the_backup_with_the_tail_of_duplicitys_output(site)
     assert 'rescue_backup_last_run_success{host="%s"}' % HOST + ' 0' in (metrics / "rescue_backup.prom").read_text()
 
 
+def target_files(directory):
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+@pytest.mark.parametrize("over", ["file", "ssh"])
+def test_a_mistyped_passphrase_writes_nothing_and_the_next_good_run_restores(tmp_path, conf_dir, gnupg_keys,
+                                                                             sshd_server, over):
+    """Issue 11 A.1: the config edited (so the layout's digest changes) and the passphrase
+    mistyped stored a layout set in the wrong passphrase; the next good run skipped the layout
+    (same digest) and every restore of the layout failed from then on."""
+    remote = tmp_path / "server"
+    site = Site(tmp_path, conf_dir, gnupg_keys, url=sshd_server.url(str(remote)) if over == "ssh" else None)
+    directory = remote / HOST if over == "ssh" else site.target_dir()
+    right = dict(BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="the-right-one", BACKUP_DUPLICITY_MAX_SETS="1",
+                 BACKUP_DUPLICITY_SSH_OPTIONS=sshd_server.ssh_options)
+    assert site.run("mkbackuponly", **right).returncode == 0
+    before = target_files(directory)
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="mistyped", PROGRESS_MODE="plain")
+    assert_clean_error(proc, "wrong passphrase", "nothing was written")
+    assert target_files(directory) == before
+    assert "remove-all-but-n-full" not in proc.stdout               # retention did not run either
+    proc = site.run("mkbackuponly", PROGRESS_MODE="ANSI", **right)
+    assert proc.returncode == 0, proc.stderr
+    fetched = site.tmp / "fetched"
+    proc = site.run("restoreonly", "--layout-only", "--target", fetched)
+    assert proc.returncode == 0, proc.stderr
+    assert (fetched / "layout/layout.json").is_file()
+    proc = site.run("restoreonly", "--target", site.tmp / "restored")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_layout_stored_by_a_failed_run_is_stored_again_by_the_next(site):
+    """The layout digest of a failed run does not let the next run skip the layout."""
+    settings = dict(BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+    assert site.run("mkbackuponly", **settings).returncode == 0
+    record = json.loads((site.var / "last-backup.json").read_text())
+    record["success"] = False              # as a run leaves it whose chain failed after the layout
+    (site.var / "last-backup.json").write_text(json.dumps(record))
+    proc = site.run("mkbackuponly")
+    assert proc.returncode == 0, proc.stderr
+    assert "Storing the layout" in proc.stdout
+
+
 def test_a_second_backup_waits_for_the_lock_holder(site):
     site.write_conf()
     lockfile = site.tmp / "rescue.lock"
