@@ -4570,6 +4570,11 @@ def restore_command(opts: DuplicityOptions, url: str, target: str, tempdir: str,
     return args + [url, target]
 
 
+def cleanup_command(opts: DuplicityOptions, url: str, name_suffix: str = "") -> List[str]:
+    """Remove what an interrupted backup left (the volumes of an incomplete set)."""
+    return ["cleanup", "-v4", "--force"] + common_options(opts, name_suffix) + [url]
+
+
 def status_command(opts: DuplicityOptions, url: str, name_suffix: str = "") -> List[str]:
     return ["collection-status", "-v4"] + common_options(opts, name_suffix) + [url]
 
@@ -4580,6 +4585,83 @@ def verify_command(opts: DuplicityOptions, selection: Selection, url: str, tempd
     (path.ROPath.compare_verbose returns "equal" at once), so a changed file would pass."""
     args = ["verify", "-v4", "--compare-data"] + (["--restore-time", time_] if time_ else [])
     return args + common_options(opts, name_suffix, tempdir) + selection.args + [url, selection.source]
+
+
+# -- the sets of a chain, from its file names -------------------------------------------------
+#
+# A set is complete when its manifest is there: duplicity uploads the manifest last, so the
+# volumes of an interrupted set stay without one, and duplicity itself lists such a set as a
+# normal one (and then fails to restore the latest backup: "No remote manifest name").
+
+SET_FILE_RE = re.compile(r"^duplicity-(full|inc)\.(?:\w+\.to\.)?(\w+)\.(manifest|vol\d+\.difftar)\.gpg$")
+INTERVAL_SECONDS = {"s": 1, "m": 60, "h": 3600, "D": 86400, "W": 7 * 86400, "M": 30 * 86400, "Y": 365 * 86400}
+
+
+def stored_sets(names: Sequence[str]) -> Dict[float, bool]:
+    """{the set's time (seconds since 1970): complete} of a chain directory's file names."""
+    sets: Dict[float, bool] = {}
+    for name in names:
+        match = SET_FILE_RE.match(name)
+        if match:
+            when = datetime.datetime.strptime(match.group(2), "%Y%m%dT%H%M%SZ").replace(
+                tzinfo=datetime.timezone.utc).timestamp()
+            sets[when] = sets.get(when, False) or match.group(3) == "manifest"
+    return sets
+
+
+def time_seconds(value: str, now: float) -> float:
+    """A time as duplicity_time_value() accepts it -> seconds since 1970 (a date without an
+    offset is in local standard time, as duplicity takes it)."""
+    if value == "now":
+        return now
+    if value.isdigit():
+        return float(value)
+    date = DATE_RE.fullmatch(value)
+    if date:
+        fields = [int(g) for g in date.groups()[:6] if g is not None]
+        zone = date.group(7)
+        offset = -time.timezone // 60            # duplicity: local standard time (gettzd(0))
+        if zone:
+            offset = 0 if zone == "Z" else int(zone[0] + "1") * (int(zone[1:3]) * 60 + int(zone[-2:]))
+        return datetime.datetime(*fields, tzinfo=datetime.timezone(datetime.timedelta(minutes=offset))).timestamp()
+    return now - sum(int(n) * INTERVAL_SECONDS[unit] for n, unit in re.findall(r"([0-9]+)([smhDWMY])", value))
+
+
+def iso_time(seconds: float) -> str:
+    """Local ISO 8601 with offset: what status shows, and duplicity takes as --restore-time."""
+    return datetime.datetime.fromtimestamp(seconds).astimezone().isoformat()
+
+
+def restore_point(chains: Dict[str, Dict[float, bool]], wanted: Optional[float]) -> Tuple[Optional[float], bool]:
+    """The time every chain of one backup ({"main" or a part's path: its sets}) is restored as
+    of, and whether that is earlier than asked because the set a chain would take is
+    incomplete (then the last time at which every chain has a complete set). wanted None:
+    the latest, which stays None when every chain's newest set is complete. A RescueError
+    when a chain has no set that old: a restore must be complete or fail."""
+    firsts = {label: min((t for t, ok in sets.items() if ok), default=None) for label, sets in chains.items()}
+    for label, first in firsts.items():
+        if first is None:
+            raise RescueError(f"{chain_name(label)} has no complete set (every backup of it was interrupted)",
+                              "run rescue mkbackuponly to completion first")
+    point, earlier = wanted, False
+    while True:
+        for label, first in firsts.items():
+            if point is not None and point < first:
+                oldest = iso_time(max(firsts.values()))
+                whose = "there is no backup" if label == "main" else f"the part {label} has no backup"
+                raise RescueError(f"{whose} as old as {iso_time(point)}: the oldest "
+                                  f"time the whole backup can be restored as of is {oldest}",
+                                  "give a --restore-time at or after it ('rescue status' lists the backups)")
+        newest = {label: max(t for t in sets if point is None or t <= point) for label, sets in chains.items()}
+        broken = [label for label, t in newest.items() if not chains[label][t]]
+        if not broken:
+            return point, earlier
+        point = min(max(t for t, ok in chains[label].items() if ok and t <= newest[label]) for label in broken)
+        earlier = True
+
+
+def chain_name(label: str) -> str:
+    return "the backup" if label == "main" else f"the part {label}"
 
 
 # -- reading duplicity's output ----------------------------------------------------------------
@@ -5441,6 +5523,22 @@ def merge_statistics(all_stats: Sequence[Dict[str, float]]) -> Dict[str, float]:
     return merged
 
 
+def remove_incomplete_set(ctx: "Context", opts: DuplicityOptions, url: str, name_suffix: str,
+                          output: DuplicityOutput) -> None:
+    """After a backup that failed because a disk is full: duplicity's cleanup of the set it
+    left incomplete (its volumes take room the next run needs, and resuming it would fail
+    again). Other failures keep it: the next run resumes it; restores skip it meanwhile."""
+    found = diagnose("\n".join(output.lines))
+    if not found or "disk is full" not in found[0]:
+        return
+    ctx.log.say(f"Removing the incomplete backup set from {ctx.log.redact(url)}")
+    returncode, _ = duplicity_run(ctx, cleanup_command(opts, url, name_suffix), opts.crypt, "Cleanup",
+                                  shared_console=True)
+    if returncode != 0:
+        ctx.log.warn(f"could not remove the incomplete backup set (duplicity exit code {returncode}); "
+                     "restores skip it, and the next backup resumes or removes it")
+
+
 def run_backup(ctx: "Context", opts: DuplicityOptions, chains: Sequence[Chain], workdir: Path,
                store_layout: Callable[[], str]) -> int:
     """Store the layout and back up every chain, side by side: the largest first, up to
@@ -5484,6 +5582,8 @@ def run_backup(ctx: "Context", opts: DuplicityOptions, chains: Sequence[Chain], 
         record["chains"] = [{"label": c.label, "exit_code": code, "full": o.full}
                             for c, (code, o) in zip(order, results)]
     save_backup_record(ctx, record)
+    for chain, _, output in failed:
+        remove_incomplete_set(ctx, opts, chain.url, chain.name_suffix, output)
     if failed:
         chain, code, output = failed[0]
         what = "the backup" if len(chains) == 1 else f"the backup of {chain.label}"
@@ -5705,6 +5805,49 @@ def local_parts(ctx: "Context", url: str, time_: Optional[str]) -> List[str]:
         return []
 
 
+def chain_sets(ctx: "Context", url: str) -> Optional[Dict[float, bool]]:
+    """The sets of the chain at url and whether each is complete (None: a backend rescue
+    cannot list)."""
+    listing = remote_file(ctx, url)
+    return stored_sets(listing.decode("utf-8", "surrogateescape").splitlines()) if listing is not None else None
+
+
+def checked_restore_time(ctx: "Context", url: str, parts: Sequence[str], time_: Optional[str],
+                         doing: str = "restoring") -> Optional[str]:
+    """The time to restore the main chain and these parts as of: time_ when every chain has a
+    complete set then, else (with a warning) the last time they all have one; an error when
+    one of them has no set that old."""
+    chains = {}
+    for label, chain_url in [("main", url)] + [(p, part_chain(url, p)[0]) for p in parts]:
+        sets = chain_sets(ctx, chain_url)
+        if sets is not None and (sets or label != "main"):    # no main chain: duplicity says so
+            chains[label] = sets
+    if "main" not in chains:
+        return time_
+    point, earlier = restore_point(chains, None if time_ is None else time_seconds(time_, time.time()))
+    if not earlier:
+        return time_
+    ctx.log.warn(f"the newest backup set{' as of ' + time_ if time_ else ''} is incomplete (a backup was "
+                 f"interrupted): {doing} the last complete one, of {iso_time(point)}")
+    return iso_time(point)
+
+
+def check_parts_complete(ctx: "Context", url: str, parts: Sequence[str], time_: Optional[str]) -> None:
+    """The stored plan's parts (when they are not the ones the restore time was chosen for)
+    have a complete set as of time_, or the restore fails naming a time that works."""
+    chains = {}
+    for label, chain_url in [("main", url)] + [(p, part_chain(url, p)[0]) for p in parts]:
+        sets = chain_sets(ctx, chain_url)
+        if sets is not None:
+            chains[label] = sets
+    if not chains.get("main"):
+        return
+    point, earlier = restore_point(chains, None if time_ is None else time_seconds(time_, time.time()))
+    if earlier:
+        raise RescueError(f"a chain of the backup as of {time_ or 'now'} is incomplete (a backup was interrupted)",
+                          f"restore with --restore-time {iso_time(point)}, the last time every chain is complete")
+
+
 def place_part(staging: Path, target: Path, part: str) -> None:
     """Rename a part restored into staging (on its filesystem) to its place in target,
     keeping the times of the directory it goes into."""
@@ -5805,7 +5948,7 @@ def restore_parts(ctx: "Context", run: RestoreRun, url: str, filesystems: Sequen
     if guess:
         done = in_parallel(ctx.runner, [stored] + [lambda s=s: run.attempt(s) for s in steps(guess)], 2 * workers)
         parts, outputs = done[0], done[1:]
-        if sorted(parts) == sorted(guess):
+        if sorted(parts) == sorted(guess):           # checked with the restore time
             say_parts(ctx, parts)
             for output in outputs:
                 if isinstance(output, RescueError):
@@ -5816,6 +5959,7 @@ def restore_parts(ctx: "Context", run: RestoreRun, url: str, filesystems: Sequen
             run.discard(part)
     else:
         parts = stored()
+    check_parts_complete(ctx, url, parts, run.time_)
     say_parts(ctx, parts)
     in_parallel(ctx.runner, [lambda s=s: run.run(s) for s in steps(parts)], 2 * workers - 1)   # beside the main chain
 
@@ -5851,6 +5995,7 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
         raise RescueError(f"cannot create the restore target {target}: {exc.strerror}",
                           "give a directory that can be made there") from None
     crypt = backup_encryption(ctx, "restore")
+    time_ = checked_restore_time(ctx, url, local_parts(ctx, url, time_), time_)
     filesystems = [str(target)] + [m for m in mounts if path_within(m, str(target))]
     workers = parallel_workers(ctx.config)
     with private_gnupg_home(ctx.runner, crypt) as home, restore_workspace(ctx.config, target) as work:
@@ -5929,6 +6074,20 @@ def parse_collection_status(text: str) -> Dict[str, object]:
     return {"chains": chains, "orphaned_or_incomplete": not clean}
 
 
+def mark_incomplete(status: Dict[str, object], stored: Optional[Dict[float, bool]]) -> Dict[str, object]:
+    """Each set with "complete" from the chain's files (duplicity lists the volumes of an
+    interrupted set as a normal set); an incomplete one makes the chain orphaned_or_incomplete."""
+    if stored is None:
+        return status
+    complete = {iso_time(t): ok for t, ok in stored.items()}
+    for chain in status["chains"]:
+        for backup_set in chain["sets"]:
+            backup_set["complete"] = complete.get(backup_set["time"], True)
+            if not backup_set["complete"]:
+                status["orphaned_or_incomplete"] = True
+    return status
+
+
 def describe_status(status: Dict[str, object], last: Dict[str, object]) -> str:
     lines = [f"Backups of {status['host']} at {status['url']}:"]
     if not status["chains"]:
@@ -5937,7 +6096,8 @@ def describe_status(status: Dict[str, object], last: Dict[str, object]) -> str:
         kind = "primary" if chain["primary"] else "older"
         lines.append(f"  chain {n} ({kind}): {len(chain['sets'])} sets, {chain['start']} … {chain['end']}")
         for backup_set in chain["sets"]:
-            lines.append(f"    {backup_set['type']:<12} {backup_set['time']}  {backup_set['volumes']} volumes")
+            lines.append(f"    {backup_set['type']:<12} {backup_set['time']}  {backup_set['volumes']} volumes"
+                         + ("" if backup_set.get("complete", True) else "  INCOMPLETE (interrupted; not restored)"))
     if status["orphaned_or_incomplete"]:
         lines.append("  warning: there are orphaned or incomplete backup sets (a backup was interrupted)")
     for part in status.get("parts", []):
@@ -5967,7 +6127,7 @@ def collection_status(ctx: "Context") -> Dict[str, object]:
 
     def read(chain_url: str, suffix: str) -> Dict[str, object]:
         output = run_checked(ctx, status_command(opts, chain_url, suffix), opts.crypt, "reading the collection status")
-        return parse_collection_status("\n".join(output.lines))
+        return mark_incomplete(parse_collection_status("\n".join(output.lines)), chain_sets(ctx, chain_url))
 
     status.update(read(url, ""))
     status["parts"] = [dict(read(*part_chain(url, p)), path=p, url=ctx.log.redact(part_chain(url, p)[0]))
@@ -5985,10 +6145,13 @@ def verify_backup(ctx: "Context", time_: Optional[str]) -> Tuple[int, int, List[
     check_backup_there(ctx, url)
     archive_dir = default_archive_dir()
     opts = duplicity_options(config, backup_encryption(ctx, "verify"), archive_dir, ctx.ssh_options())
+    time_ = checked_restore_time(ctx, url, [], time_, "verifying")
     with work_directory("rescue-verify-") as workdir:
         in_scope, excluded = mounts_to_back_up(ctx, saved_layout(config))
         selection = backup_selection(in_scope, excluded, config, own_paths(config, archive_dir, workdir))
-        chains = backup_chains(url, selection, stored_parts(ctx, opts, {}, workdir, time_, "verify"), {})
+        parts = stored_parts(ctx, opts, {}, workdir, time_, "verify")
+        check_parts_complete(ctx, url, parts, time_)
+        chains = backup_chains(url, selection, parts, {})
 
         def verify(chain: Chain) -> Tuple[int, int, List[str]]:
             args = verify_command(opts, chain.selection, chain.url, str(workdir), time_, chain.name_suffix)

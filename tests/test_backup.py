@@ -243,6 +243,32 @@ def colons(validity="u", capabilities="scESC"):
     return f"pub:{validity}:255:22:ABCD:1700000000:::u:::{capabilities}::::::ed25519:::0:\n"
 
 
+def test_a_set_is_complete_only_with_its_manifest():
+    names = ["duplicity-full.20261202T100000Z.manifest.gpg", "duplicity-full.20261202T100000Z.vol1.difftar.gpg",
+             "duplicity-full-signatures.20261202T100000Z.sigtar.gpg",
+             "duplicity-inc.20261202T100000Z.to.20261202T110000Z.vol1.difftar.gpg", "layout"]
+    full, inc = rescue.time_seconds("2026-12-02T10:00:00Z", 0), rescue.time_seconds("2026-12-02T11:00:00Z", 0)
+    assert rescue.stored_sets(names) == {full: True, inc: False}
+    assert rescue.time_seconds("0", 99) == 0 and rescue.time_seconds("1D", 86400 * 3) == 86400 * 2
+
+
+def test_restore_point_falls_back_to_a_time_every_chain_has_complete_and_refuses_too_old():
+    main = {10.0: True, 20.0: True, 30.0: False}
+    part = {10.0: True, 20.0: False, 30.0: True}
+    assert rescue.restore_point({"main": main}, None) == (20.0, True)
+    assert rescue.restore_point({"main": main, "/srv": part}, None) == (10.0, True)
+    assert rescue.restore_point({"main": main, "/srv": part}, 15.0) == (15.0, False)
+    assert rescue.restore_point({"main": {10.0: True}}, None) == (None, False)
+    for wanted in (0.0, 5.0):
+        with pytest.raises(rescue.RescueError, match="there is no backup as old as"):
+            rescue.restore_point({"main": main}, wanted)
+    with pytest.raises(rescue.RescueError, match=r"the part /srv has no backup as old as .*00:00:15.* whole "
+                                                 r"backup can be restored as of is .*00:00:20"):
+        rescue.restore_point({"main": main, "/srv": {20.0: True}}, 15.0)
+    with pytest.raises(rescue.RescueError, match="the part /srv has no complete set"):
+        rescue.restore_point({"main": main, "/srv": {}}, None)
+
+
 def test_key_problems_are_explained_with_the_fix():
     assert rescue.key_problem("encrypt", colons()) is None
     assert "not in the keyring" in rescue.key_problem("encrypt", "")[0]
@@ -577,6 +603,32 @@ def test_a_layout_stored_by_a_failed_run_is_stored_again_by_the_next(site):
     proc = site.run("mkbackuponly")
     assert proc.returncode == 0, proc.stderr
     assert "Storing the layout" in proc.stdout
+
+
+def test_an_incremental_that_fills_the_target_leaves_no_incomplete_set(site):
+    """Issue 11 A.2: a volume without a manifest stayed after the target filled up during an
+    incremental, and status listed the broken set as a normal one."""
+    full = site.tmp / "small-disk"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(full)], check=True)
+    try:
+        settings = dict(BACKUP_DUPLICITY_URL=f"file://{full}", BACKUP_DUPLICITY_OPTIONS="--volsize 1 --num-retries 1",
+                        BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+        assert site.run("mkbackuponly", **settings).returncode == 0
+        (site.src / "big.bin").write_bytes(os.urandom(4 << 20))
+        proc = site.run("mkbackuponly")
+        assert_clean_error(proc, "disk is full")
+        sets = rescue.stored_sets(os.listdir(full / HOST))
+        assert len(sets) == 1 and all(sets.values()), sorted(os.listdir(full / HOST))
+        assert "Removing the incomplete backup set" in proc.stdout
+        status = site.status()
+        assert status["orphaned_or_incomplete"] is False
+        assert [s["type"] for s in status["chains"][0]["sets"]] == ["full"]
+        proc = site.run("restoreonly", "--target", site.tmp / "restored")
+        assert proc.returncode == 0, proc.stderr
+        assert "incomplete" not in proc.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=True)
 
 
 def test_a_second_backup_waits_for_the_lock_holder(site):

@@ -16,7 +16,7 @@ import pytest
 import rescue
 from backup_fixtures import assert_same_tree
 from conftest import RESCUE
-from test_backup import Site, assert_clean_error, public_key
+from test_backup import Site, assert_clean_error, differences_inside, public_key
 
 
 @pytest.fixture
@@ -178,6 +178,50 @@ def test_a_backup_killed_halfway_is_resumed_and_restores_completely(site):
     proc = site.run("restoreonly", "--target", target)
     assert proc.returncode == 0, proc.stderr
     assert_same_tree(site.src, restored(site, target))
+
+
+def kill_backup_after(site, pattern, volumes):
+    """Start mkbackuponly and SIGKILL it and its duplicity once `volumes` files matching
+    pattern are on the target (a crash in the middle of a set)."""
+    env = dict(os.environ, HOME=str(site.home), GNUPGHOME=str(site.gnupghome), TMPDIR=str(site.work))
+    proc = subprocess.Popen([sys.executable, str(RESCUE), "-c", str(site.conf_dir), "mkbackuponly"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(site.target_dir().glob(pattern))) < volumes:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    for pid in [proc.pid] + duplicity_children(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_an_interrupted_incremental_restores_the_last_complete_set_with_a_warning(site):
+    """Issue 11 A.2: an incremental killed halfway left volumes without a manifest, and a
+    restore of the latest backup died in duplicity (AssertionError: No remote manifest name)."""
+    site.settings.update(BACKUP_DUPLICITY_OPTIONS="--volsize 1", **public_key(site))
+    assert site.run("mkbackuponly").returncode == 0
+    complete = site.status()["chains"][0]["sets"][-1]["time"]
+    original = site.tmp / "original"
+    subprocess.run(["cp", "-a", str(site.src), str(original)], check=True)
+    (site.src / "big").mkdir()
+    for n in range(8):
+        (site.src / "big" / f"chunk{n}").write_bytes(os.urandom(1024 * 1024))
+    kill_backup_after(site, "duplicity-inc.*.vol*.difftar.gpg", 2)
+    assert not list(site.target_dir().glob("duplicity-inc.*.manifest.gpg"))
+    status = site.status()
+    assert status["orphaned_or_incomplete"] is True
+    target = site.tmp / "restored"
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode == 0, proc.stderr
+    assert f"restoring the last complete one, of {complete}" in proc.stderr
+    assert_same_tree(original, restored(site, target))
+    subprocess.run(["rm", "-rf", str(site.src / "big")], check=True)
+    os.utime(site.src, ns=(os.stat(original).st_atime_ns, os.stat(original).st_mtime_ns))
+    proc = site.run("verify")
+    assert f"verifying the last complete one, of {complete}" in proc.stderr
+    inside = str(site.src).lstrip("/")                   # (VAR_DIR changed with the killed run)
+    assert [f for f in differences_inside(proc.stdout, site.src) if f.startswith(inside)] == [], proc.stdout
+    assert proc.returncode in (0, 1), proc.stderr
 
 
 def keyring_files(home):
