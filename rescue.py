@@ -43,6 +43,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import difflib
@@ -1320,6 +1321,25 @@ PASSED_ENV = ("PATH", "HOME", "TERM", "TMPDIR", "USER", "LOGNAME", "SSH_AUTH_SOC
 
 STDERR_TAIL_LINES = 10
 STREAM_TAIL_LINES = 200
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Optional[Callable[[], None]]:
+    """A preexec_fn that makes the child die when rescue dies, however it dies (SIGKILL too):
+    commands run in sessions of their own (so Ctrl-C reaches rescue only, which stops them), and
+    a killed rescue would otherwise leave duplicity running with the lock free. Looked up
+    before any fork (the child only calls it); None where libc has no prctl."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:                  # rescue died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    return preexec
 
 
 @dataclass
@@ -1349,6 +1369,7 @@ class Runner:
         self.log = log
         self.active: Set["subprocess.Popen"] = set()    # running commands (stop_all)
         self._lock = threading.Lock()
+        self._preexec = die_with_parent()
 
     def environment(self, extra: Optional[Dict[str, str]], inherit: bool) -> Dict[str, str]:
         if inherit:
@@ -1393,7 +1414,8 @@ class Runner:
                 stdin=subprocess.PIPE if input is not None else (None if not capture else subprocess.DEVNULL),
                 stdout=subprocess.PIPE if capture else None,
                 stderr=(subprocess.STDOUT if on_line else subprocess.PIPE) if capture else None,
-                start_new_session=capture)     # own process group: a timeout kills all of it
+                start_new_session=capture,     # own process group: a timeout kills all of it
+                preexec_fn=self._preexec)
         except FileNotFoundError as exc:
             raise missing_program(argv[0]) if exc.filename in (argv[0], None) else exc from None
         except PermissionError:
@@ -4264,6 +4286,38 @@ def ssh_mkdir_command(url: str, ssh_options: str, *more: str) -> Optional[List[s
     return login + ["mkdir -p -- " + " ".join(paths)]
 
 
+def duplicity_working_on(processes: Sequence[Tuple[int, List[str]]], url: str) -> List[int]:
+    """The PIDs among processes (PID, argv) of duplicity runs on the chains at url or below it
+    (the layout's, the parts'), by their argv: the URL is an argument of its own."""
+    below = url.rstrip("/") + "/"
+    return [pid for pid, argv in processes
+            if any("duplicity" in word for word in argv[:3]) and any(w == url or w.startswith(below) for w in argv)]
+
+
+def running_processes() -> List[Tuple[int, List[str]]]:
+    """(PID, argv) of every other process this user can see."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            found.append((int(entry.name), [w.decode("utf-8", "surrogateescape") for w in argv if w]))
+    return found
+
+
+def check_no_duplicity_left(ctx: "Context", url: str) -> None:
+    """A duplicity of an earlier run that is still at work on this backup (rescue's children
+    die with it; one started by hand or by an older rescue may not): a second one beside it
+    would remove or add sets under its feet."""
+    pids = duplicity_working_on(running_processes(), url)
+    if pids:
+        raise RescueError(f"a duplicity (PID {', '.join(map(str, pids))}) is still at work on {ctx.log.redact(url)}",
+                          f"let it finish, or stop it (kill {' '.join(map(str, pids))}), then run again")
+
+
 # What a failure looks like in duplicity's output, and what to do about it.
 KNOWN_FAILURES = (
     ("There is no assurance this key belongs", "gpg does not trust the encryption key (ReaR issue #1668)",
@@ -5615,6 +5669,7 @@ def choose_parts(ctx: "Context", previous: PartsPlan, selection: Selection,
 def make_backup(ctx: "Context") -> int:
     config = ctx.config
     url = backup_url(config)
+    check_no_duplicity_left(ctx, url)
     crypt = backup_encryption(ctx, "backup")
     check_gpg_keys(ctx)
     layout = save_layout_for_backup(ctx)

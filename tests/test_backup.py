@@ -269,6 +269,15 @@ def test_restore_point_falls_back_to_a_time_every_chain_has_complete_and_refuses
         rescue.restore_point({"main": main, "/srv": {}}, None)
 
 
+def test_a_duplicity_at_work_on_the_chain_or_below_it_is_found_by_its_argv():
+    url = "file:///srv/b/alma"
+    processes = [(10, ["python3", "-c", "C = 'duplicity launcher'", "full", "--name", "x", "/", url]),
+                 (11, ["python3", "-m", "duplicity", "restore", url + "/part-1234", "/mnt"]),
+                 (12, ["/usr/bin/duplicity", "cleanup", "file:///srv/b/alma2"]),
+                 (13, ["vi", url]), (14, ["duplicity", "full", "/", "file:///srv/b/alma/layout"])]
+    assert rescue.duplicity_working_on(processes, url) == [10, 11, 14]
+
+
 def test_key_problems_are_explained_with_the_fix():
     assert rescue.key_problem("encrypt", colons()) is None
     assert "not in the keyring" in rescue.key_problem("encrypt", "")[0]

@@ -224,6 +224,54 @@ def test_an_interrupted_incremental_restores_the_last_complete_set_with_a_warnin
     assert proc.returncode in (0, 1), proc.stderr
 
 
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_duplicity_dies_with_a_killed_rescue_and_a_surviving_one_stops_the_next_run(site):
+    """Issue 11 A.5: SIGKILL of rescue left its duplicity children running (sessions of their
+    own) with the lock free, and a second run started beside them."""
+    (site.src / "big").mkdir()
+    for n in range(40):
+        (site.src / "big" / f"chunk{n}").write_bytes(os.urandom(1024 * 1024))
+    site.settings.update(BACKUP_DUPLICITY_OPTIONS="--volsize 1", **public_key(site))
+    site.write_conf()
+    env = dict(os.environ, HOME=str(site.home), GNUPGHOME=str(site.gnupghome), TMPDIR=str(site.work))
+    proc = subprocess.Popen([sys.executable, str(RESCUE), "-c", str(site.conf_dir), "mkbackuponly"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(site.target_dir().glob("duplicity-full.*.vol*.difftar.gpg"))) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    children = duplicity_children(proc.pid)
+    assert children
+    os.kill(proc.pid, signal.SIGKILL)          # rescue alone
+    proc.wait()
+    deadline = time.monotonic() + 3
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in children if alive(pid)]
+    assert len(list(site.target_dir().glob("duplicity-full.*.vol*.difftar.gpg"))) < 40
+
+    stray = subprocess.Popen([sys.executable, "-m", "duplicity", "full", "--no-encryption", "--archive-dir",
+                              str(site.tmp / "stray-cache"), str(site.src / "big"),
+                              f"file://{site.target_dir()}/stray"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        os.kill(stray.pid, signal.SIGSTOP)     # a duplicity of some earlier run, still there
+        proc = site.run("mkbackuponly")
+        assert_clean_error(proc, f"a duplicity (PID {stray.pid}) is still at work on file://", f"kill {stray.pid}")
+    finally:
+        stray.kill()
+        stray.wait()
+    proc = site.run("mkbackuponly")
+    assert proc.returncode == 0, proc.stderr
+    assert "Resuming the interrupted backup" in proc.stdout
+
+
 def keyring_files(home):
     """The secret keys of a gpg home (how they are protected) and the public keyring, hashed."""
     paths = list((Path(home) / "private-keys-v1.d").iterdir()) + [Path(home) / "pubring.kbx"]
