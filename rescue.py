@@ -4172,8 +4172,8 @@ def plan_json(plan: Plan, layout: Layout) -> str:
 # dist/rescue.pyz carries duplicity (pure Python once, plus _librsync for CPython 3.9-3.13), so
 # one copied file works where duplicity is not installed; DUPLICITY_PROG selects another one.
 #
-# On the target, "$BACKUP_DUPLICITY_URL/$HOSTNAME" holds the duplicity chain (ReaR's place and
-# --name, so ReaR's chains stay usable) and ".../$HOSTNAME/layout" a second, tiny duplicity
+# On the target, "$BACKUP_DUPLICITY_URL/$HOSTNAME" holds the duplicity chain (ReaR's place,
+# so ReaR's chains stay usable) and ".../$HOSTNAME/layout" a second, tiny duplicity
 # chain: one full backup per run of the disk layout and the configuration without its
 # secrets, encrypted like the main chain, so a bare machine can fetch them before it restores.
 # =============================================================================================
@@ -4553,15 +4553,23 @@ class DuplicityOptions:
     """What every duplicity command line of one run shares. The builders below are pure
     functions of it: the I/O that finds these values (the ssh sharing, a work directory)
     happens before, in the code that runs the commands."""
-    name: str                    # --name: BACKUP_DUPLICITY_NAME (each chain adds its suffix)
+    name: str                    # --name: BACKUP_DUPLICITY_NAME-KEY (each chain adds its suffix)
     archive_dir: str             # duplicity's cache of the chains' metadata
     ssh_options: str             # for --ssh-options ("" when the target is not reached by ssh)
     extra: List[str]             # rescue's tuning, then the user's own options (so theirs win)
     crypt: Encryption
 
 
-def duplicity_options(config: Config, crypt: Encryption, archive_dir: str, ssh_options: str) -> DuplicityOptions:
-    return DuplicityOptions(config.setting("BACKUP_DUPLICITY_NAME"), archive_dir, ssh_options,
+def target_key(url: str) -> str:
+    """What tells the caches of different targets apart."""
+    return hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def duplicity_options(config: Config, crypt: Encryption, archive_dir: str, ssh_options: str,
+                      url: str) -> DuplicityOptions:
+    """--name is BACKUP_DUPLICITY_NAME and a key of the host's target URL: duplicity's cache of
+    one target's chains (and what a failed run left there) is never read for another."""
+    return DuplicityOptions(f"{config.setting('BACKUP_DUPLICITY_NAME')}-{target_key(url)}", archive_dir, ssh_options,
                             config.setting("BACKUP_DUPLICITY_TUNING") + config.setting("BACKUP_DUPLICITY_OPTIONS"),
                             crypt)
 
@@ -5676,7 +5684,7 @@ def make_backup(ctx: "Context") -> int:
     ctx.log.say(f"Creating duplicity archives on '{ctx.log.redact(url)}'")
     prepare_target(ctx, layout_url(url))
     archive_dir = default_archive_dir()
-    opts = duplicity_options(config, crypt, archive_dir, ctx.ssh_options())
+    opts = duplicity_options(config, crypt, archive_dir, ctx.ssh_options(), url)
     plan_file = var_dir(config) / PARTS_FILE
     previous = read_parts_plan(plan_file)
     with work_directory("rescue-backup-") as workdir:
@@ -6054,7 +6062,7 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
     filesystems = [str(target)] + [m for m in mounts if path_within(m, str(target))]
     workers = parallel_workers(ctx.config)
     with private_gnupg_home(ctx.runner, crypt) as home, restore_workspace(ctx.config, target) as work:
-        opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options())
+        opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options(), url)
         run = RestoreRun(ctx, opts, target, work, home, time_)
         main = restore_steps(url, str(target), filesystems, [])[0]
         ctx.log.say(f"Restoring from '{ctx.log.redact(url)}' into {target}" + (f" as of {time_}" if time_ else ""))
@@ -6083,13 +6091,14 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
 
 def fetch_layout(ctx: "Context", destination: Path, time_: Optional[str]) -> None:
     """Get the layout and configuration stored beside the backup (for a bare machine)."""
-    check_backup_there(ctx, backup_url(ctx.config))
+    url = backup_url(ctx.config)
+    check_backup_there(ctx, url)
     crypt = backup_encryption(ctx, "restore")
     destination.mkdir(parents=True, exist_ok=True)
     if any(os.scandir(str(destination))):
         raise RescueError(f"{destination} is not empty", "give an empty or new directory")
     with private_gnupg_home(ctx.runner, crypt) as home, work_directory("rescue-layout-") as work:
-        opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options())
+        opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options(), url)
         returncode, output = restore_layout_chain(ctx, opts, home, work, destination, time_)
         if returncode != 0:
             raise duplicity_failure("fetching the layout", returncode, output, ctx.log)
@@ -6177,7 +6186,8 @@ def collection_status(ctx: "Context") -> Dict[str, object]:
     status.update(host=backup_host(ctx.config), url=ctx.log.redact(url), parts=[])
     if not check_backup_there(ctx, url, needed=False):
         return status
-    opts = duplicity_options(ctx.config, backup_encryption(ctx, "status"), default_archive_dir(), ctx.ssh_options())
+    opts = duplicity_options(ctx.config, backup_encryption(ctx, "status"), default_archive_dir(), ctx.ssh_options(),
+                             url)
     parts = read_parts_plan(var_dir(ctx.config) / PARTS_FILE).parts
 
     def read(chain_url: str, suffix: str) -> Dict[str, object]:
@@ -6199,7 +6209,7 @@ def verify_backup(ctx: "Context", time_: Optional[str]) -> Tuple[int, int, List[
     url = backup_url(config)
     check_backup_there(ctx, url)
     archive_dir = default_archive_dir()
-    opts = duplicity_options(config, backup_encryption(ctx, "verify"), archive_dir, ctx.ssh_options())
+    opts = duplicity_options(config, backup_encryption(ctx, "verify"), archive_dir, ctx.ssh_options(), url)
     time_ = checked_restore_time(ctx, url, [], time_, "verifying")
     with work_directory("rescue-verify-") as workdir:
         in_scope, excluded = mounts_to_back_up(ctx, saved_layout(config))

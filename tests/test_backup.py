@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ import pytest
 
 import rescue
 from backup_fixtures import ENC_PASSPHRASE, SIGN_PASSPHRASE, make_tree
-from conftest import run_rescue
+from conftest import RESCUE, run_rescue
 
 HOST = socket.gethostname()
 
@@ -128,10 +129,11 @@ def test_backup_command_matches_rears_shape_with_tuning_before_user_options():
                   BACKUP_DUPLICITY_FULL_IF_OLDER_THAN="1M", BACKUP_DUPLICITY_SSH_OPTIONS="-p 22 -i /k")
     selection = rescue.Selection("/", ["--exclude", "/proc"], [], ["/"])
     crypt = rescue.Encryption(["--encrypt-key", "KEY"], {"PASSPHRASE": "x"}, ["KEY"])
-    opts = rescue.duplicity_options(conf, crypt, "/a", "-p 22 -i /k")
+    opts = rescue.duplicity_options(conf, crypt, "/a", "-p 22 -i /k", "rsync://u@h//b/host")
     argv = rescue.backup_command(opts, selection, "rsync://u@h//b/host", "/t",
                                  full_if_older=conf.setting("BACKUP_DUPLICITY_FULL_IF_OLDER_THAN"))
-    assert argv == ["-v5", "--name", "rear-backup", "--archive-dir", "/a", "--tempdir", "/t",
+    key = rescue.target_key("rsync://u@h//b/host")
+    assert argv == ["-v5", "--name", f"rear-backup-{key}", "--archive-dir", "/a", "--tempdir", "/t",
                     "--ssh-options=-p 22 -i /k", "--volsize", "200", "--volsize", "50",
                     "--encrypt-key", "KEY", "--full-if-older-than", "1M",
                     "--exclude", "/proc", "/", "rsync://u@h//b/host"]
@@ -139,8 +141,9 @@ def test_backup_command_matches_rears_shape_with_tuning_before_user_options():
 
 def test_every_other_command_line_is_built_from_the_same_options():
     crypt = rescue.Encryption(["--encrypt-key", "KEY"], {"PASSPHRASE": "x"}, ["KEY"])
-    opts = rescue.duplicity_options(config(BACKUP_DUPLICITY_TUNING=[]), crypt, "/a", "")
-    common = ["--name", "rear-backup-x", "--archive-dir", "/a", "--encrypt-key", "KEY"]
+    opts = rescue.duplicity_options(config(BACKUP_DUPLICITY_TUNING=[]), crypt, "/a", "", "file:///b/h")
+    common = ["--name", f"rear-backup-{rescue.target_key('file:///b/h')}-x", "--archive-dir", "/a",
+              "--encrypt-key", "KEY"]
     assert rescue.status_command(opts, "file:///b/h", "-x") == ["collection-status", "-v4"] + common + ["file:///b/h"]
     assert rescue.retention_command(opts, ["remove-older-than", "1Y", "--force"], "file:///b/h", "-x") == \
         ["remove-older-than", "1Y", "--force", "-v4"] + common + ["file:///b/h"]
@@ -150,7 +153,9 @@ def test_every_other_command_line_is_built_from_the_same_options():
     assert verify[-4:] == ["--exclude", "/srv/x", "file:///b/h", "/srv"]
     store = rescue.layout_store_command(opts, "/stage", "file:///b/h", "/t")
     assert store[:3] == ["full", "-v4", "--allow-source-mismatch"] and store[-2:] == ["/stage", "file:///b/h/layout"]
-    assert "rear-backup-layout" in store
+    assert f"rear-backup-{rescue.target_key('file:///b/h')}-layout" in store
+    other = rescue.duplicity_options(config(BACKUP_DUPLICITY_TUNING=[]), crypt, "/a", "", "file:///c/h")
+    assert other.name != opts.name                   # each target its own cache
 
 
 def test_options_as_an_array_keep_spaces_inside_one_option():
@@ -160,7 +165,7 @@ def test_options_as_an_array_keep_spaces_inside_one_option():
 
 def test_restore_command_forces_numeric_owners_and_renames_mountpoints():
     crypt = rescue.Encryption([], {"PASSPHRASE": "x"}, [])
-    opts = rescue.duplicity_options(config(), crypt, "/w/a", "")
+    opts = rescue.duplicity_options(config(), crypt, "/w/a", "", "file:///b/h")
     argv = rescue.restore_command(opts, "file:///b/h", "/mnt/local/.s", "/w", "1D", [("boot", "../boot")])
     assert argv[:4] == ["restore", "-v4", "--force", "--numeric-owner"]
     assert argv[-7:] == ["--restore-time", "1D", "--rename", "boot", "../boot", "file:///b/h", "/mnt/local/.s"]
@@ -638,6 +643,37 @@ def test_an_incremental_that_fills_the_target_leaves_no_incomplete_set(site):
         assert "incomplete" not in proc.stderr
     finally:
         subprocess.run(["umount", "-l", str(full)], check=True)
+
+
+def test_a_backup_killed_on_another_target_does_not_touch_this_targets_cache(site):
+    """Issue 11 A.6: a stale .part left in duplicity's archive dir by a failed backup to
+    another target broke this target's verify (one --name, one cache, for every target)."""
+    settings = dict(BACKUP_DUPLICITY_OPTIONS="--volsize 1", **public_key(site))
+    assert site.run("mkbackuponly", **settings).returncode == 0
+    for n in range(30):
+        (site.src / f"chunk{n}").write_bytes(os.urandom(1 << 20))
+    other = site.tmp / "other-target"
+    site.settings["BACKUP_DUPLICITY_URL"] = f"file://{other}"
+    site.write_conf()
+    env = dict(os.environ, HOME=str(site.home), GNUPGHOME=str(site.gnupghome), TMPDIR=str(site.work))
+    proc = subprocess.Popen([sys.executable, str(RESCUE), "-c", str(site.conf_dir), "mkbackuponly"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((other / HOST).glob("duplicity-full.*.vol*.difftar.gpg"))) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    time.sleep(1)                                   # its duplicity dies with it
+    proc = site.run("verify", BACKUP_DUPLICITY_URL=site.url)
+    assert "Verify: " in proc.stdout and proc.returncode in (0, 1), proc.stderr
+    for n in range(30):
+        (site.src / f"chunk{n}").unlink()
+    proc = site.run("mkbackuponly")
+    assert proc.returncode == 0, proc.stderr
+    assert "Backup done (incremental)" in proc.stdout
+    caches = sorted(p.name for p in (site.home / ".cache/duplicity").iterdir())
+    assert len([c for c in caches if not c.endswith("-layout")]) == 2, caches     # one per target
 
 
 def test_a_second_backup_waits_for_the_lock_holder(site):
