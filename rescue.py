@@ -4696,30 +4696,34 @@ def iso_time(seconds: float) -> str:
 
 def restore_point(chains: Dict[str, Dict[float, bool]], wanted: Optional[float]) -> Tuple[Optional[float], bool]:
     """The time every chain of one backup ({"main" or a part's path: its sets}) is restored as
-    of, and whether that is earlier than asked because the set a chain would take is
-    incomplete (then the last time at which every chain has a complete set). wanted None:
-    the latest, which stays None when every chain's newest set is complete. A RescueError
-    when a chain has no set that old: a restore must be complete or fail."""
+    of, and whether that is earlier than asked: when the set a chain would take (its newest
+    at or before the time) is incomplete, the latest time at which every chain's set is
+    complete. wanted None: the latest, which stays None when every newest set is complete.
+    A RescueError when a chain has no set that old: a restore must be complete or fail."""
     firsts = {label: min((t for t, ok in sets.items() if ok), default=None) for label, sets in chains.items()}
     for label, first in firsts.items():
         if first is None:
             raise RescueError(f"{chain_name(label)} has no complete set (every backup of it was interrupted)",
                               "run rescue mkbackuponly to completion first")
-    point, earlier = wanted, False
-    while True:
-        for label, first in firsts.items():
-            if point is not None and point < first:
-                oldest = iso_time(max(firsts.values()))
-                whose = "there is no backup" if label == "main" else f"the part {label} has no backup"
-                raise RescueError(f"{whose} as old as {iso_time(point)}: the oldest "
-                                  f"time the whole backup can be restored as of is {oldest}",
-                                  "give a --restore-time at or after it ('rescue status' lists the backups)")
-        newest = {label: max(t for t in sets if point is None or t <= point) for label, sets in chains.items()}
-        broken = [label for label, t in newest.items() if not chains[label][t]]
-        if not broken:
-            return point, earlier
-        point = min(max(t for t, ok in chains[label].items() if ok and t <= newest[label]) for label in broken)
-        earlier = True
+    oldest = max(f for f in firsts.values() if f is not None)
+    for label, first in firsts.items():
+        if wanted is not None and first is not None and wanted < first:
+            whose = "there is no backup" if label == "main" else f"the part {label} has no backup"
+            raise RescueError(f"{whose} as old as {iso_time(wanted)}: the oldest time the whole backup "
+                              f"can be restored as of is {iso_time(oldest)}",
+                              "give a --restore-time at or after it ('rescue status' lists the backups)")
+
+    def complete_at(point: Optional[float]) -> bool:
+        return all(sets[max(t for t in sets if point is None or t <= point)] for sets in chains.values())
+
+    if complete_at(wanted):
+        return wanted, False
+    # The chains of one run start a little apart: try each complete set's time, newest first.
+    for point in sorted({t for sets in chains.values() for t, ok in sets.items() if ok}, reverse=True):
+        if (wanted is None or point <= wanted) and point >= oldest and complete_at(point):
+            return point, True
+    raise RescueError("no time before the one asked has a complete set in every chain of the backup",
+                      "run rescue mkbackuponly to completion, or give another --restore-time")
 
 
 def chain_name(label: str) -> str:
@@ -5362,6 +5366,13 @@ def remote_file(ctx: "Context", url: str, name: Optional[str] = None) -> Optiona
     return result.stdout.encode("utf-8", "surrogateescape") if result.returncode == 0 else None
 
 
+def chain_sets(ctx: "Context", url: str) -> Optional[Dict[float, bool]]:
+    """The sets of the chain at url and whether each is complete (None: a backend rescue
+    cannot list)."""
+    listing = remote_file(ctx, url)
+    return stored_sets(listing.decode("utf-8", "surrogateescape").splitlines()) if listing is not None else None
+
+
 def check_passphrase(ctx: "Context", crypt: Encryption, url: str, workdir: Path) -> None:
     """Before anything is written or removed: the passphrase opens the newest manifest of the
     chain at url. A mistyped one would otherwise encrypt new sets (the layout chain's fulls, a
@@ -5506,11 +5517,27 @@ def run_checked(ctx: "Context", args: Sequence[str], crypt: Encryption, what: st
 
 
 def run_retention(ctx: "Context", opts: DuplicityOptions, url: str, parts: Sequence[str]) -> None:
-    """The remove-* actions for the main chain and each part's chain (retired ones too, so
-    that their old sets go as well)."""
-    for action in retention_commands(ctx.config):
+    """The remove-* actions on the main chain; the parts' chains (retired ones too) follow it
+    as one backup: each keeps what a restore as of the oldest time the main chain still has
+    takes from it (remove-older-than its newest set at or before that time), so that the
+    rules, counted chain by chain, never leave a part out of a restore the main chain offers.
+    A target rescue cannot list: the same actions on every chain."""
+    actions = retention_commands(ctx.config)
+    for action in actions:
         ctx.log.say(f"Removing old backups: {' '.join(action[:2])}")
-        for chain_url, suffix in [(url, "")] + [part_chain(url, p) for p in parts]:
+        run_checked(ctx, retention_command(opts, action, url, ""), opts.crypt, "removing old backups")
+    main = chain_sets(ctx, url) if actions and parts else None
+    oldest = min((t for t, ok in main.items() if ok), default=None) if main else None
+    for part in parts if actions else []:
+        chain_url, suffix = part_chain(url, part)
+        sets = chain_sets(ctx, chain_url) if oldest is not None else None
+        if sets is None:
+            follow = actions
+        else:
+            needed = [t for t, ok in sets.items() if ok and t <= oldest]
+            follow = [a for a in actions if a[0] == "remove-all-inc-of-but-n-full"]
+            follow += [["remove-older-than", str(int(max(needed))), "--force"]] if needed else []
+        for action in follow:
             run_checked(ctx, retention_command(opts, action, chain_url, suffix), opts.crypt, "removing old backups")
 
 
@@ -5868,13 +5895,6 @@ def local_parts(ctx: "Context", url: str, time_: Optional[str]) -> List[str]:
         return []
 
 
-def chain_sets(ctx: "Context", url: str) -> Optional[Dict[float, bool]]:
-    """The sets of the chain at url and whether each is complete (None: a backend rescue
-    cannot list)."""
-    listing = remote_file(ctx, url)
-    return stored_sets(listing.decode("utf-8", "surrogateescape").splitlines()) if listing is not None else None
-
-
 def checked_restore_time(ctx: "Context", url: str, parts: Sequence[str], time_: Optional[str],
                          doing: str = "restoring") -> Optional[str]:
     """The time to restore the main chain and these parts as of: time_ when every chain has a
@@ -6052,13 +6072,13 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
     mounts = [str(m["target"]) for m in mounted_now(ctx.runner)]
     check_restore_target(target, mounts)
     check_backup_there(ctx, url)
+    time_ = checked_restore_time(ctx, url, local_parts(ctx, url, time_), time_)
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RescueError(f"cannot create the restore target {target}: {exc.strerror}",
                           "give a directory that can be made there") from None
     crypt = backup_encryption(ctx, "restore")
-    time_ = checked_restore_time(ctx, url, local_parts(ctx, url, time_), time_)
     filesystems = [str(target)] + [m for m in mounts if path_within(m, str(target))]
     workers = parallel_workers(ctx.config)
     with private_gnupg_home(ctx.runner, crypt) as home, restore_workspace(ctx.config, target) as work:

@@ -264,6 +264,8 @@ def test_restore_point_falls_back_to_a_time_every_chain_has_complete_and_refuses
     assert rescue.restore_point({"main": main, "/srv": part}, None) == (10.0, True)
     assert rescue.restore_point({"main": main, "/srv": part}, 15.0) == (15.0, False)
     assert rescue.restore_point({"main": {10.0: True}}, None) == (None, False)
+    skewed = {"main": {100.0: True, 200.0: False}, "/srv": {102.0: True, 201.0: True}}   # one run, chains apart
+    assert rescue.restore_point(skewed, None) == (102.0, True)
     for wanted in (0.0, 5.0):
         with pytest.raises(rescue.RescueError, match="there is no backup as old as"):
             rescue.restore_point({"main": main}, wanted)

@@ -118,6 +118,22 @@ def test_point_in_time_restore_across_full_and_incrementals(site):
     assert not [p for p in os.listdir("/dev/shm") if p.startswith("rescue-restore-")]
 
 
+def test_a_restore_time_before_the_first_backup_is_refused_naming_the_oldest(site):
+    """Issue 11 A.3: --restore-time 0, or a time before the first backup, restored the oldest
+    backup (exit 0) instead of saying there is none that old."""
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    first = site.status()["chains"][0]["sets"][0]["time"]
+    for when in ("0", "2020-01-01"):
+        target = site.tmp / f"as-of-{when}"
+        proc = site.run("restoreonly", "--target", target, "--restore-time", when)
+        assert_clean_error(proc, "there is no backup as old as", f"can be restored as of is {first}")
+        assert not target.exists()
+    proc = site.run("verify", "--time", "0")
+    assert_clean_error(proc, "there is no backup as old as 1970-01-01")
+    proc = site.run("restoreonly", "--target", site.tmp / "as-of-first", "--restore-time", first)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_asked_passphrase_wrong_or_empty_fails_truthfully(site):
     settings = dict(BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="the-right-one")
     assert site.run("mkbackuponly", **settings).returncode == 0
