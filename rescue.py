@@ -232,9 +232,10 @@ def human_size(size: Optional[float]) -> str:
 
 Value = Union[str, List[str]]
 SECRET_NAME_PARTS = ("PASSPHRASE", "PASSWORD", "SECRET")
-# Names that contain a secret-looking word but hold a flag or a device name, not a secret:
+# Names that contain a secret-looking word but hold a flag, a device name or (ReaR's
+# SECRET_VARIABLES) the names of secrets, not a secret:
 # redacting "true" or "null" everywhere would garble every log line.
-NOT_SECRET_NAMES = frozenset({"BACKUP_DUPLICITY_ASK_PASSPHRASE", "SECRET_OUTPUT_DEV"})
+NOT_SECRET_NAMES = frozenset({"BACKUP_DUPLICITY_ASK_PASSPHRASE", "SECRET_OUTPUT_DEV", "SECRET_VARIABLES"})
 
 # bash maintains these itself (or refuses to assign them); we cannot reproduce their values.
 BASH_INTERNAL = frozenset({
@@ -847,10 +848,21 @@ def parse_config_text(text: str, path: Path) -> List[Assignment]:
     try:
         return ShellParser(text).parse()
     except Unsupported as exc:
-        raise config_refusal(path, exc) from None
+        raise config_refusal(path, exc, text) from None
 
 
-def config_refusal(path: Path, exc: Unsupported) -> ConfigError:
+ASSIGNED_RE = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)(?:\[[^]]*\])?\+?=")
+
+
+def config_refusal(path: Path, exc: Unsupported, text: str) -> ConfigError:
+    """The refusal of a line; for the line of a secret variable it names the variable, never
+    the text (which would show the secret, or part of it)."""
+    lines = text.splitlines()
+    assigned = ASSIGNED_RE.match(lines[exc.line - 1]) if 0 < exc.line <= len(lines) else None
+    if assigned and is_secret_name(assigned.group(1)):
+        return ConfigError(f"{path}:{exc.line}: {assigned.group(1)}: the value is not one word or uses shell "
+                           "syntax rescue does not run (its text is not shown: it is a secret)",
+                           f"quote the whole value: {assigned.group(1)}='…'")
     return ConfigError(f"{path}:{exc.line}: unsupported shell syntax: {exc.construct} ({exc.hint})")
 
 
@@ -1159,7 +1171,7 @@ def load_config(files: Sequence[Path], environ: Dict[str, str], log: Log) -> Con
             try:
                 state.assign(a)
             except Unsupported as exc:
-                raise config_refusal(path, exc) from None
+                raise config_refusal(path, exc, text) from None
             values[a.name] = state.vars[a.name]
             origin[a.name] = (path, a.line)
             if a.secret:

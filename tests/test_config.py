@@ -198,6 +198,20 @@ def test_cli_refusal_is_one_line_exit_2_and_runs_nothing(tmp_path, conf_dir):
     assert not canary.exists()
 
 
+@pytest.mark.parametrize("line", ["BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE=LeakA1 LeakB2",
+                                  "export SSH_ROOT_PASSWORD=LeakA1$(LeakB2)",
+                                  "MY_SECRET_KEY+=LeakA1 `LeakB2`"])
+def test_a_refused_line_of_a_secret_names_the_variable_never_the_text(tmp_path, conf_dir, line):
+    """Issue 11 C: PASSPHRASE=LeakA1 LeakB2 printed "unsupported shell syntax: command 'LeakB2'"."""
+    conf = tmp_path / "bad.conf"
+    conf.write_text(f"BACKUP=DUPLICITY\n{line}\n")
+    proc = run_rescue("-c", conf_dir, "-C", conf, "dump")
+    assert proc.returncode == 2
+    name = line.split()[1 if line.startswith("export") else 0].split("+")[0].split("=")[0]
+    assert proc.stderr.startswith(f"rescue: error: {conf}:2: {name}: the value is not one word"), proc.stderr
+    assert "Leak" not in proc.stdout + proc.stderr
+
+
 def test_unknown_variable_warns_with_the_closest_name(tmp_path, conf_dir):
     conf = tmp_path / "typo.conf"
     conf.write_text("BACKUP_DUPLICTY_URL=file:///x\nMY_OWN_HELPER=1\n")
