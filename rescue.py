@@ -103,6 +103,12 @@ class ConfigError(RescueError):
     exit_code = 2
 
 
+class Terminated(BaseException):
+    """SIGTERM (a service stop, `timeout`, shutdown): unwinds like Ctrl-C (no `except
+    Exception` stops it), so that running commands are stopped and temporary files, keyring
+    copies and ssh connections go."""
+
+
 REDACTED = "***"
 
 
@@ -4608,20 +4614,28 @@ def retention_command(opts: DuplicityOptions, action: Sequence[str], url: str, n
     return list(action) + ["-v4"] + common_options(opts, name_suffix) + [url]
 
 
+def run_time_option(run_time: Optional[int]) -> List[str]:
+    """Every chain of one run stamps its set with the run's time (duplicity's --current-time),
+    not with the moment its own duplicity started (seconds or, queued, minutes apart): a
+    restore as of the time status shows then takes every chain's set of that run."""
+    return ["--current-time", str(run_time)] if run_time else []
+
+
 def backup_command(opts: DuplicityOptions, selection: Selection, url: str, tempdir: str,
                    name_suffix: str = "", chain_options: Sequence[str] = (),
-                   full_if_older: Optional[str] = None) -> List[str]:
+                   full_if_older: Optional[str] = None, run_time: Optional[int] = None) -> List[str]:
     """duplicity's arguments for the backup (full or incremental, as duplicity decides)."""
-    args = ["-v5"] + common_options(opts, name_suffix, tempdir) + list(chain_options)
+    args = ["-v5"] + common_options(opts, name_suffix, tempdir) + list(chain_options) + run_time_option(run_time)
     if full_if_older:
         args += ["--full-if-older-than", full_if_older]
     return args + selection.args + [selection.source, url]
 
 
-def layout_store_command(opts: DuplicityOptions, staging: str, url: str, tempdir: str) -> List[str]:
+def layout_store_command(opts: DuplicityOptions, staging: str, url: str, tempdir: str,
+                         run_time: Optional[int] = None) -> List[str]:
     """A full backup of the staged layout files into the layout chain beside the backup."""
     return ["full", "-v4", "--allow-source-mismatch"] + common_options(opts, LAYOUT_SUFFIX, tempdir) + \
-        [staging, layout_url(url)]
+        run_time_option(run_time) + [staging, layout_url(url)]
 
 
 def restore_time(config: Config, override: Optional[str]) -> Optional[str]:
@@ -5116,8 +5130,13 @@ def read_parts_plan(path: Path) -> PartsPlan:
         return PartsPlan()
     except (OSError, ValueError) as exc:
         raise RescueError(f"cannot read {path}: {exc}", "remove it: the next backup plans the chains anew")
-    return PartsPlan([str(p) for p in plan.get("parts", [])], [str(p) for p in plan.get("retired", [])],
-                     plan.get("workers"))
+    fields = [plan.get(name, []) if isinstance(plan, dict) else None for name in ("parts", "retired")]
+    workers = plan.get("workers") if isinstance(plan, dict) else None
+    if not all(isinstance(f, list) and all(isinstance(p, str) for p in f) for f in fields) or \
+            not (workers is None or (isinstance(workers, int) and workers > 0)):
+        raise RescueError(f"cannot read {path}: not a plan of chains as rescue writes it",
+                          "remove it: the next backup plans the chains anew")
+    return PartsPlan(fields[0], fields[1], workers)
 
 
 # -- rescue's own record of what duplicity does not keep ---------------------------------------
@@ -5468,10 +5487,12 @@ def save_backup_record(ctx: "Context", record: Dict[str, object]) -> None:
 
 
 def previous_record(config: Config) -> Dict[str, object]:
+    """last-backup.json; empty when it is missing or not a record rescue wrote."""
     try:
-        return json.loads((var_dir(config) / LAST_BACKUP_FILE).read_text(encoding="utf-8"))
+        record = json.loads((var_dir(config) / LAST_BACKUP_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 # -- running duplicity -------------------------------------------------------------------------
@@ -5575,7 +5596,7 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def upload_layout(ctx: "Context", opts: DuplicityOptions, url: str, workdir: Path) -> str:
+def upload_layout(ctx: "Context", opts: DuplicityOptions, url: str, workdir: Path, run_time: int) -> str:
     """A full backup of the layout and the configuration (no secrets) to URL/layout, unless the
     last backup, which succeeded, already stored the same (a restore as of any time then finds
     an equal one; a failed run's layout set is not trusted, it is stored again).
@@ -5595,7 +5616,8 @@ def upload_layout(ctx: "Context", opts: DuplicityOptions, url: str, workdir: Pat
         ctx.log.info("The layout and configuration on the target are up to date")
         return digest
     ctx.log.say(f"Storing the layout and configuration in {ctx.log.redact(layout_url(url))}")
-    run_checked(ctx, layout_store_command(opts, str(staging), url, str(workdir)), opts.crypt, "storing the layout")
+    run_checked(ctx, layout_store_command(opts, str(staging), url, str(workdir), run_time), opts.crypt,
+                "storing the layout")
     max_time = ctx.config.setting("BACKUP_DUPLICITY_MAX_TIME")
     if max_time:
         args = retention_command(opts, ["remove-older-than", max_time, "--force"], layout_url(url), LAYOUT_SUFFIX)
@@ -5641,7 +5663,7 @@ def remove_incomplete_set(ctx: "Context", opts: DuplicityOptions, url: str, name
 
 
 def run_backup(ctx: "Context", opts: DuplicityOptions, chains: Sequence[Chain], workdir: Path,
-               store_layout: Callable[[], str]) -> int:
+               store_layout: Callable[[], str], run_time: int) -> int:
     """Store the layout and back up every chain, side by side: the largest first, up to
     twice parallel_workers() at a time (much of a duplicity run is waiting for ssh and gpg,
     which others use to compute)."""
@@ -5656,7 +5678,7 @@ def run_backup(ctx: "Context", opts: DuplicityOptions, chains: Sequence[Chain], 
         tempdir = workdir / ("tmp" + chain.name_suffix)
         tempdir.mkdir()
         args = backup_command(opts, chain.selection, chain.url, str(tempdir), chain.name_suffix, chain.options,
-                              ctx.config.setting("BACKUP_DUPLICITY_FULL_IF_OLDER_THAN"))
+                              ctx.config.setting("BACKUP_DUPLICITY_FULL_IF_OLDER_THAN"), run_time)
         ctx.log.say("Running: duplicity " + ctx.log.redact(" ".join(shlex.quote(a) for a in args)))
         what = "Backup" if len(chains) == 1 else f"Backup of {chain.label}"
         return duplicity_run(ctx, args, opts.crypt, what, shared_console=len(chains) > 1)
@@ -5714,6 +5736,45 @@ def choose_parts(ctx: "Context", previous: PartsPlan, selection: Selection,
 
 
 def make_backup(ctx: "Context") -> int:
+    """A backup run; one that fails or is stopped before it recorded its result leaves a
+    record of its failure (time, reason), so that status and the metrics do not go on showing
+    the last success alone."""
+    started = time.time()
+    try:
+        return back_up_everything(ctx)
+    except (RescueError, KeyboardInterrupt, Terminated) as exc:
+        record_failure(ctx, started, exc)
+        raise
+
+
+def failure_reason(exc: BaseException) -> Tuple[int, str]:
+    """(exit code, reason) of a run that ended with exc."""
+    if isinstance(exc, RescueError):
+        return exc.exit_code, exc.message
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted by Ctrl-C"
+    return 143, "stopped by SIGTERM"
+
+
+def record_failure(ctx: "Context", started: float, exc: BaseException) -> None:
+    code, reason = failure_reason(exc)
+    previous = previous_record(ctx.config)
+    recorded = previous.get("start_time")
+    if isinstance(recorded, (int, float)) and recorded >= started:     # run_backup recorded this run
+        record = dict(previous, reason=reason)
+    else:
+        try:
+            url = ctx.log.redact(backup_url(ctx.config))
+        except RescueError:
+            url = None
+        record = dict(backup_record({}, "none", url, started, time.time(), code, previous), reason=reason)
+    try:
+        save_backup_record(ctx, record)
+    except (OSError, RescueError) as error:
+        ctx.log.warn(f"could not record the failed backup: {error}")
+
+
+def back_up_everything(ctx: "Context") -> int:
     config = ctx.config
     url = backup_url(config)
     check_no_duplicity_left(ctx, url)
@@ -5750,7 +5811,9 @@ def make_backup(ctx: "Context") -> int:
                 ctx.log.info(f"{chain.label}: its data does not compress, stored without gpg's compression")
         if len(chains) > 1:
             prepare_target(ctx, *[c.url for c in chains[1:]])
-        return run_backup(ctx, opts, chains, workdir, lambda: upload_layout(ctx, opts, url, workdir))
+        run_time = int(time.time())
+        return run_backup(ctx, opts, chains, workdir, lambda: upload_layout(ctx, opts, url, workdir, run_time),
+                          run_time)
 
 
 # =============================================================================================
@@ -6203,7 +6266,8 @@ def describe_status(status: Dict[str, object], last: Dict[str, object]) -> str:
                      f"{len(part['chains'])} chains, {len(sets)} sets, latest {newest}"
                      + (", with orphaned or incomplete sets" if part["orphaned_or_incomplete"] else ""))
     if last:
-        result = "succeeded" if last.get("success") else f"FAILED (exit code {last.get('exit_code')})"
+        result = "succeeded" if last.get("success") else f"FAILED (exit code {last.get('exit_code')}" + (
+            f": {last['reason']})" if last.get("reason") else ")")
         lines.append(f"Last backup from this machine: {last.get('kind')}, {result}, "
                      f"{last.get('duration')} s")
         if last.get("statistics"):
@@ -6973,12 +7037,6 @@ def run_workflow(args: argparse.Namespace, parser: argparse.ArgumentParser, log:
             return wf.func(ctx)
     finally:
         ctx.ssh.close(ctx.runner)
-
-
-class Terminated(BaseException):
-    """SIGTERM (a service stop, `timeout`, shutdown): unwinds like Ctrl-C (no `except
-    Exception` stops it), so that running commands are stopped and temporary files, keyring
-    copies and ssh connections go."""
 
 
 def on_sigterm(signum: int, frame: object) -> None:

@@ -678,6 +678,39 @@ def test_a_backup_killed_on_another_target_does_not_touch_this_targets_cache(sit
     assert len([c for c in caches if not c.endswith("-layout")]) == 2, caches     # one per target
 
 
+def test_a_stopped_or_failed_run_is_recorded_with_its_reason(site):
+    """Issue 11 C: after SIGINT/SIGTERM (or a failure before the chains ran), last-backup.json
+    still showed the previous success, with nothing of the failed run."""
+    metrics = site.tmp / "textfile"
+    metrics.mkdir()
+    settings = dict(BACKUP_DUPLICITY_OPTIONS="--volsize 1", NODE_EXPORTER_TEXTFILE_DIR=str(metrics),
+                    BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="the-right-one")
+    assert site.run("mkbackuponly", **settings).returncode == 0
+    success = json.loads((site.var / "last-backup.json").read_text())
+    for n in range(20):
+        (site.src / f"chunk{n}").write_bytes(os.urandom(1 << 20))
+    env = dict(os.environ, HOME=str(site.home), GNUPGHOME=str(site.gnupghome), TMPDIR=str(site.work))
+    proc = subprocess.Popen([sys.executable, str(RESCUE), "-c", str(site.conf_dir), "mkbackuponly"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(site.target_dir().glob("duplicity-inc.*.vol1.difftar.gpg")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    record = json.loads((site.var / "last-backup.json").read_text())
+    assert record["success"] is False and record["exit_code"] == 143
+    assert record["reason"] == "stopped by SIGTERM" and record["start_time"] > success["end_time"]
+    assert record["last_success_time"] == success["last_success_time"]
+    assert 'rescue_backup_last_run_success{host="%s"} 0' % HOST in (metrics / "rescue_backup.prom").read_text()
+    proc = site.run("status")
+    assert "Last backup from this machine: none, FAILED (exit code 143: stopped by SIGTERM)" in proc.stdout
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="mistyped")
+    assert proc.returncode == 1
+    record = json.loads((site.var / "last-backup.json").read_text())
+    assert record["success"] is False and record["reason"].startswith("wrong passphrase")
+
+
 def test_a_second_backup_waits_for_the_lock_holder(site):
     site.write_conf()
     lockfile = site.tmp / "rescue.lock"

@@ -97,6 +97,14 @@ def test_chains_the_main_one_excludes_the_parts_each_part_is_its_own_source():
     assert part.url == "rsync://h//b/host/" + rescue.part_id("/srv/a*b") and part.name_suffix == "-" + rescue.part_id("/srv/a*b")
 
 
+@pytest.mark.parametrize("text", ['["/srv"]', '{"parts": "/srv"}', '{"parts": [1]}', '{"workers": "2"}', "null"])
+def test_a_parts_plan_of_the_wrong_shape_is_a_clear_error(tmp_path, text):
+    """Issue 11 B: valid JSON of the wrong shape ended in 'internal error'."""
+    (tmp_path / "plan.json").write_text(text)
+    with pytest.raises(rescue.RescueError, match="not a plan of chains as rescue writes it"):
+        rescue.read_parts_plan(tmp_path / "plan.json")
+
+
 def test_statistics_of_chains_side_by_side_add_up_and_span_all_of_them():
     merged = rescue.merge_statistics([
         {"StartTime": 100.0, "EndTime": 110.0, "ElapsedTime": 10.0, "SourceFiles": 3, "Errors": 0},
@@ -167,6 +175,8 @@ def test_split_backup_restores_every_attribute_and_keeps_each_part_in_its_own_ch
     status = site.status()
     assert [p["path"] for p in status["parts"]] == parts
     assert all(p["chains"][0]["sets"][0]["type"] == "full" for p in status["parts"])
+    run_times = {p["chains"][0]["sets"][0]["time"] for p in status["parts"] + [status]}
+    assert len(run_times) == 1                       # one run, one time in every chain
 
     target = site.tmp / "restored"
     proc = site.run("restoreonly", "--target", target)
