@@ -4758,6 +4758,22 @@ def chain_name(label: str) -> str:
 
 # -- reading duplicity's output ----------------------------------------------------------------
 
+DIFFERENCE_RE = re.compile(r"^Difference found: File (.+?) has ")
+
+
+def in_scope_differences(lines: Sequence[str], roots: Sequence[str]) -> List[str]:
+    """verify's difference lines (paths relative to /) without those about the directories
+    above the backed-up trees: duplicity stores them only to hold the trees (their mtimes
+    change with whatever else happens in them), they are not part of what was backed up."""
+    def above_scope(rel: str) -> bool:
+        path = os.path.normpath("/" + rel)
+        return any(path_within(root, path) and root != path for root in roots) and \
+            not any(path_within(path, root) for root in roots)
+
+    found = [(line, DIFFERENCE_RE.match(line)) for line in lines]
+    return [line for line, match in found if not (match and above_scope(match.group(1)))]
+
+
 STATISTICS_RE = re.compile(r"^(\w+) (-?[0-9.]+)(?: \(.*\))?$")
 
 
@@ -6327,7 +6343,8 @@ def verify_backup(ctx: "Context", time_: Optional[str]) -> Tuple[int, int, List[
                 base = chain.selection.source.strip("/")
                 differences = [prefix + base + "/" + line[len(prefix):] if line.startswith(prefix) else line
                                for line in differences]
-            return int(match.group(1)), int(match.group(2)), differences
+            kept = in_scope_differences(differences, selection.roots)
+            return int(match.group(1)), int(match.group(2)) - (len(differences) - len(kept)), kept
 
         results = in_parallel(ctx.runner, [lambda c=c: verify(c) for c in chains], parallel_workers(config))
     return (sum(r[0] for r in results), sum(r[1] for r in results), [line for r in results for line in r[2]])
@@ -6873,11 +6890,15 @@ def verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time", metavar="TIME", help="verify the backup as of TIME (default: the latest)")
 
 
-@workflow("verify", "compare the latest (or --time) backup with the live system; exit 1 on differences",
-          needs_root=True, arguments=verify_arguments)
+@workflow("verify", "compare the latest (or --time) backup with the live system; exit 1 when there are "
+          "differences, 2 when it could not verify", needs_root=True, arguments=verify_arguments)
 def wf_verify(ctx: Context) -> int:
     time_ = time_option("--time", ctx.args.time) if ctx.args.time else None
-    compared, differences, lines = verify_backup(ctx, time_)
+    try:
+        compared, differences, lines = verify_backup(ctx, time_)
+    except RescueError as exc:             # not a difference: the comparison did not happen
+        exc.exit_code = max(exc.exit_code, 2)
+        raise
     for line in lines[:50]:
         ctx.log.say("  " + line)
     if len(lines) > 50:

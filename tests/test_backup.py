@@ -469,6 +469,30 @@ def test_verify_reports_no_differences_then_the_changed_file(site):
         assert differences_inside(proc.stdout, site.src) == [str(site.src / "owned").lstrip("/")], proc.stdout
 
 
+def test_verify_leaves_out_the_directories_above_the_backed_up_trees():
+    lines = ["Difference found: File srv has mtime Wed Dec  2 18:41:20 2026, expected Wed Dec  2 18:41:01 2026",
+             "Difference found: File . has mtime Wed Dec  2 18:41:20 2026, expected Wed Dec  2 18:41:01 2026",
+             "Difference found: File srv/data has mtime Wed Dec  2 18:41:19 2026, expected Fri Jul 14 02:40:00 2017",
+             "Difference found: File srv/data/x has data",
+             "Difference found: File srv/database has mtime Wed Dec  2 18:41:19 2026, expected Fri Jul 14 2017"]
+    assert rescue.in_scope_differences(lines, ["/srv/data", "/etc"]) == lines[2:]
+    assert rescue.in_scope_differences(lines, ["/"]) == lines
+
+
+def test_verify_right_after_a_backup_finds_nothing_and_says_when_it_could_not_verify(site):
+    """Issue 11 C: verify exited 1 right after every backup (the parents of the backed-up tree
+    changed their mtimes), and 1 also when it could not verify at all."""
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    os.utime(site.tmp)                                # above the tree: not backed up
+    (site.tmp / "elsewhere").write_text("next to the tree\n")
+    proc = site.run("verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"Verify: \d+ files compared, 0 differences found", proc.stdout)
+    proc = site.run("verify", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="wrong-one")
+    assert_clean_error(proc, "verify")
+    assert proc.returncode == 2
+
+
 def set_times(status):
     return [[s["time"] for s in chain["sets"]] for chain in status["chains"]]
 

@@ -4,6 +4,7 @@ after a backup killed halfway; and it fails truthfully on a wrong or missing pas
 
 import hashlib
 import os
+import random
 import re
 import signal
 import subprocess
@@ -286,6 +287,47 @@ def test_duplicity_dies_with_a_killed_rescue_and_a_surviving_one_stops_the_next_
     proc = site.run("mkbackuponly")
     assert proc.returncode == 0, proc.stderr
     assert "Resuming the interrupted backup" in proc.stdout
+
+
+def test_killed_at_five_points_then_every_restore_is_complete_and_status_truthful(site):
+    """Issue 11, acceptance: SIGKILL at random points of backups, then a backup and a restore
+    of the latest and of each earlier time: every restore complete, status truthful."""
+    rng = random.Random(11)
+    site.settings.update(BACKUP_DUPLICITY_OPTIONS="--volsize 1", **public_key(site))
+    assert site.run("mkbackuponly").returncode == 0
+    env = dict(os.environ, HOME=str(site.home), GNUPGHOME=str(site.gnupghome), TMPDIR=str(site.work))
+    for n in range(5):
+        (site.src / f"chunk{n}").write_bytes(os.urandom(3 << 20))
+        proc = subprocess.Popen([sys.executable, str(RESCUE), "-c", str(site.conf_dir), "mkbackuponly"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 5.0))
+        children = duplicity_children(proc.pid)
+        proc.kill()                                    # rescue alone: its children die with it
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in children if alive(pid)]
+    proc = site.run("mkbackuponly")
+    assert proc.returncode == 0, proc.stderr
+    status = site.status()
+    assert status["orphaned_or_incomplete"] is False, status
+    assert all(s.get("complete", True) for chain in status["chains"] for s in chain["sets"])
+    times = [s["time"] for chain in status["chains"] for s in chain["sets"]]
+    assert len(times) >= 2
+    latest = site.tmp / "latest"
+    proc = site.run("restoreonly", "--target", latest)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_tree(site.src, restored(site, latest))
+    for n, when in enumerate(times[:-1]):
+        target = site.tmp / f"as-of-{n}"
+        proc = site.run("restoreonly", "--target", target, "--restore-time", when)
+        assert proc.returncode == 0, proc.stderr
+        assert "incomplete" not in proc.stderr
+        tree = restored(site, target)
+        assert (tree / "dir/text.txt").read_text() == "hello world\n" * 100
+        for chunk in tree.glob("chunk*"):              # what a set has, it has whole
+            assert chunk.read_bytes() == (site.src / chunk.name).read_bytes()
 
 
 def keyring_files(home):
