@@ -4510,6 +4510,24 @@ def backup_selection(in_scope: Sequence[str], excluded: Sequence[Tuple[str, str]
     return Selection("/", args, left_out, roots + [str(var_dir(config)), str(layout_dir(config))])
 
 
+def missing_includes(includes: Sequence[str], exists: Callable[[str], bool] = os.path.lexists) -> List[str]:
+    """The BACKUP_DUPLICITY_INCLUDE patterns of which nothing exists (for a glob: nothing
+    where its fixed part leads)."""
+    return [p for p in includes if not exists(glob_prefix(p) if any(c in p for c in GLOB_CHARS) else p)]
+
+
+def check_includes(config: Config, log: Log) -> None:
+    """An include that does not exist is a warning; a backup that would hold nothing it was
+    asked for is an error (it would be 'done', and restore nothing)."""
+    includes = config.setting("BACKUP_DUPLICITY_INCLUDE")
+    missing = missing_includes(includes)
+    for pattern in missing:
+        log.warn(f"BACKUP_DUPLICITY_INCLUDE: {pattern} does not exist: nothing of it is backed up")
+    if includes and len(missing) == len(includes):
+        raise ConfigError("nothing to back up: none of BACKUP_DUPLICITY_INCLUDE exists",
+                          "correct BACKUP_DUPLICITY_INCLUDE, or leave it empty to back up the whole system")
+
+
 def glob_escape(path: str) -> str:
     """A path as a duplicity glob pattern matching only itself ([*] is a literal *)."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in path)
@@ -5796,6 +5814,7 @@ def back_up_everything(ctx: "Context") -> int:
     check_no_duplicity_left(ctx, url)
     crypt = backup_encryption(ctx, "backup")
     check_gpg_keys(ctx)
+    check_includes(config, ctx.log)
     layout = save_layout_for_backup(ctx)
     ctx.log.say(f"Creating duplicity archives on '{ctx.log.redact(url)}'")
     prepare_target(ctx, layout_url(url))
@@ -6920,6 +6939,8 @@ def restore_arguments(parser: argparse.ArgumentParser) -> None:
           needs_root=True, changes_state=True, arguments=restore_arguments)
 def wf_restoreonly(ctx: Context) -> int:
     time_ = restore_time(ctx.config, ctx.args.restore_time)
+    if not ctx.args.target.strip():
+        raise ConfigError("--target is empty", "give the directory to restore into, e.g. --target /mnt/local")
     target = Path(ctx.args.target)
     if ctx.args.layout_only:
         fetch_layout(ctx, target, time_)

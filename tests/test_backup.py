@@ -735,6 +735,29 @@ def test_a_stopped_or_failed_run_is_recorded_with_its_reason(site):
     assert record["success"] is False and record["reason"].startswith("wrong passphrase")
 
 
+def test_an_include_that_does_not_exist_warns_and_nothing_to_back_up_is_an_error(site):
+    """Issue 11 C: BACKUP_DUPLICITY_INCLUDE=( /nonexistent ) gave "Backup done"."""
+    exists = {"/etc", "/home"}.__contains__
+    assert rescue.missing_includes(["/etc", "/nonexistent", "/home/*/work", "/nope/*/x"], exists) == \
+        ["/nonexistent", "/nope/*/x"]
+    missing = str(site.tmp / "nonexistent")
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_INCLUDE=[missing],
+                    BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+    assert_clean_error(proc, "nothing to back up: none of BACKUP_DUPLICITY_INCLUDE exists")
+    assert f"warning: BACKUP_DUPLICITY_INCLUDE: {missing} does not exist" in proc.stderr
+    assert proc.returncode == 2 and not site.target_dir().exists()
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_INCLUDE=[str(site.src), missing])
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: BACKUP_DUPLICITY_INCLUDE: {missing} does not exist" in proc.stderr
+
+
+def test_an_empty_restore_target_is_refused(site):
+    """Issue 11 C: --target '' restored into the current directory."""
+    proc = site.run("restoreonly", "--target", "", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+    assert_clean_error(proc, "--target is empty")
+    assert proc.returncode == 2
+
+
 def test_a_second_backup_waits_for_the_lock_holder(site):
     site.write_conf()
     lockfile = site.tmp / "rescue.lock"
