@@ -1696,7 +1696,12 @@ def write_file(path: Path, data: Union[str, bytes], mode: int = 0o600, keep_dir_
 
 @contextlib.contextmanager
 def work_directory(prefix: str, parent: Optional[str] = None) -> "Iterator[Path]":
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as exc:
+        where = parent or tempfile.gettempdir()
+        raise RescueError(f"cannot create a working directory in {where}: {exc.strerror}",
+                          "it must be a writable directory (for a restore: the target; else $TMPDIR)") from None
     try:
         yield path
     finally:
@@ -1712,8 +1717,12 @@ class Lock:
         self.fd: Optional[int] = None
 
     def __enter__(self) -> "Lock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise RescueError(f"cannot create the lock file {self.path}: {exc.strerror}",
+                              "set LOCKFILE to a file in a writable directory") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -3119,13 +3128,17 @@ def field_changes(kind: str, name: str, a: dict, b: dict, ignore: FrozenSet[str]
 def save_layout_files(captured: Captured, directory: Path) -> None:
     """layout.json plus one vgcfgbackup file per volume group (lvm/<vg>.vgcfg); stale ones go."""
     lvm_dir = directory / "lvm"
-    lvm_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in captured.vgcfg.items():
-        write_file(lvm_dir / f"{name}.vgcfg", text)
-    for stale in lvm_dir.glob("*.vgcfg"):
-        if stale.stem not in captured.vgcfg:
-            stale.unlink()
-    write_file(directory / "layout.json", layout_to_json(captured.layout))
+    try:
+        lvm_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in captured.vgcfg.items():
+            write_file(lvm_dir / f"{name}.vgcfg", text)
+        for stale in lvm_dir.glob("*.vgcfg"):
+            if stale.stem not in captured.vgcfg:
+                stale.unlink()
+        write_file(directory / "layout.json", layout_to_json(captured.layout))
+    except OSError as exc:
+        raise RescueError(f"cannot write the layout into {directory}: {exc.strerror}",
+                          "give a directory rescue can create and write (savelayout -o DIR, LAYOUT_DIR)") from None
 
 
 def capture_for(ctx: Context, what: str) -> Captured:
@@ -3156,10 +3169,12 @@ def save_layout_for_backup(ctx: "Context") -> "Layout":
 def saved_layout(config: Config) -> "Layout":
     path = layout_dir(config) / "layout.json"
     try:
-        return layout_from_json(path.read_text(), str(path))
+        return layout_from_json(path.read_text(encoding="utf-8"), str(path))
     except OSError as exc:
         raise RescueError(f"no saved layout ({path}: {exc.strerror})",
                           "run rescue mkbackuponly (or savelayout) first") from None
+    except UnicodeDecodeError:
+        raise RescueError(f"{path} is not a valid layout: not text", "recreate it with rescue savelayout") from None
 
 
 # =============================================================================================
@@ -5566,10 +5581,20 @@ def duplicity_run(ctx: "Context", args: Sequence[str], crypt: Encryption, what: 
     return result.returncode, output
 
 
+def without_traceback(text: str) -> str:
+    """duplicity's output with a Python traceback cut to its last line (the whole is in the log)."""
+    lines = text.splitlines()
+    start = next((n for n, line in enumerate(lines) if line.lstrip().startswith("Traceback (most recent")), None)
+    if start is None:
+        return text
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    return "\n".join(lines[:start] + [last])
+
+
 def duplicity_failure(what: str, returncode: int, output: DuplicityOutput, log: Log) -> RescueError:
     found = diagnose("\n".join(output.lines))
     cause = f": {found[0]}" if found else ""
-    hint = (found[1] + "\n" if found else "") + "duplicity's last output:\n" + output.tail()
+    hint = (found[1] + "\n" if found else "") + "duplicity's last output:\n" + without_traceback(output.tail())
     if log.path:
         hint += f"\nthe whole output is in {log.path}"
     return RescueError(f"{what} failed (duplicity exit code {returncode}){cause}", hint)
@@ -6013,10 +6038,13 @@ def checked_restore_time(ctx: "Context", url: str, parts: Sequence[str], time_: 
     chains = {}
     for label, chain_url in [("main", url)] + [(p, part_chain(url, p)[0]) for p in parts]:
         sets = chain_sets(ctx, chain_url)
-        if sets is not None and (sets or label != "main"):    # no main chain: duplicity says so
+        if sets is not None:
             chains[label] = sets
     if "main" not in chains:
         return time_
+    if not chains["main"]:
+        raise RescueError(f"there is no backup at {ctx.log.redact(url)}: its directory holds no backup sets",
+                          "check BACKUP_DUPLICITY_URL and HOSTNAME, or make a backup first (rescue mkbackuponly)")
     point, earlier = restore_point(chains, None if time_ is None else time_seconds(time_, time.time()))
     if not earlier:
         return time_
@@ -6860,11 +6888,7 @@ def checklayout_arguments(parser: argparse.ArgumentParser) -> None:
 def wf_checklayout(ctx: Context) -> int:
     saved_path = layout_dir(ctx.config) / "layout.json"
     try:
-        try:
-            saved = layout_from_json(saved_path.read_text(), str(saved_path))
-        except OSError as exc:
-            raise RescueError(f"no saved layout to compare with ({saved_path}: {exc.strerror})",
-                              "run rescue savelayout first") from None
+        saved = saved_layout(ctx.config)
         current = capture_for(ctx, "checklayout").layout
     except RescueError as exc:
         exc.exit_code = 2
