@@ -1160,6 +1160,28 @@ def config_from_values(values: Dict[str, Value], secret_names: Sequence[str] = (
     return config
 
 
+def config_text(path: Path) -> str:
+    """A configuration file's text; a file that is not UTF-8 text, or has Windows line endings
+    (bash would keep the \\r in every value), is refused with what to do."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}",
+                          "check the path and its permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (not UTF-8 at byte {exc.start})",
+                          "give a configuration file: VAR=value lines, as ReaR's") from None
+    if "\0" in text:
+        raise ConfigError(f"{path}: not a text file (it holds NUL bytes)", "give a configuration file: VAR=value lines")
+    if "\r\n" in text:
+        line = text[:text.index("\r\n")].count("\n") + 1
+        raise ConfigError(f"{path}:{line}: Windows line endings (CRLF): bash would keep the \\r in the values",
+                          f"convert the file: dos2unix {path}")
+    return text
+
+
 def load_config(files: Sequence[Path], environ: Dict[str, str], log: Log) -> Config:
     """Parse and evaluate files in order (the first is default.conf), then check every setting."""
     state = ShellState(environ)
@@ -1168,11 +1190,7 @@ def load_config(files: Sequence[Path], environ: Dict[str, str], log: Log) -> Con
     origin: Dict[str, Tuple[Path, int]] = {}
     warned: Set[str] = set()
     for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read configuration file {path}: {exc}",
-                              "check the path and its permissions") from None
+        text = config_text(path)
         for a in parse_config_text(text, path):
             try:
                 state.assign(a)
@@ -1224,6 +1242,8 @@ def resolve_extra_conf(name: str, directory: Path) -> Path:
     for candidate in (Path(name), directory / name, directory / f"{name}.conf"):
         if candidate.is_file():
             return candidate
+    if Path(name).is_dir():
+        raise ConfigError(f"configuration file {name} is a directory", "give a file with -C (a directory is -c)")
     raise ConfigError(f"configuration file {name} not found",
                       f"give a path, or a name in {directory} (with or without .conf)")
 
@@ -7023,7 +7043,13 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports usage errors in rescue's one-line form."""
 
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(message, f"see '{self.prog} --help'")
+        hint = f"see '{self.prog} --help'"
+        unknown = message.split(":", 1)[1].split() if message.startswith("unrecognized arguments:") else []
+        misplaced = [word for word in unknown if word in GLOBAL_OPTIONS]
+        if misplaced:
+            hint = f"{', '.join(misplaced)} is an option of rescue itself: put it before the workflow " \
+                   f"(rescue {' '.join(misplaced)} … WORKFLOW …)"
+        raise ConfigError(message, hint)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -7052,6 +7078,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 PASSTHROUGH = "duplicity"
 GLOBAL_OPTIONS_WITH_VALUE = ("-c", "-C")
+GLOBAL_OPTIONS = GLOBAL_OPTIONS_WITH_VALUE + ("-v", "-d", "--non-interactive", "--expose-secrets")
 
 
 def split_passthrough(argv: List[str]) -> Tuple[List[str], List[str]]:

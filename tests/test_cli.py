@@ -39,6 +39,15 @@ def test_unknown_workflow_is_one_clear_error():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("argv,option", [(["dump", "-C", "f"], "-C"), (["status", "-v"], "-v")])
+def test_a_global_option_after_the_workflow_gets_the_hint_to_put_it_before(argv, option):
+    """Issue 11 C: `rescue dump -C f` said only "unrecognized arguments"."""
+    proc = run_rescue(*argv)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[1] == (f"rescue: hint: {option} is an option of rescue itself: "
+                                           f"put it before the workflow (rescue {option} … WORKFLOW …)")
+
+
 def test_dump_of_the_seed_config_hides_secrets(conf_dir):
     proc = run_rescue("-c", conf_dir, "-C", SEED, "dump")
     assert proc.returncode == 0, proc.stderr
