@@ -4734,7 +4734,7 @@ def verify_command(opts: DuplicityOptions, selection: Selection, url: str, tempd
 # volumes of an interrupted set stay without one, and duplicity itself lists such a set as a
 # normal one (and then fails to restore the latest backup: "No remote manifest name").
 
-SET_FILE_RE = re.compile(r"^duplicity-(full|inc)\.(?:\w+\.to\.)?(\w+)\.(manifest|vol\d+\.difftar)\.gpg$")
+SET_FILE_RE = re.compile(r"^duplicity-(full|inc)\.(?:\w+\.to\.)?(\w+)\.(manifest|vol\d+\.difftar)(?:\.gpg|\.gz|\.zst)?$")
 INTERVAL_SECONDS = {"s": 1, "m": 60, "h": 3600, "D": 86400, "W": 7 * 86400, "M": 30 * 86400, "Y": 365 * 86400}
 
 

@@ -254,6 +254,9 @@ def test_a_set_is_complete_only_with_its_manifest():
              "duplicity-inc.20261202T100000Z.to.20261202T110000Z.vol1.difftar.gpg", "layout"]
     full, inc = rescue.time_seconds("2026-12-02T10:00:00Z", 0), rescue.time_seconds("2026-12-02T11:00:00Z", 0)
     assert rescue.stored_sets(names) == {full: True, inc: False}
+    plain = ["duplicity-full.20261202T100000Z.manifest", "duplicity-full.20261202T100000Z.vol1.difftar.gz",
+             "duplicity-inc.20261202T100000Z.to.20261202T110000Z.vol1.difftar.gz"]     # --no-encryption
+    assert rescue.stored_sets(plain) == {full: True, inc: False}
     assert rescue.time_seconds("0", 99) == 0 and rescue.time_seconds("1D", 86400 * 3) == 86400 * 2
 
 

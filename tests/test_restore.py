@@ -135,6 +135,22 @@ def test_a_restore_time_before_the_first_backup_is_refused_naming_the_oldest(sit
     assert proc.returncode == 0, proc.stderr
 
 
+def test_an_unencrypted_backup_restores_its_latest_and_an_earlier_time(site):
+    """--no-encryption: the sets' files have no .gpg, and are sets all the same."""
+    settings = dict(BACKUP_DUPLICITY_OPTIONS="--no-encryption")
+    assert site.run("mkbackuponly", **settings).returncode == 0
+    time.sleep(1.1)
+    (site.src / "dir/text.txt").write_text("second\n")
+    assert site.run("mkbackuponly").returncode == 0
+    first = site.status()["chains"][0]["sets"][0]["time"]
+    proc = site.run("restoreonly", "--target", site.tmp / "latest")
+    assert proc.returncode == 0, proc.stderr
+    assert (restored(site, site.tmp / "latest") / "dir/text.txt").read_text() == "second\n"
+    proc = site.run("restoreonly", "--target", site.tmp / "first", "--restore-time", first)
+    assert proc.returncode == 0, proc.stderr
+    assert (restored(site, site.tmp / "first") / "dir/text.txt").read_text() == "hello world\n" * 100
+
+
 def test_asked_passphrase_wrong_or_empty_fails_truthfully(site):
     settings = dict(BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="the-right-one")
     assert site.run("mkbackuponly", **settings).returncode == 0
