@@ -264,6 +264,28 @@ def alive(pid):
         return False
 
 
+def interrupted_set_after(chain_dir):
+    """What a run killed while it stored a set leaves: a volume of a later set, no manifest."""
+    volume = sorted(chain_dir.glob("duplicity-full.*.vol1.difftar.gpg"))[-1]
+    stamp = volume.name.split(".")[1]
+    later = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.mktime(time.strptime(stamp, "%Y%m%dT%H%M%SZ")) + 30))
+    (chain_dir / volume.name.replace(stamp, later)).write_bytes(volume.read_bytes())
+
+
+def test_an_interrupted_layout_set_does_not_stop_a_restore_or_the_layout_fetch(site):
+    """Issue 11 A.2, the layout chain: a run stopped while storing the layout leaves a full set
+    without a manifest there; duplicity takes it for an orphan (unlike an incremental without
+    one), so every restore, which reads the stored plan first, still works."""
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    interrupted_set_after(site.target_dir() / "layout")
+    proc = site.run("restoreonly", "--layout-only", "--target", site.tmp / "layout")
+    assert proc.returncode == 0, proc.stderr
+    assert (site.tmp / "layout/layout/layout.json").is_file()
+    proc = site.run("restoreonly", "--target", site.tmp / "restored")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_tree(site.src, restored(site, site.tmp / "restored"))
+
+
 def test_duplicity_dies_with_a_killed_rescue_and_a_surviving_one_stops_the_next_run(site):
     """Issue 11 A.5: SIGKILL of rescue left its duplicity children running (sessions of their
     own) with the lock free, and a second run started beside them."""
