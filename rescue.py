@@ -1018,6 +1018,9 @@ def url_value(text: str) -> str:
     if "?" in rest or "#" in rest:
         raise BadValue("expected a URL without ?… or #… (write such characters as %3F and %23)")
     parsed = urllib.parse.urlsplit(text)
+    path = urllib.parse.unquote(parsed.path)
+    if ".." in path.split("/") or "\0" in path:
+        raise BadValue("expected a URL whose path has no '..' component (and no %00): one place, named plainly")
     if scheme == "file" and (parsed.netloc or not parsed.path.startswith("/") or parsed.path == "/"):
         raise BadValue("expected file:// with an absolute directory, e.g. file:///srv/backup")
     if scheme != "file" and not parsed.hostname:
