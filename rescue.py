@@ -5499,6 +5499,32 @@ def check_passphrase(ctx: "Context", crypt: Encryption, url: str, workdir: Path)
         ctx.log.info(f"Could not check the passphrase against {newest}: " + " ".join(result.stderr.split()[-12:]))
 
 
+def gpg_agent_running(runner: Runner) -> bool:
+    """Does a gpg-agent answer on the keyring's socket ($GNUPGHOME or ~/.gnupg)?"""
+    result = runner.run(["gpgconf", "--list-dirs", "agent-socket"], check=False, timeout=30)
+    path = result.stdout.strip()
+    if result.returncode != 0 or not path:
+        return False
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+@contextlib.contextmanager
+def own_gpg_agent(runner: Runner) -> "Iterator[None]":
+    """The gpg-agent that gpg starts for the keyring during a run is stopped after it, when none
+    was running before (one that was, the user's, is left alone)."""
+    before = gpg_agent_running(runner)
+    try:
+        yield
+    finally:
+        if not before and gpg_agent_running(runner):
+            runner.run(["gpgconf", "--kill", "gpg-agent"], check=False, timeout=30)
+
+
 def backup_encryption(ctx: "Context", purpose: str) -> Encryption:
     if purpose == "backup" and ctx.config.setting("BACKUP_DUPLICITY_ASK_PASSPHRASE"):
         ctx.log.say("The duplicity passphrase will be asked for on restore (BACKUP_DUPLICITY_ASK_PASSPHRASE)")
@@ -5823,7 +5849,8 @@ def make_backup(ctx: "Context") -> int:
     the last success alone."""
     started = time.time()
     try:
-        return back_up_everything(ctx)
+        with own_gpg_agent(ctx.runner):
+            return back_up_everything(ctx)
     except (RescueError, KeyboardInterrupt, Terminated) as exc:
         record_failure(ctx, started, exc)
         raise
@@ -6940,7 +6967,8 @@ def status_arguments(parser: argparse.ArgumentParser) -> None:
 @workflow("status", "show the backup chains on the target and the last backup's statistics",
           arguments=status_arguments)
 def wf_status(ctx: Context) -> int:
-    status = collection_status(ctx)
+    with own_gpg_agent(ctx.runner):
+        status = collection_status(ctx)
     last = previous_record(ctx.config)
     if ctx.args.json:
         print(ctx.log.redact(json.dumps(dict(status, last_backup=last or None), indent=2)))
@@ -6961,7 +6989,8 @@ def verify_arguments(parser: argparse.ArgumentParser) -> None:
 def wf_verify(ctx: Context) -> int:
     time_ = time_option("--time", ctx.args.time) if ctx.args.time else None
     try:
-        compared, differences, lines = verify_backup(ctx, time_)
+        with own_gpg_agent(ctx.runner):
+            compared, differences, lines = verify_backup(ctx, time_)
     except RescueError as exc:             # not a difference: the comparison did not happen
         exc.exit_code = max(exc.exit_code, 2)
         raise

@@ -761,6 +761,42 @@ def test_an_empty_restore_target_is_refused(site):
     assert proc.returncode == 2
 
 
+def agents_of(home):
+    """PIDs of the gpg-agents serving the keyring in home."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"gpg-agent") and str(home).encode() in argv:
+                found.append(int(entry.name))
+    return found
+
+
+def test_the_gpg_agent_a_run_started_is_stopped_and_one_that_ran_before_is_left(site):
+    """Issue 11 C: a gpg-agent per backup stayed running."""
+    site.gnupghome = site.tmp / "fresh-gnupg"
+    site.gnupghome.mkdir(mode=0o700)
+    settings = dict(BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+    for workflow in (["mkbackuponly"], ["status"], ["verify"], ["mkbackuponly"]):
+        proc = site.run(*workflow, **settings)
+        assert proc.returncode in (0, 1), proc.stderr
+        deadline = time.monotonic() + 5
+        while agents_of(site.gnupghome) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert agents_of(site.gnupghome) == [], workflow
+    env = dict(os.environ, GNUPGHOME=str(site.gnupghome))
+    subprocess.run(["gpg-connect-agent", "/bye"], env=env, check=True, capture_output=True)
+    users = agents_of(site.gnupghome)
+    try:
+        assert users and site.run("mkbackuponly").returncode == 0
+        assert agents_of(site.gnupghome) == users                 # the user's own agent stays
+    finally:
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env)
+
+
 def test_a_second_backup_waits_for_the_lock_holder(site):
     site.write_conf()
     lockfile = site.tmp / "rescue.lock"
