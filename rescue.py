@@ -30,10 +30,14 @@ Map of this file (sections in the order data flows; each uses only the sections 
                       rescue's own metadata record, parallel chains, the backup run
  14. restore          a tree of mountpoints restored from the chains
  15. status and verify
- 16. recreate: execute
+ 16. finalize         make the restored system boot here: names rewritten, the LVM devices
+                      file, SELinux labels, an initramfs per kernel, GRUB or the NVRAM entries
+                      (TreeProbe reads the restored tree; the plan is pure)
+ 17. recreate: execute
                       the layout to start from, confirmation, passphrases, the journaled loop
                       over a plan's steps that resumes after a failure
- 17. cli              argparse; each workflow is a short function composing the above
+ 18. recover          the backup checked, recreate, restore, finalize, the report; resumes
+ 19. cli              argparse; each workflow is a short function composing the above
 
 Usage: rescue [-c CONFIG_DIR] [-C EXTRA_CONF]... [-v] [-d] [--non-interactive]
               [--expose-secrets] WORKFLOW [args]
@@ -296,6 +300,7 @@ class Unsupported(Exception):
 class Lit:
     text: str
     quoted: bool
+
 
 @dataclass
 class Var:
@@ -1107,6 +1112,11 @@ SETTINGS = _settings(
     Setting("AUTORESIZE_LV", TEXT, "VG/LV that grows or shrinks with its resized PV (empty: the last)"),
     Setting("LUKS_KEY_FILE", path_value, "a file holding the passphrase of recreated LUKS devices"),
     Setting("USER_INPUT_WIPE_DISKS_CONFIRMATION", TEXT, "a preset answer to recover's confirmation"),
+    Setting("REBUILD_INITRAMFS", bool_value, "recover builds the restored system's initramfs anew", "yes"),
+    Setting("SELINUX_RELABEL", choice_value("auto", "yes", "no"),
+            "relabel the restored files for SELinux: auto (when their labels are missing), yes, no", "auto"),
+    Setting("GRUB2_INSTALL_DEVICES", WORDS, "the disks recover installs GRUB on (BIOS); empty: the boot disks",
+            whole=True),
     Setting("EXCLUDE_MOUNTPOINTS", LIST, "mountpoints left out of the layout", [], whole=True),
     Setting("EXCLUDE_VG", LIST, "volume groups left out of the layout", [], whole=True),
     Setting("ONLY_INCLUDE_VG", LIST, "only these volume groups are in the layout", [], whole=True),
@@ -1331,6 +1341,13 @@ TOOLS = _tools(
     ("dracut",            "dracut",          "dracut",            "dracut",          ("finalize",)),
     ("update-initramfs",  "initramfs-tools", "",                  "",                ("finalize",)),
     ("mkinitrd",          "",                "",                  "mkinitrd",        ("finalize",)),
+    # Run by recover in the restored system (chroot) or on it (setfiles -r, efibootmgr).
+    ("chroot",            "coreutils",       "coreutils",         "coreutils",       ("finalize",)),
+    ("update-grub",       "grub2-common",    "",                  "",                ("finalize",)),
+    ("lsinitramfs",       "initramfs-tools-core", "",             "",                ("finalize",)),
+    ("lsinitrd",          "",                "dracut",            "dracut",          ("finalize",)),
+    ("lvmdevices",        "lvm2",            "lvm2",              "lvm2",            ("finalize",)),
+    ("setfiles",          "policycoreutils", "policycoreutils",   "policycoreutils", ("finalize",)),
 )
 
 
@@ -1411,6 +1428,14 @@ class Runner:
         self.active: Set["subprocess.Popen"] = set()    # running commands (stop_all)
         self._lock = threading.Lock()
         self._preexec = die_with_parent()
+        self.busy = 0.0              # seconds during which at least one command ran
+        self.waited = 0.0            # seconds spent waiting for devices (wait())
+        self._busy_since = 0.0
+
+    def wait(self, seconds: float) -> None:
+        """Sleep while polling for a device, counted apart from rescue's own time."""
+        time.sleep(seconds)
+        self.waited += seconds
 
     def environment(self, extra: Optional[Dict[str, str]], inherit: bool) -> Dict[str, str]:
         if inherit:
@@ -1463,6 +1488,8 @@ class Runner:
             raise RescueError(f"cannot execute {argv[0]}: permission denied",
                               "check that it is an executable file") from None
         with self._lock:
+            if not self.active:
+                self._busy_since = started
             self.active.add(proc)
         try:
             if on_line is not None:
@@ -1472,6 +1499,8 @@ class Runner:
         finally:
             with self._lock:
                 self.active.discard(proc)
+                if not self.active:
+                    self.busy += time.monotonic() - self._busy_since
         result = Result(argv, proc.returncode, stdout, stderr, time.monotonic() - started)
         self.log.debug(f"exit code {proc.returncode} after {result.duration:.2f}s")
         if check and proc.returncode != 0:
@@ -1605,6 +1634,7 @@ SSH_SCHEMES = ("rsync", "sftp", "scp", "ssh", "pexpect+sftp", "pexpect+scp", "pa
 FAST_SSH_CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
                     "aes128-ctr,aes192-ctr,aes256-ctr")
 
+
 def cpu_has_aes() -> bool:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -1654,8 +1684,6 @@ class SshSharing:
         self.directory = None
 
 
-
-
 @dataclass
 class Context:
     """What a workflow gets: nothing is global."""
@@ -1665,6 +1693,7 @@ class Context:
     log: Log
     runner: Runner
     ssh: "SshSharing" = field(default_factory=lambda: SshSharing())
+    typed: Dict[str, str] = field(default_factory=dict)   # passphrases typed in this run, by purpose
 
     def ssh_options(self) -> str:
         return self.ssh.options(self.config)
@@ -1687,17 +1716,20 @@ def layout_dir(config: Config) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path, mode: int = 0o600, keep_dir_time: bool = False) -> "Iterator[BinaryIO]":
+def atomic_output(path: Path, mode: int = 0o600, keep_dir_time: bool = False,
+                  owner: Optional[Tuple[int, int]] = None) -> "Iterator[BinaryIO]":
     """A file written whole or not at all: written beside path, flushed to disk and renamed
     over it, so a reader or a crash (a full disk, a kill) sees the old content or the new,
     never a part. keep_dir_time: the directory keeps its times (it is backed up, and verify
-    compares it)."""
+    compares it). owner: (uid, gid) the file gets before it takes path's place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     before = os.stat(str(path.parent)) if keep_dir_time else None
     partial = path.with_name(f".{path.name}.partial")
     fd = os.open(str(partial), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as stream:
+            if owner is not None and (os.fstat(stream.fileno()).st_uid, os.fstat(stream.fileno()).st_gid) != owner:
+                os.fchown(stream.fileno(), *owner)
             os.fchmod(stream.fileno(), mode)
             yield stream
             stream.flush()
@@ -1717,15 +1749,47 @@ def write_file(path: Path, data: Union[str, bytes], mode: int = 0o600, keep_dir_
         stream.write(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
 
 
+OWNER_FILE = ".rescue-owner"
+
+
+def process_identity(pid: int) -> str:
+    """"PID STARTTIME" of a live process, "" when it is gone (a reused pid is another process)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    return f"{pid} {fields[19]}" if len(fields) > 19 else ""
+
+
+def sweep_stale_work(parent: str, prefix: str) -> None:
+    """Remove the work directories of runs that died without cleaning up (SIGKILL): a copy of
+    the keyring or duplicity's temporary volumes must not outlive the run that made them."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                owner = Path(entry.path, OWNER_FILE).read_text().strip()
+                alive = process_identity(int(owner.split()[0])) == owner
+            except (OSError, ValueError, IndexError):
+                continue                          # not rescue's, or being made right now
+            if not alive:
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def work_directory(prefix: str, parent: Optional[str] = None) -> "Iterator[Path]":
+    """A new private directory, removed afterwards; it names its owner, so that the next run
+    removes it should this one be killed."""
+    parent = parent or tempfile.gettempdir()
+    sweep_stale_work(parent, prefix)
     try:
         path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     except OSError as exc:
-        where = parent or tempfile.gettempdir()
-        raise RescueError(f"cannot create a working directory in {where}: {exc.strerror}",
+        raise RescueError(f"cannot create a working directory in {parent}: {exc.strerror}",
                           "it must be a writable directory (for a restore: the target; else $TMPDIR)") from None
     try:
+        (path / OWNER_FILE).write_text(process_identity(os.getpid()) + "\n")
         yield path
     finally:
         shutil.rmtree(str(path), ignore_errors=True)
@@ -2495,7 +2559,10 @@ def parse_efibootmgr(text: str) -> List[Dict[str, str]]:
         match = re.match(r"Boot([0-9A-Fa-f]{4})(\*?)\s+(.*)$", line)
         if not match:
             continue
-        label, _, path = match.group(3).partition("\t")
+        label, tab, path = match.group(3).partition("\t")
+        if not tab:                    # output copied from a terminal: the tab became spaces
+            split = re.match(r"(.*?)\s+((?:HD|PciRoot|FvVol|BBS|VenHw|VenMsg|MAC|Uri)\(.*)$", label)
+            label, path = (split.group(1), split.group(2)) if split else (label, "")
         entries.append({"num": match.group(1).upper(), "active": "yes" if match.group(2) else "no",
                         "label": label.strip(), "path": path.strip()})
     return entries
@@ -3282,15 +3349,24 @@ def disks_here(nodes: Dict[str, BlockNode], mounts: Sequence[Dict[str, object]],
 
 def disk_in_use(node: BlockNode, below: Sequence[BlockNode], mounted: Dict[str, str],
                 swapping: Set[str], backup_mount: Optional[str]) -> Optional[str]:
-    for n in [node] + list(below):
+    """Why nothing may touch the disk, not even by --map: the backup or the running system first
+    (the reasons a user most needs to read), then any mount, the rescue medium (an ISO image
+    need not be mounted to be what the rescue system runs from), swap (/proc/swaps names LVs
+    by kname)."""
+    users = [node] + list(below)
+    for n in users if backup_mount else []:
+        if mounted.get(n.name) == backup_mount:
+            return f"it holds the backup ({n.name} is mounted at {backup_mount})"
+    for n in users:
+        if mounted.get(n.name) == "/":
+            return f"it holds the running system ({n.name} is mounted at /)"
+    for n in users:
         if n.name in mounted:
-            where = mounted[n.name]
-            if where == backup_mount:
-                return f"it holds the backup ({n.name} is mounted at {where})"
-            if where == "/":
-                return f"it holds the running system ({n.name} is mounted at /)"
-            return f"{n.name} is mounted at {where}"
-        if n.name in swapping:
+            return f"{n.name} is mounted at {mounted[n.name]}"
+    if any(n.fstype in RESCUE_MEDIUM_FS for n in users):
+        return "it holds an ISO 9660 image (a rescue or installation medium)"
+    for n in users:
+        if n.name in swapping or n.kname in swapping:
             return f"{n.name} is in use as swap"
     return None
 
@@ -3302,8 +3378,6 @@ def disk_exclusion(node: BlockNode, below: Sequence[BlockNode]) -> Optional[str]
         return kind
     if EMMC_AREA_RE.search(node.name):
         return "an eMMC boot or RPMB area, not a disk"
-    if any(n.fstype in RESCUE_MEDIUM_FS for n in [node] + list(below)):
-        return "it holds an ISO 9660 image (a rescue or installation medium)"
     if node.tran == "usb" or node.removable:
         return "removable/USB media"
     if node.size <= 0:
@@ -3538,6 +3612,7 @@ class PlanContext:
 
 
 def recreate_plan(layout: Layout, here: Sequence[DiskHere], mapping: Mapping, options: RecreateOptions) -> Plan:
+    check_names_free(layout, here, set(mapping.disks.values()))
     ctx = PlanContext(layout, here, mapping, options)
     for item in layout.unsupported:
         ctx.notes.append(f"not recreated: {item.what} ({item.kind}): {item.reason}")
@@ -3553,9 +3628,24 @@ def recreate_plan(layout: Layout, here: Sequence[DiskHere], mapping: Mapping, op
                 ctx.notes, ctx.secrets, options.target_root)
 
 
+def check_names_free(layout: Layout, here: Sequence[DiskHere], wiped: Set[str]) -> None:
+    """The arrays, LUKS devices and VGs the plan makes must not be names of devices standing on
+    a disk that is not wiped: the plan stops what has those names (a re-run) and makes its own."""
+    needed = {("md", m.id): f"the RAID {m.id}" for m in layout.md_arrays}
+    needed.update({("crypt", x.name): f"the LUKS device {x.name}" for x in layout.luks})
+    needed.update({("lvm", v.name): f"the VG {v.name}" for v in layout.volume_groups})
+    for disk in (d for d in here if d.path not in wiped):
+        for holder in disk.holders:
+            if holder in needed:
+                raise RescueError(f"{needed[holder]} of the layout has the name of a device on {disk.path}, "
+                                  "which is not to be wiped",
+                                  f"stop or rename it first, or map the layout onto {disk.path} too")
+
+
 def creation_order(layout: Layout, roots: Set[str]) -> List[object]:
     """The layout's items (not the excluded ones), each after what it stands on (KINDS). A
-    volume group also comes after its PVs; a partitioned md array's table after the array."""
+    volume group also comes after its PVs; a partitioned md array's table after the array (a
+    filesystem on a whole disk provides the disk's name too, but stands on the disk)."""
     items = [(kind, item) for kind in KINDS if kind.cls is not Exclusion for item in getattr(layout, kind.items)]
     providers: Dict[str, List[int]] = {}
     for n, (kind, item) in enumerate(items):
@@ -3567,8 +3657,8 @@ def creation_order(layout: Layout, roots: Set[str]) -> List[object]:
         wanted = list(kind.stands_on(item))
         if isinstance(item, VolumeGroup):
             needs[n] = {m for m, (_, other) in enumerate(items) if isinstance(other, PhysicalVolume) and other.vg == item.name}
-        elif isinstance(item, Disk):
-            needs[n] = set(m for m in providers.get(item.id, []) if m != n)
+        elif isinstance(item, Disk):        # a partitioned array's table needs the array, not what stands on it
+            needs[n] = {m for m in providers.get(item.id, []) if isinstance(items[m][1], MdArray)}
         else:
             needs[n] = set()
         for device in wanted:
@@ -3655,7 +3745,7 @@ def resized_last_partition(ctx: PlanContext, disk: Disk, target: DiskHere, last:
             room = 2 ** 32 - 1 - start
             ctx.notes.append(f"{part.id}: an MBR partition ends at 2 TiB; use GPT for more")
         ctx.notes.append(f"{part.id} grows from {human_size(size * ss)} to {human_size(room * ss)} "
-                         f"(onto the larger {target.path})")
+                         f"(to the end of {target.path}, {human_size(target.size)})")
         ctx.grown.add(part.id)
         return None if room == align_down((last_usable - start + 1) * ss, MIB) // ss else room
     need = content_need(ctx, part.id)
@@ -3788,7 +3878,7 @@ def plan_disk(disk: Disk, ctx: PlanContext) -> List[Step]:
                           f"{len(rows)} partitions", ["sfdisk", "--wipe", "always", "--wipe-partitions", "always", new],
                           input=sfdisk_script(disk, rows, new), after=ctx.after(disk.id)))
         parts = [[p.number, partition_device(new, p.number)] for p, _, _ in rows]
-        steps.append(Step(f"wait for {new}", f"Disk {new}: wait until the kernel shows its partitions",
+        steps.append(Step(f"wait for partitions of {new}", f"Disk {new}: wait until the kernel shows its partitions",
                           action="partitions", params={"disk": new, "partitions": parts}, after=[steps[-1].id]))
     if steps:
         ctx.made[new] = steps[-1].id
@@ -4122,6 +4212,21 @@ def recovery_mount_options(mount: Mount) -> str:
     return ",".join(kept)
 
 
+def steps_to_run(steps: Sequence[Step], done: Sequence[str]) -> List[Step]:
+    """The steps a run does: those not journaled as done, and again the optional ones just
+    before the first of them. A killed run may have finished a command without journaling it
+    (an array created, a LUKS device opened); the stop/close steps before it undo that, so the
+    command can run again instead of failing on what it made itself."""
+    finished = set(done)
+    first = next((n for n, step in enumerate(steps) if step.id not in finished), None)
+    if first is None:
+        return []
+    again = first
+    while again > 0 and steps[again - 1].optional:
+        again -= 1
+    return [step for n, step in enumerate(steps) if step.id not in finished or again <= n < first]
+
+
 # -- mountonly: the tree as it is --------------------------------------------------------------
 
 def mountonly_plan(layout: Layout, target_root: str) -> List[Step]:
@@ -4150,6 +4255,21 @@ def mountonly_plan(layout: Layout, target_root: str) -> List[Step]:
             steps.append(Step(f"mount {item.mountpoint}", f"Mount UUID={fs.uuid} at {item.mountpoint}", action="mount",
                               params={"device": f"UUID={fs.uuid}", "path": os.path.normpath(target_root + "/" + item.mountpoint),
                                       "type": item.type, "options": recovery_mount_options(item)}))
+    return steps
+
+
+def unmount_plan(layout: Layout, target_root: str) -> List[Step]:
+    """Undo mountonly_plan: unmount the tree (and what finalize bound into it), deactivate the
+    VGs, close the LUKS devices, stop the arrays. Each step may find its work done."""
+    steps = [Step("unmount", f"Unmount everything below {target_root}", ["umount", "-R", target_root], optional=True)]
+    for item in reversed(creation_order(layout, {d.id for d in layout.disks})):
+        if isinstance(item, VolumeGroup):
+            steps.append(Step(f"deactivate {item.name}", f"Deactivate {item.name}", lvm("vgchange", "-an", item.name),
+                              optional=True))
+        elif isinstance(item, Luks):
+            steps.append(Step(f"close {item.id}", f"Close {item.name}", ["cryptsetup", "close", item.name], optional=True))
+        elif isinstance(item, MdArray):
+            steps.append(Step(f"stop {item.id}", f"Stop {item.id}", ["mdadm", "--stop", item.id], optional=True))
     return steps
 
 
@@ -4262,6 +4382,7 @@ DUPLICITY_LAUNCHER = (
     "    _execve(sys.executable, [sys.executable, '-c', 'C = %r\\nexec(C)' % C] + list(args[1:]), env)\n"
     "os.execve = execve\n"
     "runpy.run_module('duplicity', run_name='__main__', alter_sys=False)\n")
+
 
 def duplicity_command(config: Config) -> Tuple[List[str], Dict[str, str]]:
     """argv prefix and extra environment that run duplicity."""
@@ -4397,6 +4518,7 @@ KNOWN_FAILURES = (
     ("Another duplicity instance is already running", "another duplicity is using this archive directory",
      "wait for it to finish"),
 )
+
 
 def diagnose(output: str) -> Optional[Tuple[str, str]]:
     """(what went wrong, what to do) for failures we recognise in duplicity's output."""
@@ -4993,27 +5115,8 @@ class WriteProgress:
 # holds one directory. A part is a plain directory inside one filesystem (no mountpoint at or
 # below it), so it restores into a staging directory on its own filesystem, renamed into place.
 
-#
-# One duplicity process keeps about one core busy (gpg compressing in one process, tar and
-# librsync in the other), so with more cores the backup is split: a few large directories
-# ("parts") each get a chain of their own at URL/part-ID, backed up side by side with the main
-# chain at URL, which holds everything else (the chain ReaR would make, minus the parts).
-# The plan is kept in VAR_DIR/backup-parts.json and stored with the layout, so a restore as of
-# any time reads the plan of that time. A part's ID comes from its path: a chain only ever
-# holds one directory. A part is a plain directory inside one filesystem (no mountpoint at or
-# below it), so it restores into a staging directory on its own filesystem, renamed into place.
-
-#
-# One duplicity process keeps about one core busy (gpg compressing in one process, tar and
-# librsync in the other), so with more cores the backup is split: a few large directories
-# ("parts") each get a chain of their own at URL/part-ID, backed up side by side with the main
-# chain at URL, which holds everything else (the chain ReaR would make, minus the parts).
-# The plan is kept in VAR_DIR/backup-parts.json and stored with the layout, so a restore as of
-# any time reads the plan of that time. A part's ID comes from its path: a chain only ever
-# holds one directory. A part is a plain directory inside one filesystem (no mountpoint at or
-# below it), so it restores into a staging directory on its own filesystem, renamed into place.
-
 PARTS_FILE = "backup-parts.json"
+
 
 def part_id(path: str) -> str:
     return "part-" + hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:12]
@@ -5219,20 +5322,8 @@ def read_parts_plan(path: Path) -> PartsPlan:
 # filesystems before the backup, writes what duplicity would lose to
 # VAR_DIR/backup-metadata.jsonl.gz (inside the backup), and puts it back after a restore.
 
-#
-# duplicity stores neither extended attributes (so no POSIX ACLs, SELinux labels or file
-# capabilities), nor hard links (each name becomes a copy), nor holes (sparse files come back
-# full), and it does not restore the mtime of symbolic links. rescue walks the same
-# filesystems before the backup, writes what duplicity would lose to
-# VAR_DIR/backup-metadata.jsonl.gz (inside the backup), and puts it back after a restore.
-
 METADATA_FILE = "backup-metadata.jsonl.gz"
 
-#
-# duplicity stores neither extended attributes (so no POSIX ACLs, SELinux labels or file
-# capabilities), nor hard links (each name becomes a copy), nor holes (sparse files come back
-# full), and it does not restore the mtime of symbolic links. rescue walks the same filesystems before the backup, writes what duplicity would lose
-# to VAR_DIR/backup-metadata.jsonl.gz (inside the backup), and puts it back after a restore.
 
 def walk_filesystem(root: str, mountpoints: Set[str], skip: Sequence[str]) -> "Iterator[Tuple[str, os.stat_result]]":
     """root and everything below it, not descending into other mountpoints or skipped paths."""
@@ -5258,6 +5349,7 @@ def walk_filesystem(root: str, mountpoints: Set[str], skip: Sequence[str]) -> "I
             yield path, st
             if stat.S_ISDIR(st.st_mode):
                 pending.append(path)
+
 
 def metadata_records(path: str, st: os.stat_result, links: Dict[Tuple[int, int], List[str]]) -> List[dict]:
     records = []
@@ -5422,6 +5514,9 @@ def passphrase(ctx: "Context", purpose: str) -> str:
     symmetric = not (config.get("BACKUP_DUPLICITY_GPG_ENC_KEY") or config.get("BACKUP_DUPLICITY_GPG_HIDDEN_ENC_KEY"))
     asking = (purpose == "restore" and config.setting("BACKUP_DUPLICITY_ASK_PASSPHRASE")) or (
         symmetric and not configured)
+    given = getattr(ctx.args, "passphrase_file", None)
+    if given and purpose == "restore":
+        return passphrase_from_file(ctx, given)
     if not asking or "--no-encryption" in config.setting("BACKUP_DUPLICITY_OPTIONS"):
         return configured
     if ctx.args.non_interactive:
@@ -5429,11 +5524,14 @@ def passphrase(ctx: "Context", purpose: str) -> str:
             return configured
         raise RescueError(f"the duplicity passphrase is needed for the {purpose}, and --non-interactive forbids asking",
                           "set BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE, or run without --non-interactive")
+    if purpose in ctx.typed:
+        return ctx.typed[purpose]
     timeout = config.setting("USER_INPUT_TIMEOUT")
     answer = ask_secret(f"Enter the duplicity passphrase for the {purpose} [{timeout:g} secs]: ", timeout)
     if not answer:
         raise RescueError(f"no passphrase given: the {purpose} is aborted", "run again and type the passphrase")
     ctx.log.add_secret(answer)
+    ctx.typed[purpose] = answer
     return answer
 
 
@@ -5523,6 +5621,19 @@ def own_gpg_agent(runner: Runner) -> "Iterator[None]":
     finally:
         if not before and gpg_agent_running(runner):
             runner.run(["gpgconf", "--kill", "gpg-agent"], check=False, timeout=30)
+
+
+def passphrase_from_file(ctx: "Context", path: str) -> str:
+    """--passphrase-file: the file's content without one trailing newline (never argv or a log)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise RescueError(f"cannot read the passphrase file {path}: {exc.strerror}", "give a readable file") from None
+    value = text[:-1] if text.endswith("\n") else text
+    if not value:
+        raise RescueError(f"the passphrase file {path} is empty", "write the duplicity passphrase into it")
+    ctx.log.add_secret(value)
+    return value
 
 
 def backup_encryption(ctx: "Context", purpose: str) -> Encryption:
@@ -5843,6 +5954,33 @@ def choose_parts(ctx: "Context", previous: PartsPlan, selection: Selection,
     return PartsPlan(parts, sorted((set(previous.retired) | set(old)) - set(parts)), workers)
 
 
+LEFT_OUT_FILE = "left-out.json"
+
+
+def left_out_entries(excluded: Sequence[Tuple[str, str]], config: Config) -> List[Dict[str, object]]:
+    """The mountpoints the backup leaves out (/proc, /sys, /dev, /run, /tmp, other mounts, a
+    bind-mounted /etc/machine-id) and BACKUP_DUPLICITY_EXCLUDE's plain paths, as they are here:
+    a restore makes them again with their type, mode, owner and times (not what is below)."""
+    paths = sorted({p for p, _ in excluded} | {p for p in config.setting("BACKUP_DUPLICITY_EXCLUDE")
+                                                if p.startswith("/") and not any(c in p for c in "*?[")})
+    includes = [glob_prefix(i) for i in config.setting("BACKUP_DUPLICITY_INCLUDE")]
+    if includes:
+        paths = [p for p in paths if any(path_within(p, i) for i in includes)]
+    out: List[Dict[str, object]] = []
+    for path in paths:
+        if path == "/" or any(path_within(path, o) and path != o for o in paths):
+            continue                              # below another left-out path: not on the disk
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+            out.append({"path": path, "type": "dir" if stat.S_ISDIR(st.st_mode) else "file",
+                        "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+                        "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
 def make_backup(ctx: "Context") -> int:
     """A backup run; one that fails or is stopped before it recorded its result leaves a
     record of its failure (time, reason), so that status and the metrics do not go on showing
@@ -5906,6 +6044,7 @@ def back_up_everything(ctx: "Context") -> int:
         ctx.log.info("Leaving out: " + ", ".join(f"{p} ({why})" for p, why in selection.excluded))
         run_retention(ctx, opts, url, previous.parts + previous.retired)
         write_file(var_dir(config) / STORED_CONFIG_FILE, config_without_secrets(config))
+        write_file(var_dir(config) / LEFT_OUT_FILE, json.dumps(left_out_entries(excluded, config), indent=1) + "\n")
         if not (var_dir(config) / LAST_BACKUP_FILE).exists():
             write_file(var_dir(config) / LAST_BACKUP_FILE, "{}\n")   # before the backup sees VAR_DIR
         mountpoints = in_scope + [p for p, _ in excluded]
@@ -5938,15 +6077,6 @@ def back_up_everything(ctx: "Context") -> int:
 # directory into place (same filesystem: no copying) and the root's own attributes copied.
 # =============================================================================================
 
-#
-# duplicity 3.x refuses to restore into a directory that is not empty, even with --force, and
-# recovery restores into /mnt/local where the child filesystems (/boot, /home, …) are already
-# mounted. So duplicity restores into an empty staging directory on the target's root
-# filesystem, with --rename sending each top-level name that holds a mountpoint (boot, home,
-# var, …) through "../NAME" into the real tree: every byte is written once, onto the
-# filesystem it belongs to. Afterwards the other top-level names are renamed from the staging
-# directory into place (same filesystem: no copying) and the root's own attributes copied.
-
 def redirected_names(target: str, mountpoints: Sequence[str]) -> List[str]:
     """Top-level names under target that are, or contain, a mountpoint."""
     names = set()
@@ -5954,6 +6084,7 @@ def redirected_names(target: str, mountpoints: Sequence[str]) -> List[str]:
         if mount != target and path_within(mount, target):
             names.add(mount[len(target.rstrip("/")) + 1:].split("/")[0])
     return sorted(names)
+
 
 def unexpected_entries(entries: Dict[str, bool], redirected: Sequence[str]) -> List[str]:
     """Names in the target (name -> is an empty directory) that a restore would collide with."""
@@ -6006,7 +6137,14 @@ def private_gnupg_home(runner: Runner, crypt: Optional[Encryption] = None) -> "I
     decryption at a time, and a restore decrypts every volume and metadata file. The
     copy lives in /run (a tmpfs, mode 0700) and is removed afterwards; the keyring itself is
     not touched."""
-    home = Path(tempfile.mkdtemp(prefix="rescue-home-", dir="/run" if os.access("/run", os.W_OK) else None))
+    with work_directory("rescue-home-", "/run" if os.access("/run", os.W_OK) else None) as home:
+        with keyring_copy(runner, home, crypt) as env:
+            yield env
+
+
+@contextlib.contextmanager
+def keyring_copy(runner: Runner, home: Path, crypt: Optional[Encryption]) -> "Iterator[Dict[str, str]]":
+    """The keyring copied into home/.gnupg, its keys protected anew; its agent stopped afterwards."""
     gnupg = home / ".gnupg"
     source = Path(os.environ.get("GNUPGHOME") or Path(os.environ.get("HOME") or "/root") / ".gnupg")
     if source.is_dir():
@@ -6030,7 +6168,6 @@ def private_gnupg_home(runner: Runner, crypt: Optional[Encryption] = None) -> "I
             runner.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False, timeout=30)
         except RescueError as exc:
             runner.log.debug(f"could not stop the temporary gpg-agent: {exc.message}")
-        shutil.rmtree(str(home), ignore_errors=True)
 
 
 def restore_workspace(config: Config, target: Path) -> "contextlib.AbstractContextManager[Path]":
@@ -6293,8 +6430,46 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
         ctx.log.info(f"Restored what duplicity does not keep: {done}")
         if done["failed"]:
             ctx.log.warn(f"{done['failed']} extended attributes could not be set (see the log)")
+    made = make_left_out(target, read_left_out(Path(below(target, str(var_dir(ctx.config) / LEFT_OUT_FILE)))))
+    if made:
+        ctx.log.info("Made again what the backup left out: " + ", ".join(made))
     copy_root_attributes(root, target)
     return progress.written()
+
+
+def read_left_out(path: Path) -> List[Dict[str, object]]:
+    """The record of what the backup left out; a backup without one (ReaR's) left out the
+    pseudo filesystems and /tmp, which every system needs as directories."""
+    try:
+        return [dict(e) for e in json.loads(path.read_text())]
+    except FileNotFoundError:
+        return [{"path": p, "type": "dir", "mode": m, "uid": 0, "gid": 0} for p, m in
+                (("/proc", 0o555), ("/sys", 0o555), ("/dev", 0o755), ("/run", 0o755), ("/tmp", 0o1777))]
+    except (OSError, ValueError, TypeError) as exc:
+        raise RescueError(f"cannot read {path}: {exc}", "the restored files are there; make the directories "
+                          "the backup left out (/proc, /sys, /dev, /run, /tmp) by hand") from None
+
+
+def make_left_out(target: Path, entries: Sequence[Dict[str, object]]) -> List[str]:
+    """Make each left-out path that the restore did not bring (whose directory it did), with
+    its type, mode, owner and times; the directory it is made in keeps its times."""
+    made = []
+    for entry in sorted(entries, key=lambda e: str(e["path"]).count("/")):
+        path = Path(below(target, str(entry["path"])))
+        if os.path.lexists(str(path)) or not path.parent.is_dir():
+            continue
+        before = os.lstat(str(path.parent))
+        if entry["type"] == "dir":
+            path.mkdir()
+        else:
+            path.touch()
+        os.chown(str(path), int(entry["uid"]), int(entry["gid"]))
+        os.chmod(str(path), int(entry["mode"]))
+        if "mtime_ns" in entry:
+            os.utime(str(path), ns=(int(entry["atime_ns"]), int(entry["mtime_ns"])))
+        os.utime(str(path.parent), ns=(before.st_atime_ns, before.st_mtime_ns))
+        made.append(str(entry["path"]))
+    return made
 
 
 def fetch_layout(ctx: "Context", destination: Path, time_: Optional[str]) -> None:
@@ -6448,7 +6623,746 @@ def verify_backup(ctx: "Context", time_: Optional[str]) -> Tuple[int, int, List[
 
 
 # =============================================================================================
-# 16. recreate: execute
+# 16. finalize
+#
+# After the restore, make the restored system boot on the disks here: the names that changed
+# rewritten in its configuration, the LVM devices file made anew, SELinux labels where they
+# are missing, an initramfs for every installed kernel built on this hardware, and GRUB
+# installed (BIOS) or the NVRAM entries made (UEFI), each with the system's own tools run
+# through chroot. TreeProbe is the only reader of the restored tree; probe_restored and
+# finalize_plan are pure (what the tree holds + options -> Steps); FINALIZE_ACTIONS do the
+# steps that are more than one command.
+# =============================================================================================
+
+@dataclass(frozen=True)
+class Family:
+    """How one distribution family builds its initramfs and installs GRUB."""
+    name: str
+    initramfs: Tuple[str, ...]        # the initramfs tools, in order of preference
+    initrd_name: str                  # the image's name in /boot, {kver} for the kernel version
+    lister: str                       # lists an initramfs' files (the check after the rebuild)
+    grub_install: str
+    grub_mkconfig: Tuple[str, ...]    # in order of preference
+    grub_cfg: str                     # where grub-mkconfig writes (BIOS, and UEFI with a stub)
+    efi_grub_install: str             # always | without-shim | never (RHEL: shim is the chain)
+    efi_ids: Tuple[str, ...]          # its directories in \EFI on the ESP
+
+
+FAMILIES = {
+    "debian": Family("debian", ("update-initramfs",), "initrd.img-{kver}", "lsinitramfs", "grub-install",
+                     ("grub-mkconfig", "update-grub"), "/boot/grub/grub.cfg", "always", ("debian", "ubuntu")),
+    "rhel": Family("rhel", ("dracut",), "initramfs-{kver}.img", "lsinitrd", "grub2-install", ("grub2-mkconfig",),
+                   "/boot/grub2/grub.cfg", "never", ("redhat", "centos", "almalinux", "rocky", "fedora", "ol")),
+    "suse": Family("suse", ("dracut", "mkinitrd"), "initrd-{kver}", "lsinitrd", "grub2-install", ("grub2-mkconfig",),
+                   "/boot/grub2/grub.cfg", "without-shim", ("opensuse", "sles", "sle_hpc")),
+}
+# Files that name devices, UUIDs or by-id names (ESP paths are added below the ESP's mountpoint).
+NAMING_FILES = ("/etc/fstab", "/etc/crypttab", "/etc/mdadm/mdadm.conf", "/etc/mdadm.conf", "/etc/default/grub",
+                "/etc/kernel/cmdline", "/etc/initramfs-tools/conf.d/resume", "/boot/grub/grub.cfg",
+                "/boot/grub2/grub.cfg", "/boot/grub/grubenv", "/boot/grub2/grubenv")
+TREE_PROGRAM_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+TREE_PROGRAMS = ("update-initramfs", "dracut", "mkinitrd", "lsinitramfs", "lsinitrd", "grub-install", "grub2-install",
+                 "grub-mkconfig", "grub2-mkconfig", "update-grub", "lvmdevices", "setfiles", "efibootmgr")
+# Files whose security.selinux label says whether the restore kept labels.
+LABEL_SAMPLES = ("/etc/passwd", "/etc/selinux/config", "/usr/bin/ls", "/usr/sbin/init", "/var/log")
+BIND_MOUNTS = ("/proc", "/sys", "/dev", "/run")
+EFIVARS = "/sys/firmware/efi/efivars"
+REMOVABLE_LOADER = "EFI/BOOT/BOOTX64.EFI"
+SHIM_LOADERS = ("shimx64.efi", "shim.efi")          # SUSE: shim.efi and grub.efi
+GRUB_LOADERS = ("grubx64.efi", "grub.efi")
+GRUBENV_SIZE = 1024
+
+
+class TreeProbe:
+    """Reads the restored tree at root, as the restored system will see it: absolute symlinks
+    (/lib -> usr/lib, /boot/grub2/grubenv -> ../efi/EFI/redhat/grubenv) resolve inside root,
+    never on the rescue system."""
+
+    def __init__(self, root: Union[str, Path]) -> None:
+        self.root = os.path.abspath(str(root))
+
+    def resolve(self, path: str) -> str:
+        """path with every symlink resolved inside the tree (a path of the tree, /…)."""
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        done: List[str] = []
+        hops = 0
+        while parts:
+            part = parts.pop(0)
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            here = os.path.join(self.root, *done, part)
+            if os.path.islink(here) and hops < 40:
+                hops += 1
+                target = os.readlink(here)
+                if target.startswith("/"):
+                    done = []
+                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+                continue
+            done.append(part)
+        return "/" + "/".join(done)
+
+    def host_path(self, path: str) -> str:
+        """Where the tree's path is on this system."""
+        return os.path.join(self.root, self.resolve(path).lstrip("/"))
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(self.host_path(path))
+
+    def is_file(self, path: str) -> bool:
+        return os.path.isfile(self.host_path(path))
+
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(self.host_path(path))
+
+    def read_text(self, path: str) -> Optional[str]:
+        try:
+            with open(self.host_path(path), encoding="utf-8", errors="surrogateescape") as stream:
+                return stream.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def listdir(self, path: str) -> List[str]:
+        try:
+            return sorted(os.listdir(self.host_path(path)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def has_xattr(self, path: str, name: str) -> bool:
+        try:
+            return name in os.listxattr(self.host_path(path), follow_symlinks=False)
+        except OSError:
+            return False
+
+    def which(self, program: str) -> Optional[str]:
+        for directory in TREE_PROGRAM_DIRS:
+            candidate = f"{directory}/{program}"
+            if os.access(self.host_path(candidate), os.X_OK) and self.is_file(candidate):
+                return candidate
+        return None
+
+
+@dataclass
+class RestoredSystem:
+    """What finalize needs to know about the restored system (probe_restored)."""
+    family: str                                    # debian | rhel | suse | unknown
+    os_release: Dict[str, str]
+    kernels: List[str]                             # versions in /lib/modules with /boot/vmlinuz-…
+    initrds: Dict[str, str]                        # kernel -> its initramfs now in /boot (if any)
+    modules: Dict[str, List[str]]                  # kernel -> its loadable modules (modules.dep)
+    builtin: Dict[str, List[str]]                  # kernel -> modules built into it
+    texts: Dict[str, str]                          # file that may name devices -> its text
+    lvm_devices: bool                              # /etc/lvm/devices/system.devices is there
+    selinux: str                                   # enforcing | permissive | disabled | "" (none)
+    file_contexts: str                             # of the configured policy ("" when absent)
+    labels_present: bool                           # the restored files carry security.selinux
+    esp_dir: str                                   # where the ESP is mounted ("" if none)
+    efi_dirs: Dict[str, List[str]]                 # vendor directory in \EFI (not BOOT) -> its files
+    removable: bool                                # \EFI\BOOT\BOOTX64.EFI is there
+    grub_cfg: str                                  # the GRUB configuration grub-mkconfig writes
+    tools: Dict[str, str]                          # program -> its path in the tree
+
+
+def probe_restored(probe: TreeProbe) -> RestoredSystem:
+    os_release = parse_os_release(probe.read_text("/etc/os-release") or probe.read_text("/usr/lib/os-release") or "")
+    tools = {name: path for name in TREE_PROGRAMS for path in [probe.which(name)] if path}
+    family = distribution_family(os_release)
+    if family not in FAMILIES:
+        family = next((f.name for f in FAMILIES.values() if any(t in tools for t in f.initramfs)), "unknown")
+    kernels = [k for k in probe.listdir("/lib/modules") if probe.is_file(f"/boot/vmlinuz-{k}")]
+    esp_dir = esp_mountpoint(probe.read_text("/etc/fstab") or "") or next(
+        (d for d in ("/boot/efi", "/efi") if probe.is_dir(f"{d}/EFI")), "")
+    efi_dirs = {d: probe.listdir(f"{esp_dir}/EFI/{d}") for d in probe.listdir(f"{esp_dir}/EFI")
+                if d.upper() != "BOOT"} if esp_dir else {}
+    texts = {}
+    for path in naming_files(probe, esp_dir, efi_dirs):
+        text = probe.read_text(path)
+        if text is not None:
+            texts.setdefault(probe.resolve(path), text)
+    selinux, policy = selinux_config(probe.read_text("/etc/selinux/config") or "")
+    contexts = f"/etc/selinux/{policy}/contexts/files/file_contexts" if policy else ""
+    return RestoredSystem(
+        family=family, os_release=os_release, kernels=kernels,
+        initrds={k: path for k in kernels for path in [existing_initrd(probe, k)] if path},
+        modules={k: module_names(probe.read_text(f"/lib/modules/{k}/modules.dep") or "", ":") for k in kernels},
+        builtin={k: module_names(probe.read_text(f"/lib/modules/{k}/modules.builtin") or "") for k in kernels},
+        texts=texts, lvm_devices=probe.is_file("/etc/lvm/devices/system.devices"),
+        selinux=selinux, file_contexts=contexts if contexts and probe.is_file(contexts) else "",
+        labels_present=all(probe.has_xattr(p, "security.selinux") for p in LABEL_SAMPLES if probe.exists(p)),
+        esp_dir=esp_dir, efi_dirs=efi_dirs,
+        removable=bool(esp_dir) and probe.is_file(f"{esp_dir}/{REMOVABLE_LOADER}"),
+        grub_cfg=system_grub_cfg(probe, family, esp_dir, efi_dirs), tools=tools)
+
+
+def naming_files(probe: TreeProbe, esp_dir: str, efi_dirs: Sequence[str]) -> List[str]:
+    entries = [f"/boot/loader/entries/{name}" for name in probe.listdir("/boot/loader/entries") if name.endswith(".conf")]
+    on_esp = [f"{esp_dir}/EFI/{d}/{name}" for d in efi_dirs for name in ("grub.cfg", "grubenv")]
+    return list(NAMING_FILES) + entries + on_esp
+
+
+def esp_mountpoint(fstab: str) -> str:
+    """The mountpoint of the vfat filesystem at /boot/efi or /efi in fstab ("" if none)."""
+    for line in fstab.splitlines():
+        cols = line.split()
+        if len(cols) >= 3 and not cols[0].startswith("#") and cols[2] == "vfat" and cols[1] in ("/boot/efi", "/efi"):
+            return cols[1]
+    return ""
+
+
+def selinux_config(text: str) -> Tuple[str, str]:
+    """(SELINUX=, SELINUXTYPE=) of /etc/selinux/config; ("", "") without it."""
+    values = dict(re.findall(r"^\s*(SELINUX|SELINUXTYPE)\s*=\s*(\S+)", text, re.M))
+    return values.get("SELINUX", "").strip("'\"").lower(), values.get("SELINUXTYPE", "").strip("'\"")
+
+
+def module_names(text: str, separator: str = "") -> List[str]:
+    """Module names (dashes as underscores, as the kernel names them) of modules.dep lines
+    ("kernel/…/dm-mod.ko.xz: deps") or modules.builtin lines."""
+    names = set()
+    for line in text.splitlines():
+        path = line.split(separator, 1)[0] if separator else line
+        match = re.search(r"([^/\s]+)\.ko(\.[a-z0-9]+)?$", path.strip())
+        if match:
+            names.add(match.group(1).replace("-", "_"))
+    return sorted(names)
+
+
+def existing_initrd(probe: TreeProbe, kernel: str) -> Optional[str]:
+    for family in FAMILIES.values():
+        path = "/boot/" + family.initrd_name.format(kver=kernel)
+        if probe.is_file(path):
+            return path
+    return None
+
+
+def system_grub_cfg(probe: TreeProbe, family: str, esp_dir: str, efi_dirs: Sequence[str]) -> str:
+    """Where the system's GRUB reads its menu: on the ESP when the grub.cfg there is the whole
+    menu (RHEL 8 on UEFI), else the family's path (the ESP holds a stub that points to it)."""
+    for d in efi_dirs:
+        text = probe.read_text(f"{esp_dir}/EFI/{d}/grub.cfg")
+        if text and re.search(r"^\s*(menuentry|blscfg)\b", text, re.M):
+            return f"{esp_dir}/EFI/{d}/grub.cfg"
+    if family in FAMILIES:
+        return FAMILIES[family].grub_cfg
+    return "/boot/grub2/grub.cfg" if probe.exists("/boot/grub2") else "/boot/grub/grub.cfg"
+
+
+@dataclass
+class EspTarget:
+    """One ESP that gets an NVRAM boot entry (every member of a RAID1 ESP is one)."""
+    disk: str                                      # the disk here
+    partition: int
+    label: str                                     # the original entry's label
+    loader: str = ""                               # \EFI\redhat\shimx64.efi ("": the system's own)
+
+
+@dataclass
+class FinalizeOptions:
+    target_root: str = "/mnt/local"
+    boot_mode: str = "bios"                        # bios | uefi (the layout's Boot.firmware)
+    boot_disks: List[str] = field(default_factory=list)    # grub-install onto each (BIOS)
+    esps: List[EspTarget] = field(default_factory=list)    # an efibootmgr entry for each (UEFI)
+    changes: Dict[str, str] = field(default_factory=dict)  # old name -> new: /dev/sda1, UUIDs, by-id
+    pvs: List[str] = field(default_factory=list)           # the recreated PVs (the LVM devices file)
+    drivers: List[str] = field(default_factory=list)       # the storage drivers of the disks here
+    rebuild_initramfs: bool = True                         # REBUILD_INITRAMFS
+    selinux_relabel: str = "auto"                          # SELINUX_RELABEL: auto | yes | no
+
+
+def finalize_plan(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
+    """The finalize steps, in order: names rewritten (nothing bound yet), the bind mounts, the
+    LVM devices file, the initramfs of each kernel and its check, the bootloader, the unbind,
+    then the SELinux relabel (last, so that it also labels what the steps above wrote)."""
+    family = FAMILIES.get(system.family)
+    if family is None:
+        raise RescueError(f"the restored system's distribution ({system.os_release.get('pretty_name') or 'no /etc/os-release'}) "
+                          "is not one rescue can finalize", "finalize supports the Debian/Ubuntu, RHEL and SUSE families")
+    root = options.target_root
+    steps = rename_steps(system, options.changes, root)
+    steps += bind_steps(root, options.boot_mode == "uefi")
+    steps += lvm_devices_steps(system, options, root)
+    if options.rebuild_initramfs:
+        for kernel in system.kernels:
+            steps += initramfs_steps(system, family, options, kernel)
+    steps += bootloader_steps(system, family, options)
+    unbound = [root + p for p in reversed(bind_points(options.boot_mode == "uefi"))]
+    steps.append(Step("finalize unbind", f"Unmount the bind mounts below {root}", argv=["umount"] + unbound,
+                      action="unbind", params={"paths": unbound}))
+    steps += selinux_steps(system, options)
+    return steps
+
+
+def in_root(root: str, *argv: str) -> List[str]:
+    return ["chroot", root] + list(argv)
+
+
+def rename_steps(system: RestoredSystem, changes: Dict[str, str], root: str) -> List[Step]:
+    """One step per file that names something that changed (none when nothing changed)."""
+    steps = []
+    for path, text in sorted(system.texts.items()):
+        new = rewrite_file_text(path, text, changes) if changes else text
+        if new != text:
+            steps.append(Step(f"finalize names {path}", f"Rewrite the names that changed in {path}",
+                              action="rewrite_names",
+                              params={"path": root + path, "changes": dict(changes),
+                                      "before": text_digest(text), "after": text_digest(new)}))
+    return steps
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def bind_points(uefi: bool) -> List[str]:
+    return list(BIND_MOUNTS) + ([EFIVARS] if uefi else [])
+
+
+def bind_steps(root: str, uefi: bool) -> List[Step]:
+    # argv: what the (idempotent) action amounts to, for --plan and --script.
+    return [Step(f"finalize bind {path}", f"Bind {path} into {root}", argv=["mount", "--bind", path, root + path],
+                 action="bind", params={"source": path, "path": root + path}) for path in bind_points(uefi)]
+
+
+def lvm_devices_steps(system: RestoredSystem, options: FinalizeOptions, root: str) -> List[Step]:
+    if not system.lvm_devices or not options.pvs:
+        return []
+    return [Step("finalize lvm devices file", "Write /etc/lvm/devices/system.devices anew with the recreated PVs",
+                 action="lvm_devices", params={"root": root, "pvs": list(options.pvs)},
+                 note="the old file names the old disks' IDs: LVM would ignore the new ones and the boot hang")]
+
+
+def initramfs_steps(system: RestoredSystem, family: Family, options: FinalizeOptions, kernel: str) -> List[Step]:
+    root = options.target_root
+    tool = next((t for t in family.initramfs if t in system.tools), None)
+    if tool is None:
+        raise RescueError(f"the restored system has no {' or '.join(family.initramfs)} to build the initramfs of {kernel}",
+                          "the backup lacks it; set REBUILD_INITRAMFS=no to boot with the restored initramfs "
+                          "as it is (made for the old hardware)")
+    image = system.initrds.get(kernel) or "/boot/" + family.initrd_name.format(kver=kernel)
+    loadable = set(system.modules.get(kernel, [])) - set(system.builtin.get(kernel, []))
+    drivers = [d for d in options.drivers if d.replace("-", "_") in loadable]
+    if tool == "update-initramfs":
+        argv = in_root(root, tool, "-u" if kernel in system.initrds else "-c", "-k", kernel)
+    elif tool == "dracut":
+        added = ["--add-drivers", " ".join(drivers)] if drivers else []
+        argv = in_root(root, tool, "-f", *added, "--kver", kernel, image)
+    else:
+        argv = in_root(root, tool, "-k", f"/boot/vmlinuz-{kernel}", "-i", image)
+    steps = [Step(f"finalize initramfs {kernel}", f"Build the initramfs of {kernel} for this hardware ({tool})",
+                  argv=argv, note="the restored one is made for the old disks and controllers")]
+    if family.lister in system.tools and drivers:
+        steps.append(Step(f"finalize check initramfs {kernel}", f"Check that {image} holds the storage drivers",
+                          argv=in_root(root, family.lister, image), action="check_initramfs",
+                          params={"root": root, "image": image, "lister": family.lister, "drivers": drivers}))
+    return steps
+
+
+def bootloader_steps(system: RestoredSystem, family: Family, options: FinalizeOptions) -> List[Step]:
+    root = options.target_root
+    mkconfig = next((t for t in family.grub_mkconfig if t in system.tools), None)
+    if family.grub_install not in system.tools and mkconfig is None:
+        return []
+    config = [] if mkconfig is None else [Step(
+        "finalize grub config", f"Write the GRUB menu {system.grub_cfg}",
+        argv=in_root(root, mkconfig) if mkconfig == "update-grub" else in_root(root, mkconfig, "-o", system.grub_cfg))]
+    if options.boot_mode != "uefi":
+        if family.grub_install not in system.tools:
+            raise RescueError(f"the restored system has no {family.grub_install} to install GRUB with",
+                              "the backup lacks GRUB's tools: restore them, or install the bootloader by hand")
+        return bios_steps(family, options, root) + config
+    return uefi_steps(system, family, options) + config + efi_entry_steps(system, options)
+
+
+def bios_steps(family: Family, options: FinalizeOptions, root: str) -> List[Step]:
+    if not options.boot_disks:
+        raise RescueError("there is no disk to install GRUB on (the layout names none)",
+                          "name them in GRUB2_INSTALL_DEVICES, e.g. GRUB2_INSTALL_DEVICES=\"/dev/sda /dev/sdb\"")
+    return [Step(f"finalize grub-install {disk}", f"Install GRUB (BIOS) on {disk}",
+                 argv=in_root(root, family.grub_install, "--target=i386-pc", disk)) for disk in options.boot_disks]
+
+
+def vendor_dir(system: RestoredSystem, family: Family, options: FinalizeOptions) -> str:
+    """The system's directory in \\EFI: that of the original boot entry's loader, else the
+    family's, else the only one there."""
+    for esp in options.esps:
+        parts = [p for p in esp.loader.replace("\\", "/").split("/") if p]
+        if len(parts) >= 3 and parts[0].upper() == "EFI" and parts[1].upper() != "BOOT":
+            return parts[1]
+    own = [d for d in system.efi_dirs if d.lower() in family.efi_ids]
+    return (own or list(system.efi_dirs) or [family.efi_ids[0]])[0]
+
+
+def efi_loaders(system: RestoredSystem, vendor: str) -> Tuple[str, str]:
+    """(shim, GRUB) file names in the vendor directory ("" where there is none)."""
+    files = {name.lower(): name for name in system.efi_dirs.get(vendor, [])}
+    return (next((files[n] for n in SHIM_LOADERS if n in files), ""),
+            next((files[n] for n in GRUB_LOADERS if n in files), ""))
+
+
+def uefi_steps(system: RestoredSystem, family: Family, options: FinalizeOptions) -> List[Step]:
+    """grub-install for EFI only where the distribution expects it; the loader checked; the
+    removable path as a fallback."""
+    root, esp = options.target_root, system.esp_dir or "/boot/efi"
+    vendor = vendor_dir(system, family, options)
+    shim, grub = efi_loaders(system, vendor)
+    steps = []
+    if family.grub_install in system.tools and (
+            family.efi_grub_install == "always" or (family.efi_grub_install == "without-shim" and not shim)):
+        grub = grub or GRUB_LOADERS[0]
+        steps.append(Step("finalize grub-install efi", f"Install GRUB (UEFI) into {esp}/EFI/{vendor}",
+                          argv=in_root(root, family.grub_install, "--target=x86_64-efi", f"--efi-directory={esp}",
+                                       f"--bootloader-id={vendor}", "--no-nvram")))
+    files = [shim, grub or GRUB_LOADERS[0]] if shim else [grub or GRUB_LOADERS[0]]
+    steps.append(Step("finalize efi loader", f"Check the loader {esp}/EFI/{vendor}/{files[0]}", action="efi_loader",
+                      params={"directory": f"{root}{esp}/EFI/{vendor}", "files": files},
+                      note="the shim chain is kept as restored" if shim else ""))
+    if not system.removable:
+        steps.append(Step("finalize efi removable path", f"Copy the loader to the removable path {esp}/{REMOVABLE_LOADER}",
+                          action="efi_fallback", params={"directory": f"{root}{esp}/EFI/{vendor}", "files": files,
+                                                         "target": f"{root}{esp}/{REMOVABLE_LOADER}"},
+                          note="firmware that lost its NVRAM entries still finds it"))
+    return steps
+
+
+def efi_entry_steps(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
+    if not options.esps:
+        return []
+    vendor = vendor_dir(system, FAMILIES[system.family], options)
+    shim, grub = efi_loaders(system, vendor)
+    default = f"\\EFI\\{vendor}\\{shim or grub or GRUB_LOADERS[0]}"
+    entries = [{"disk": e.disk, "partition": e.partition, "label": e.label, "loader": e.loader or default}
+               for e in options.esps]
+    return [Step("finalize efi boot entries", "NVRAM boot entries: " + ", ".join(
+        f"{e['label']} on {e['disk']} partition {e['partition']}" for e in entries), action="efi_entries",
+        params={"entries": entries, "efivars": EFIVARS}, note="entries of the same label are removed first")]
+
+
+def selinux_steps(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
+    """Relabel (setfiles) when SELinux is on and the restore did not keep the labels
+    (SELINUX_RELABEL=auto), or always (yes); /.autorelabel as the backstop for the first boot."""
+    root = options.target_root
+    wanted = options.selinux_relabel == "yes" or (
+        options.selinux_relabel == "auto" and system.selinux in ("enforcing", "permissive") and not system.labels_present)
+    if not wanted or not system.selinux:
+        return []
+    steps = []
+    if system.file_contexts:
+        excluded = [a for path in ([system.esp_dir] if system.esp_dir else []) for a in ("-e", root + path)]
+        steps.append(Step("finalize selinux relabel", f"Label the restored files for SELinux ({system.file_contexts})",
+                          argv=["setfiles", "-m", "-r", root] + excluded + [root + system.file_contexts, root],
+                          note="unlabeled files make an enforcing system unbootable"))
+    steps.append(Step("finalize selinux autorelabel", "Ask for a relabel at the first boot (/.autorelabel)",
+                      action="write_marker", params={"path": root + "/.autorelabel"}))
+    return steps
+
+
+# -- the rewrites ---------------------------------------------------------------------------------
+
+def names_pattern(changes: Dict[str, str]) -> "re.Pattern[str]":
+    """One pattern for all old names, the longest first, each a whole word (/dev/sda is not in
+    /dev/sda1); a by-id or by-path disk name also matches as its partitions' prefix
+    (…-part2); UUIDs in either case."""
+    alternatives = []
+    for n, old in enumerate(sorted(changes, key=len, reverse=True)):
+        escaped = re.escape(old)
+        if re.fullmatch(r"[0-9A-Fa-f-]+", old):
+            escaped = f"(?i:{escaped})"
+        suffix = r"(?:-part\d+)?" if old.startswith(("/dev/disk/by-id/", "/dev/disk/by-path/")) else ""
+        alternatives.append(f"(?P<k{n}>{escaped}{suffix})")
+    return re.compile(r"(?<![0-9A-Za-z_])(?:" + "|".join(alternatives) + r")(?![0-9A-Za-z_])")
+
+
+def rewrite_names(text: str, changes: Dict[str, str]) -> str:
+    """text with each old name replaced by its new one, in one pass (a swap of two names is
+    a swap, not a chain)."""
+    if not changes:
+        return text
+    ordered = sorted(changes, key=len, reverse=True)
+    lowered = {old.lower(): new for old, new in changes.items()}
+
+    def replace(match: "re.Match[str]") -> str:
+        found = match.group(0)
+        old = ordered[int(match.lastgroup[1:])]
+        new = changes.get(found) or lowered.get(found.lower())
+        return new if new is not None else changes[old] + found[len(old):]    # …-partN of a by-id disk
+
+    return names_pattern(changes).sub(replace, text)
+
+
+def rewrite_file_text(path: str, text: str, changes: Dict[str, str]) -> str:
+    """The file's new text; a grubenv stays a 1024-byte block padded with '#' (GRUB reads
+    it as such: saved_entry and kernelopts stay where they are)."""
+    if os.path.basename(path) != "grubenv":
+        return rewrite_names(text, changes)
+    content = text.rstrip("#")
+    new = rewrite_names(content, changes)
+    size = max(len(text.encode("utf-8", "surrogateescape")), GRUBENV_SIZE)
+    padding = size - len(new.encode("utf-8", "surrogateescape"))
+    if padding < 0:
+        raise RescueError(f"{path}: with the new names it would not fit in GRUB's {size}-byte environment block",
+                          "shorten kernelopts in it, or map to shorter names")
+    return new + "#" * padding if new != content else text
+
+
+def file_diff(path: str, old: str, new: str) -> str:
+    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"a{path}", f"b{path}"))
+
+
+# -- efibootmgr --------------------------------------------------------------------------------------
+
+def efi_loader_of(path: str) -> str:
+    """The loader of an `efibootmgr -v` device path: …/File(\\EFI\\redhat\\shimx64.efi) (before
+    efibootmgr 18) or …/\\EFI\\redhat\\shimx64.efi (18 and later); "" when it names no file."""
+    match = re.search(r"File\((\\[^)]*)\)", path) or re.search(r"\)/(\\[^\s]*\.[Ee][Ff][Ii])", path)
+    return match.group(1) if match else ""
+
+
+def efi_partition_uuid(path: str) -> str:
+    """The GPT partition UUID of an `efibootmgr -v` device path (HD(1,GPT,<uuid>,…)), lower case."""
+    match = re.search(r"HD\(\d+,GPT,([0-9A-Fa-f-]{36})", path)
+    return match.group(1).lower() if match else ""
+
+
+def stale_efi_entries(text: str, labels: Sequence[str]) -> List[str]:
+    """The Boot#### numbers in `efibootmgr -v` output whose label is one of labels."""
+    return [e["num"] for e in parse_efibootmgr(text) if e["label"] in labels]
+
+
+# -- the actions -----------------------------------------------------------------------------------
+
+def mounted_at(path: str) -> Optional[str]:
+    """The source last mounted at path (from /proc/self/mounts), or None."""
+    found = None
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            cols = line.split()
+            if len(cols) > 2 and cols[1].replace("\\040", " ") == path:
+                found = cols[0]
+    return found
+
+
+def finalize_action_rewrite_names(ctx: Context, path: str, changes: Dict[str, str], before: str, after: str) -> None:
+    """Rewrite one file atomically, keeping its mode and owner; the diff goes to the log. A
+    re-run finds it rewritten already and leaves it (a swap of two names stays a swap)."""
+    target = Path(path)
+    old = target.read_text(encoding="utf-8", errors="surrogateescape")
+    if text_digest(old) == after:
+        ctx.log.info(f"{path}: rewritten already")
+        return
+    if text_digest(old) != before:
+        raise RescueError(f"{path} changed after finalize was planned",
+                          "check the file; then run again with --restart to plan finalize anew")
+    new = rewrite_file_text(path, old, changes)
+    info = os.stat(path)
+    with atomic_output(target, stat.S_IMODE(info.st_mode), owner=(info.st_uid, info.st_gid)) as stream:
+        stream.write(new.encode("utf-8", "surrogateescape"))
+    ctx.log.info(f"rewrote {path}:\n{file_diff(path, old, new)}")
+
+
+def finalize_action_bind(ctx: Context, source: str, path: str) -> None:
+    if mounted_at(path) is not None:
+        ctx.log.info(f"{path} is mounted already")
+        return
+    if source == EFIVARS and not os.path.isdir(source):
+        ctx.log.warn(f"this system was not booted by UEFI (no {EFIVARS}): the restored system's tools "
+                     "run without the firmware's variables")
+        return
+    os.makedirs(path, exist_ok=True)
+    ctx.runner.run(["mount", "--bind", source, path], timeout=60)
+
+
+def finalize_action_unbind(ctx: Context, paths: Sequence[str]) -> None:
+    """Unmount what finalize bound, in reverse order; a busy one lazily (it goes when the
+    last process in the chroot ends)."""
+    for path in paths:
+        if mounted_at(path) is None:
+            continue
+        result = ctx.runner.run(["umount", path], check=False, timeout=60)
+        if result.returncode != 0:
+            ctx.log.warn(f"{path} is busy ({result.stderr.strip()[-200:]}); unmounting it lazily")
+            ctx.runner.run(["umount", "-l", path], timeout=60)
+
+
+def finalize_action_lvm_devices(ctx: Context, root: str, pvs: Sequence[str]) -> None:
+    """The devices file with exactly the recreated PVs: the old one removed, each PV added by
+    lvmdevices in the restored system (not vgimportdevices -a, which adds every VG it sees)."""
+    path = Path(TreeProbe(root).host_path("/etc/lvm/devices/system.devices"))
+    old = path.read_text(errors="replace") if path.is_file() else ""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    for pv in pvs:
+        ctx.runner.run(in_root(root, "lvmdevices", "--adddev", pv), timeout=120)
+    new = path.read_text(errors="replace") if path.is_file() else ""
+    ctx.log.info(f"rewrote {path}:\n{file_diff(str(path), old, new)}")
+
+
+def finalize_action_check_initramfs(ctx: Context, root: str, image: str, lister: str, drivers: Sequence[str]) -> None:
+    result = ctx.runner.run(in_root(root, lister, image), check=False, timeout=600)
+    if result.returncode != 0:
+        raise CommandError(ctx.runner.command_line(in_root(root, lister, image), None), result.returncode, result.stderr)
+    missing = initramfs_lacks(result.stdout, drivers)
+    if missing:
+        raise RescueError(f"the new initramfs {image} lacks the storage drivers {', '.join(missing)}: "
+                          "the restored system would not find its disks",
+                          "add them to the restored system's initramfs configuration (dracut: add_drivers+=\" … \" "
+                          "in /etc/dracut.conf.d/; initramfs-tools: /etc/initramfs-tools/modules), then resume")
+    ctx.log.info(f"{image} holds the storage drivers {', '.join(drivers)}")
+
+
+def initramfs_lacks(listing: str, drivers: Sequence[str]) -> List[str]:
+    """The drivers that a lsinitramfs / lsinitrd listing does not hold."""
+    present = set(module_names("\n".join(word for line in listing.splitlines() for word in line.split())))
+    return [d for d in drivers if d.replace("-", "_") not in present]
+
+
+def finalize_action_efi_loader(ctx: Context, directory: str, files: Sequence[str]) -> None:
+    missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
+    if missing:
+        raise RescueError(f"the ESP lacks the boot loader: {', '.join(os.path.join(directory, m) for m in missing)}",
+                          "the backup did not hold the ESP's files: restore them (or reinstall shim and GRUB's EFI "
+                          "package in the restored system), then resume")
+
+
+def finalize_action_efi_fallback(ctx: Context, directory: str, files: Sequence[str], target: str) -> None:
+    """The loader at the removable path (shim loads grubx64.efi from its own directory)."""
+    if os.path.isfile(target):
+        return
+    for n, name in enumerate(files):
+        destination = target if n == 0 else os.path.join(os.path.dirname(target), name)
+        write_file(Path(destination), Path(directory, name).read_bytes(), 0o700)
+        ctx.log.info(f"copied {os.path.join(directory, name)} to {destination}")
+
+
+def finalize_action_efi_entries(ctx: Context, entries: Sequence[Dict[str, object]], efivars: str = EFIVARS) -> None:
+    """Remove the entries of the same labels, then make one per ESP (the last made comes first
+    in BootOrder, so they are made in reverse). A rescue system booted by BIOS cannot: the
+    machine then starts from the removable path."""
+    if not os.path.isdir(efivars):
+        ctx.log.warn(f"this system was not booted by UEFI (no {efivars}): no NVRAM boot entry is made; "
+                     f"the firmware finds the loader at \\{REMOVABLE_LOADER.replace('/', chr(92))}, or add an entry "
+                     "in its setup")
+        return
+    listing = ctx.runner.run(["efibootmgr", "-v"], timeout=60).stdout
+    for number in stale_efi_entries(listing, sorted({str(e["label"]) for e in entries})):
+        ctx.runner.run(["efibootmgr", "-q", "-b", number, "-B"], timeout=60)
+    for entry in reversed(entries):
+        ctx.runner.run(["efibootmgr", "-q", "-c", "-d", str(entry["disk"]), "-p", str(entry["partition"]),
+                        "-L", str(entry["label"]), "-l", str(entry["loader"])], timeout=60)
+
+
+def finalize_action_write_marker(ctx: Context, path: str) -> None:
+    write_file(Path(path), "", 0o644)
+
+
+FINALIZE_ACTIONS: Dict[str, Callable[..., None]] = {
+    "rewrite_names": finalize_action_rewrite_names, "bind": finalize_action_bind, "unbind": finalize_action_unbind,
+    "lvm_devices": finalize_action_lvm_devices, "check_initramfs": finalize_action_check_initramfs,
+    "efi_loader": finalize_action_efi_loader, "efi_fallback": finalize_action_efi_fallback,
+    "efi_entries": finalize_action_efi_entries, "write_marker": finalize_action_write_marker}
+
+
+# -- from the layout -------------------------------------------------------------------------------
+
+def finalize_options(layout: Layout, mapping: Mapping, config: Config, drivers: Sequence[str] = (),
+                     changes: Optional[Dict[str, str]] = None, here: Sequence[DiskHere] = ()) -> FinalizeOptions:
+    """FinalizeOptions for a recovery of layout onto the disks of mapping: the boot disks
+    (GRUB2_INSTALL_DEVICES, mapped as ReaR's MIGRATION_MODE does, else the disks GRUB was on,
+    else those under /boot), each ESP (RAID1 members too) with its original entry's label and
+    loader, the device and by-id names that changed (by-id: with here, the disks here), plus
+    changes (e.g. UUIDs recreate could not keep)."""
+    configured = config.setting("GRUB2_INSTALL_DEVICES")
+    if configured:
+        boot_disks = [mapping.new_name(d, layout) for d in configured]
+    else:
+        boot_disks = [mapping.new_name(d, layout) for d in layout.boot.grub_disks] or boot_disks_under(layout, mapping)
+    renamed = {old: new for old, new in ((item, mapping.new_name(item, layout)) for item in
+                                         [d.id for d in layout.disks] + [p.id for p in layout.partitions]) if old != new}
+    return FinalizeOptions(
+        target_root=config.setting("TARGET_FS_ROOT"), boot_mode=layout.boot.firmware, boot_disks=boot_disks,
+        esps=esp_targets(layout, mapping), changes={**renamed, **by_id_changes(layout, mapping, here), **(changes or {})},
+        pvs=[mapping.new_name(pv.device, layout) for pv in layout.physical_volumes],
+        drivers=list(drivers), rebuild_initramfs=config.setting("REBUILD_INITRAMFS"),
+        selinux_relabel=config.setting("SELINUX_RELABEL"))
+
+
+def by_id_changes(layout: Layout, mapping: Mapping, here: Sequence[DiskHere]) -> Dict[str, str]:
+    """/dev/disk/by-id names of the layout's disks -> the name of the same kind (ata-, nvme-,
+    wwn-, …) of the disk that takes its place (partitions follow as …-partN)."""
+    by_path = {d.path: d for d in here}
+    out = {}
+    for disk in layout.disks:
+        new = by_path.get(mapping.disks.get(disk.id, ""))
+        for name in disk.by_id if new else []:
+            kind = name.split("-", 1)[0]
+            match = next((n for n in new.by_id if n.split("-", 1)[0] == kind), None)
+            if match and match != name:
+                out[f"/dev/disk/by-id/{name}"] = f"/dev/disk/by-id/{match}"
+    return out
+
+
+def storage_drivers(disks: Sequence[str], sys_root: str = "/sys") -> List[str]:
+    """The drivers (as module names) of the disks here and the controllers above them, from
+    sysfs: what the restored system's initramfs needs to find its disks (dracut --add-drivers
+    and the check of the new initramfs)."""
+    found = []
+    devices = os.path.join(sys_root, "devices")
+    for disk in disks:
+        path = os.path.realpath(os.path.join(sys_root, "block", os.path.basename(os.path.realpath(disk)), "device"))
+        while path.startswith(devices + "/"):
+            driver = os.path.join(path, "driver")
+            if os.path.islink(driver):
+                module = os.path.join(driver, "module")
+                found.append(os.path.basename(os.path.realpath(module if os.path.exists(module) else driver)).replace("-", "_"))
+            path = os.path.dirname(path)
+    return list(dict.fromkeys(found))
+
+
+def partitions_under(device: str, layout: Layout) -> List[Partition]:
+    """The partitions a device stands on (through RAID, LUKS and LVM)."""
+    part = next((p for p in layout.partitions if p.id == device), None)
+    if part is not None:
+        return [part]
+    below: List[str] = []
+    for md in layout.md_arrays:
+        below += md.devices if md.id == device else []
+    below += [lk.device for lk in layout.luks if lk.id == device]
+    for lv in layout.logical_volumes:
+        if lv.id == device:
+            below += [pv for vg in layout.volume_groups if vg.name == lv.vg for pv in vg.pvs]
+    return [p for d in below for p in partitions_under(d, layout)]
+
+
+def boot_disks_under(layout: Layout, mapping: Mapping) -> List[str]:
+    mounts = {m.mountpoint: m.device for m in layout.mounts}
+    device = mounts.get("/boot") or mounts.get("/")
+    disks = [p.disk for p in partitions_under(device, layout)] if device else []
+    return [mapping.new_name(d, layout) for d in dict.fromkeys(disks)]
+
+
+def esp_targets(layout: Layout, mapping: Mapping) -> List[EspTarget]:
+    if layout.boot.firmware != "uefi" or not layout.boot.esp:
+        return []
+    mount = next((m for m in layout.mounts if m.mountpoint in ("/boot/efi", "/efi")), None)
+    parts = partitions_under(mount.device, layout) if mount else []
+    parts = parts or [p for p in layout.partitions if p.id == layout.boot.esp]
+    entries = [e for e in layout.boot.efi_entries if efi_loader_of(e.get("path", ""))]
+    family = FAMILIES.get(layout.boot.family)
+    own_ids = set(family.efi_ids if family else ()) | {layout.boot.distribution.get("id", "")}
+    # The system's own entry: its loader in the distribution's \EFI directory (not Windows', not \EFI\BOOT).
+    own = next((e for e in entries if efi_loader_of(e["path"]).split("\\")[2:3] and
+                efi_loader_of(e["path"]).split("\\")[2].lower() in own_ids), None)
+    out = []
+    for part in parts:
+        entry = next((e for e in entries if part.uuid and efi_partition_uuid(e["path"]) == part.uuid.lower()), own)
+        label = entry["label"] if entry else (layout.boot.distribution.get("id") or "Linux")
+        out.append(EspTarget(mapping.new_name(part.disk, layout), part.number, label,
+                             efi_loader_of(entry["path"]) if entry else ""))
+    return out
+
+
+# =============================================================================================
+# 17. recreate: execute
 #
 # One short loop runs a plan's steps through the Runner, each timed and logged, and journals
 # each finished step (VAR_DIR/recreate.json: the layout's digest, the mapping with each disk's
@@ -6557,9 +7471,18 @@ def luks_secrets(ctx: Context, secrets: Sequence[Tuple[str, str]], new: bool = T
 
 def run_plan_steps(ctx: Context, steps: Sequence[Step], state: RecreateState, state_path: Path,
                    secrets: Dict[str, str], resume_command: str) -> None:
+    run_journaled(ctx, steps, state.done, lambda: write_file(state_path, state.to_json()), secrets, resume_command)
+
+
+def run_journaled(ctx: Context, steps: Sequence[Step], done: List[str], save: Callable[[], None],
+                  secrets: Dict[str, str], resume_command: str, again: Sequence[str] = ()) -> None:
+    """Run the steps not in done, each timed and logged, appending each to done and saving
+    the journal after it; actions named in again run even when done (a bind mount does not
+    outlive a reboot of the rescue system)."""
     total = len(steps)
+    todo = {step.id for step in steps_to_run(steps, done)} | {s.id for s in steps if s.action in again}
     for n, step in enumerate(steps, 1):
-        if step.id in state.done:
+        if step.id not in todo:
             continue
         ctx.log.say(f"[{n}/{total}] {step.title}")
         started = time.monotonic()
@@ -6570,8 +7493,9 @@ def run_plan_steps(ctx: Context, steps: Sequence[Step], state: RecreateState, st
                               f"the command: {step_command(step)}\n{exc.hint}\n"
                               f"fix the cause, then resume with: {resume_command}") from None
         ctx.log.info(f"step {n} done in {time.monotonic() - started:.1f} s")
-        state.done.append(step.id)
-        write_file(state_path, state.to_json())
+        if step.id not in done:
+            done.append(step.id)
+        save()
 
 
 def run_step(ctx: Context, step: Step, secrets: Dict[str, str]) -> None:
@@ -6617,7 +7541,7 @@ def action_partitions(ctx: Context, disk: str, partitions: Sequence[Sequence[obj
                               f"after {WAIT_SECONDS:g} s", "check dmesg; another program may hold the disk")
         for argv in (["partx", "-a", disk], ["partx", "-u", disk]):
             ctx.runner.run(argv, check=False, timeout=60)
-        time.sleep(0.2)
+        ctx.runner.wait(0.2)
 
 
 def action_devices(ctx: Context, devices: Sequence[str]) -> None:
@@ -6628,18 +7552,7 @@ def action_devices(ctx: Context, devices: Sequence[str]) -> None:
             return
         if time.monotonic() > deadline:
             raise RescueError(f"{', '.join(missing)} did not appear within {WAIT_SECONDS:g} s", "check dmesg")
-        time.sleep(0.2)
-
-
-def mounted_at(path: str) -> Optional[str]:
-    """The source last mounted at path (from /proc/self/mounts), or None."""
-    found = None
-    with contextlib.suppress(OSError), open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            cols = line.split()
-            if len(cols) > 2 and cols[1].replace("\\040", " ") == path:
-                found = cols[0]
-    return found
+        ctx.runner.wait(0.2)
 
 
 def action_mount(ctx: Context, device: str, path: str, type: str, options: str) -> None:
@@ -6751,11 +7664,13 @@ def check_same_disks(state: RecreateState, here: Sequence[DiskHere]) -> None:
             raise RescueError(f"{disk.path} cannot be used: {disk.in_use}", "unmount it, then resume")
 
 
-def recreate(ctx: Context, resume_command: str) -> Optional[RecreateState]:
+def recreate(ctx: Context, resume_command: str, chosen: Optional[Tuple[Layout, Path]] = None,
+             later: Sequence[str] = ()) -> Optional[RecreateState]:
     """layoutonly's work, also recover's first part: plan (or resume), show, confirm, run.
-    None when it only showed the plan."""
+    None when it only showed the plan (and what comes after it: later). recover (chosen: the
+    layout it found) holds the lock for its whole run."""
     args, config = ctx.args, ctx.config
-    layout, layout_file = recovery_layout(ctx)
+    layout, layout_file = chosen or recovery_layout(ctx)
     digest = layout_digest(json.loads(layout_to_json(layout)))
     reviewing = args.plan or args.script or args.json
     probe = Probe(replay_dir=Path(args.replay)) if args.replay else Probe(ctx.runner)
@@ -6780,14 +7695,14 @@ def recreate(ctx: Context, resume_command: str) -> Optional[RecreateState]:
         check_programs(left)
         secrets = luks_secrets(ctx, [(str(name), str(what)) for name, what in state.plan["secrets_asked"]
                                      if any(x.secret == name for x in left)])
-        with Lock(Path(config.setting("LOCKFILE")), "layoutonly"):
+        with (contextlib.nullcontext() if chosen else Lock(Path(config.setting("LOCKFILE")), "layoutonly")):
             run_plan_steps(ctx, steps, state, state_path, secrets, resume_command)
         return state
     here = probe_disks_here(probe, config)
     mapping = map_disks(layout, here, explicit_mapping(ctx))
     plan = recreate_plan(layout, here, mapping, recreate_options(config, layout, layout_file))
     if reviewing:
-        show_plan(ctx, plan, layout, here)
+        show_plan(ctx, plan, layout, here, later)
         return None
     check_programs(plan.steps)
     for line in describe_plan(plan, layout, here).split("\n\nSteps")[0].splitlines():
@@ -6801,21 +7716,23 @@ def recreate(ctx: Context, resume_command: str) -> Optional[RecreateState]:
     by_path = {d.path: d for d in here}
     state = RecreateState(digest, {old: by_path[new].identity() for old, new in mapping.disks.items()},
                           dict(json.loads(plan_json(plan, layout)), secrets_asked=[list(x) for x in plan.secrets]))
-    with Lock(Path(config.setting("LOCKFILE")), "layoutonly"):
+    with (contextlib.nullcontext() if chosen else Lock(Path(config.setting("LOCKFILE")), "layoutonly")):
         write_file(state_path, state.to_json())
         run_plan_steps(ctx, plan.steps, state, state_path, secrets, resume_command)
     return state
 
 
-def show_plan(ctx: Context, plan: Plan, layout: Layout, here: Sequence[DiskHere]) -> None:
-    """--plan, --script FILE, --json: the plan to review; nothing is touched."""
+def show_plan(ctx: Context, plan: Plan, layout: Layout, here: Sequence[DiskHere], later: Sequence[str] = ()) -> None:
+    """--plan, --script FILE, --json: the plan to review (and what comes after it); nothing is touched."""
     if ctx.args.script:
-        write_file(Path(ctx.args.script), plan_script(plan, layout, here), 0o700)
+        write_file(Path(ctx.args.script), plan_script(plan, layout, here)
+                   + "".join(f"\n# then (rescue recover): {what}" for what in later) + ("\n" if later else ""), 0o700)
         ctx.log.say(f"Wrote the plan as a script to {ctx.args.script} (nothing was run)")
     if ctx.args.json:
-        print(plan_json(plan, layout))
+        print(json.dumps(dict(json.loads(plan_json(plan, layout)), then=list(later)), indent=2))
     elif ctx.args.plan:
-        print(describe_plan(plan, layout, here))
+        then = "\n\nThen:" + "".join(f"\n  - {what}" for what in later) if later else ""
+        print(describe_plan(plan, layout, here) + then)
 
 
 def resolve_uuid(ctx: Context, device: str) -> str:
@@ -6842,11 +7759,251 @@ def action_open_luks(ctx: Context, uuid: str, name: str, secret: str) -> None:
 
 STEP_ACTIONS: Dict[str, Callable[..., None]] = {
     "partitions": action_partitions, "devices": action_devices, "mount": action_mount,
-    "open_luks": action_open_luks}
+    "open_luks": action_open_luks, **FINALIZE_ACTIONS}
 
 
 # =============================================================================================
-# 17. cli
+# 18. recover
+#
+# rescue recover = the layout → the mapping and the one confirmation → recreate (section 17's
+# journaled plan) → restore into TARGET_FS_ROOT → finalize → a report in the recovered system.
+# Before any disk is touched the backup is checked: reachable, and decryptable with the
+# passphrase given (a wrong one is asked again, then a clear stop). recover's own journal
+# (VAR_DIR/recover.json) records the phases done, so a re-run goes on where a failure or a kill
+# stopped it: a restore that did not finish is started again on emptied filesystems, which this
+# recover made (the recreate journal says so), never on anything else.
+# =============================================================================================
+
+RECOVER_STATE = "recover.json"
+PASSPHRASE_TRIES = 3
+
+
+@dataclass
+class RecoverState:
+    layout_digest: str
+    restore_time: Optional[str]
+    restore: str = ""                          # "" | "started" | "done"
+    finalized: List[str] = field(default_factory=list)   # finalize steps done
+    reported: bool = False
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+
+def read_recover_state(path: Path) -> Optional[RecoverState]:
+    try:
+        data = json.loads(path.read_text())
+        return RecoverState(str(data["layout_digest"]), data.get("restore_time"), str(data.get("restore", "")),
+                            [str(s) for s in data.get("finalized", [])],
+                            bool(data.get("reported")), {str(k): float(v) for k, v in data.get("timings", {}).items()})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RescueError(f"cannot read the journal of an earlier recover ({path}): {exc}",
+                          "start over with --restart (the disks are planned and confirmed anew)") from None
+
+
+def check_backup_readable(ctx: Context, time_: Optional[str]) -> None:
+    """The backup is there and the passphrase opens it (by fetching its small layout chain),
+    before anything is wiped. A typed passphrase that does not open it is asked again."""
+    url = backup_url(ctx.config)
+    check_backup_there(ctx, url)
+    for attempt in range(1, PASSPHRASE_TRIES + 1):
+        crypt = backup_encryption(ctx, "restore")
+        with private_gnupg_home(ctx.runner, crypt) as home, work_directory("rescue-check-") as work:
+            opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options())
+            returncode, output = restore_layout_chain(ctx, opts, home, work, work / "layout", time_)
+        if returncode == 0:
+            ctx.log.say("The backup is there and the passphrase opens it")
+            return
+        text = "\n".join(output.lines)
+        if any(m in text for m in NO_CHAIN_MESSAGES):
+            ctx.log.say("No layout chain beside the backup (made by ReaR?): the passphrase is checked by the restore")
+            return
+        found = diagnose(text)
+        if found and "passphrase" in found[0] and ctx.typed.pop("restore", None) is not None \
+                and attempt < PASSPHRASE_TRIES:
+            ctx.log.say("That passphrase does not open the backup; try again")
+            continue
+        raise duplicity_failure("opening the backup (before any disk is touched)", returncode, output, ctx.log)
+
+
+def empty_restored_tree(target: Path, mountpoints: Sequence[str]) -> int:
+    """Remove what an interrupted restore wrote, keeping the mountpoints (and lost+found at
+    each filesystem's root); returns the entries removed."""
+    removed = 0
+    mounts = set(mountpoints) | {str(target)}
+    for entry in os.scandir(str(target)):
+        holds_mount = any(path_within(m, entry.path) for m in mounts)
+        if entry.name == "lost+found" and str(target) in mounts:
+            continue
+        if holds_mount and entry.is_dir(follow_symlinks=False):
+            removed += empty_restored_tree(Path(entry.path), mountpoints)
+        elif entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+            removed += 1
+        else:
+            os.unlink(entry.path)
+            removed += 1
+    return removed
+
+
+def restore_phase(ctx: Context, state: RecoverState, state_path: Path, root: Path) -> None:
+    if state.restore == "done":
+        ctx.log.say(f"The restore into {root} is done already (journal {state_path})")
+        return
+    if state.restore == "started":
+        mounts = [str(m["target"]) for m in mounted_now(ctx.runner) if path_within(str(m["target"]), str(root))]
+        removed = empty_restored_tree(root, mounts)
+        ctx.log.say(f"The interrupted restore is started again: {removed} entries it had written are removed")
+    state.restore = "started"
+    write_file(state_path, state.to_json())
+    started = time.monotonic()
+    written = restore_backup(ctx, root, state.restore_time)
+    state.timings["restore"] = round(time.monotonic() - started, 1)
+    ctx.log.say(f"Restore done: {human_size(written)} written into {root} in {state.timings['restore']:.1f} s")
+    state.restore = "done"
+    write_file(state_path, state.to_json())
+
+
+def finalize_phase(ctx: Context, layout: Layout, recreated: RecreateState, state: RecoverState,
+                   state_path: Path, root: Path) -> None:
+    """The finalize plan of what was restored (read from the tree, so a re-run plans the same
+    steps), run and journaled step by step."""
+    mapping = Mapping({old: str(identity["path"]) for old, identity in recreated.mapping.items()}, {}, [])
+    system = probe_restored(TreeProbe(str(root)))
+    here = probe_disks_here(Probe(ctx.runner), ctx.config, str(root))
+    options = finalize_options(layout, mapping, ctx.config, storage_drivers(list(mapping.disks.values())), here=here)
+    steps = finalize_plan(system, options)
+    check_programs(steps)
+    left = [s for s in steps if s.id not in state.finalized]
+    if not left:
+        ctx.log.say("Finalize is done already")
+        return
+    ctx.log.say(f"Finalizing {system.os_release.get('pretty_name') or layout.hostname} ({system.family}): {len(left)} steps")
+    started = time.monotonic()
+    run_journaled(ctx, steps, state.finalized, lambda: write_file(state_path, state.to_json()), {},
+                  "rescue recover", again=("bind", "unbind"))
+    state.timings["finalize"] = round(time.monotonic() - started, 1)
+    write_file(state_path, state.to_json())
+
+
+RESTOREONLY_STATE = "restoreonly.json"
+
+
+def restore_and_finalize(ctx: Context, time_: Optional[str]) -> int:
+    """restoreonly without --target: restore into the tree layoutonly (or mountonly) mounted
+    at TARGET_FS_ROOT, then finalize it as recover does."""
+    root = Path(ctx.config.setting("TARGET_FS_ROOT"))
+    if not os.path.ismount(str(root)):
+        raise RescueError(f"nothing is mounted at {root}", "recreate and mount the storage first (rescue layoutonly, "
+                          "or rescue mountonly), or restore elsewhere with --target DIR")
+    layout, _ = recovery_layout(ctx)
+    digest = layout_digest(json.loads(layout_to_json(layout)))
+    recreated = read_recreate_state(var_dir(ctx.config) / RECREATE_STATE)
+    if recreated is None or recreated.layout_digest != digest:
+        recreated = RecreateState(digest, {d.id: {"path": d.id} for d in layout.disks}, {})
+        ctx.log.say("No recreate journal of this layout: the disks are taken to have their original names")
+    check_backup_readable(ctx, time_)
+    state = RecoverState(digest, time_)
+    state_path = var_dir(ctx.config) / RESTOREONLY_STATE
+    restore_phase(ctx, state, state_path, root)
+    finalize_phase(ctx, layout, recreated, state, state_path, root)
+    wrap_up(ctx, layout, recreated, state, root)
+    return 0
+
+
+def recover_report(layout: Layout, recreated: RecreateState, state: RecoverState) -> str:
+    lines = [f"rescue {__version__} recovered {layout.hostname} on {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
+             "", "Disks (the layout's -> the disks here):"]
+    lines += [f"  {old} -> {identity['path']}" for old, identity in sorted(recreated.mapping.items())]
+    lines += ["", f"Restored: {'the backup as of ' + state.restore_time if state.restore_time else 'the latest backup'}"]
+    lines += ["", "Steps done: " + str(len(recreated.done)) + " to recreate the storage, "
+              + str(len(state.finalized)) + " to finalize"]
+    lines += [f"  {phase}: {seconds:.1f} s" for phase, seconds in sorted(state.timings.items())]
+    return "\n".join(lines) + "\n"
+
+
+def wrap_up(ctx: Context, layout: Layout, recreated: RecreateState, state: RecoverState, root: Path) -> None:
+    """The report and a copy of the log (0600) into the recovered system's /var/log/rescue."""
+    logs = Path(below(root, "/var/log/rescue"))
+    logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    write_file(logs / f"recover-{stamp}.txt", recover_report(layout, recreated, state))
+    if ctx.log.path and ctx.log.path.is_file():
+        write_file(logs / f"recover-{stamp}.log", ctx.log.path.read_bytes())
+    ctx.log.say(f"The report and the log are in {logs}")
+
+
+def unmount_tree(ctx: Context, layout: Layout, root: str) -> None:
+    for step in unmount_plan(layout, root):
+        ctx.log.info(step.title)
+        run_step(ctx, step, {})
+    ctx.log.say(f"Unmounted {root}; LVM, LUKS and RAID are stopped")
+
+
+def time_split(total: float, runner: Runner) -> str:
+    """Where a run's time went: in the tools it ran, waiting for devices, in rescue itself."""
+    own = max(0.0, total - runner.busy - runner.waited)
+    return (f"Time: {total:.1f} s: tools {runner.busy:.1f} s, waiting for devices {runner.waited:.1f} s, "
+            f"rescue itself {own:.1f} s ({100 * own / total if total else 0:.1f} %)")
+
+
+def recover(ctx: Context) -> int:
+    args, config = ctx.args, ctx.config
+    reviewing = args.plan or args.script or args.json
+    if not reviewing:
+        require_root("recover")
+    time_ = restore_time(config, args.restore_time)
+    state_path = var_dir(config) / RECOVER_STATE
+    chosen = recovery_layout(ctx)
+    layout = chosen[0]
+    digest = layout_digest(json.loads(layout_to_json(layout)))
+    state = None if (reviewing or args.restart) else read_recover_state(state_path)
+    if state is not None and (state.layout_digest != digest or state.restore_time != time_):
+        raise RescueError(f"{state_path} is the journal of a recover with another layout or restore time",
+                          "start over with --restart (the disks are planned and confirmed anew)")
+    if not reviewing and (state is None or state.restore != "done"):
+        check_backup_readable(ctx, time_)
+    resume = "rescue recover" + (f" --restore-time {shlex.quote(time_)}" if time_ else "")
+    if reviewing:
+        recreate(ctx, resume, chosen, later=recover_outline(ctx, time_))
+        return 0
+    started = time.monotonic()
+    root = Path(config.setting("TARGET_FS_ROOT"))
+    recreated = recreate(ctx, resume, chosen)
+    assert recreated is not None
+    if state is None:
+        state = RecoverState(digest, time_)
+    state.timings.setdefault("recreate", round(time.monotonic() - started, 1))
+    write_file(state_path, state.to_json())
+    restore_phase(ctx, state, state_path, root)
+    finalize_phase(ctx, layout, recreated, state, state_path, root)
+    if not state.reported:
+        wrap_up(ctx, layout, recreated, state, root)
+        state.reported = True
+        write_file(state_path, state.to_json())
+    ctx.log.say(f"{layout.hostname} is recovered in {time.monotonic() - started:.0f} s")
+    ctx.log.say(time_split(time.monotonic() - started, ctx.runner))
+    if args.unmount:
+        unmount_tree(ctx, layout, str(root))
+    else:
+        ctx.log.say(f"The recovered system stays mounted at {root} for a look; then: rescue recover --unmount")
+    return 0
+
+
+def recover_outline(ctx: Context, time_: Optional[str]) -> List[str]:
+    """What recover does after the recreate plan (its steps depend on what is restored)."""
+    root = ctx.config.setting("TARGET_FS_ROOT")
+    return [f"restore the backup at {ctx.log.redact(backup_url(ctx.config))}"
+            + (f" as of {time_}" if time_ else " (the latest)") + f" into {root}",
+            "finalize in the restored system: device names, the initramfs of each kernel, the bootloader",
+            f"write a report and the log into {root}/var/log/rescue"]
+
+
+# =============================================================================================
+# 19. cli
 # =============================================================================================
 
 @dataclass
@@ -7003,20 +8160,31 @@ def wf_verify(ctx: Context) -> int:
 
 
 def restore_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", metavar="DIR", required=True,
-                        help="restore into DIR: empty, or freshly made filesystems mounted there")
+    parser.add_argument("--target", metavar="DIR",
+                        help="restore into DIR: empty, or freshly made filesystems mounted there (default: "
+                        "into TARGET_FS_ROOT, as recreated by layoutonly, and finalize it to boot)")
     parser.add_argument("--restore-time", metavar="TIME",
                         help="restore the backup as of TIME (default: BACKUP_DUPLICITY_RESTORE_TIME, else the latest)")
     parser.add_argument("--layout-only", action="store_true",
                         help="only fetch the layout and configuration stored beside the backup")
+    passphrase_argument(parser)
+
+
+def passphrase_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--passphrase-file", metavar="FILE",
+                        help="read the duplicity passphrase from FILE (instead of the configuration or the prompt)")
 
 
 @workflow("restoreonly", "restore the backup into --target DIR (may hold mounted filesystems)",
           needs_root=True, changes_state=True, arguments=restore_arguments)
 def wf_restoreonly(ctx: Context) -> int:
     time_ = restore_time(ctx.config, ctx.args.restore_time)
-    if not ctx.args.target.strip():
+    if ctx.args.target is not None and not ctx.args.target.strip():
         raise ConfigError("--target is empty", "give the directory to restore into, e.g. --target /mnt/local")
+    if not ctx.args.target:
+        if ctx.args.layout_only:
+            raise ConfigError("--layout-only needs --target DIR", "e.g. --layout-only --target /tmp/layout")
+        return restore_and_finalize(ctx, time_)
     target = Path(ctx.args.target)
     if ctx.args.layout_only:
         fetch_layout(ctx, target, time_)
@@ -7069,6 +8237,19 @@ def wf_mountonly(ctx: Context) -> int:
         run_step(ctx, step, secrets)
     ctx.log.say(f"The storage of {layout.hostname} is mounted under {root}")
     return 0
+
+
+def recover_arguments(parser: argparse.ArgumentParser) -> None:
+    recreate_arguments(parser)
+    passphrase_argument(parser)
+    parser.add_argument("--unmount", action="store_true",
+                        help="unmount the recovered system afterwards (stop LVM, LUKS, RAID)")
+
+
+@workflow("recover", "recreate the storage, restore the backup into it and make it boot "
+          "(--plan: only show how)", changes_state=True, arguments=recover_arguments)
+def wf_recover(ctx: Context) -> int:
+    return recover(ctx)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -25,6 +26,21 @@ def site(tmp_path, conf_dir, gnupg_keys):
     return Site(tmp_path, conf_dir, gnupg_keys)
 
 
+def left_behind(parent, prefix, before=()):
+    """Work directories of rescue runs that have exited (a live run's, e.g. of a test running
+    beside this one, are its own business)."""
+    out = []
+    for name in os.listdir(parent):
+        if name.startswith(prefix) and name not in before:
+            try:
+                owner = (Path(parent) / name / rescue.OWNER_FILE).read_text().strip()
+            except OSError:
+                owner = ""
+            if not owner or rescue.process_identity(int(owner.split()[0])) != owner:
+                out.append(name)
+    return out
+
+
 def restored(site, target):
     """Where the backed-up tree lands inside a restore target (paths are kept absolute)."""
     return Path(str(target) + str(site.src))
@@ -38,8 +54,7 @@ def test_every_attribute_comes_back_hard_links_sparse_xattrs_acls_capabilities(s
     assert re.search(r"^Restore done: [0-9.]+ [KMGT]?i?B written into ", proc.stdout, re.M), proc.stdout
     assert_same_tree(site.src, restored(site, target))
     assert " of type reg" not in (site.tmp / "log/rescue.log").read_text()     # no line per file
-    leftovers = [p for p in os.listdir(target) if p.startswith(".rescue")] + [
-        p for p in os.listdir("/run") if p.startswith("rescue-home-")]
+    leftovers = [p for p in os.listdir(target) if p.startswith(".rescue")] + left_behind("/run", "rescue-home-")
     assert leftovers == []
 
 
@@ -116,7 +131,7 @@ def test_point_in_time_restore_across_full_and_incrementals(site):
     proc = site.run("restoreonly", "--target", target, BACKUP_DUPLICITY_TEMP_RAMDISK="true")
     assert proc.returncode == 0, proc.stderr
     assert_same_tree(site.src, restored(site, target))
-    assert not [p for p in os.listdir("/dev/shm") if p.startswith("rescue-restore-")]
+    assert not left_behind("/dev/shm", "rescue-restore-")
 
 
 def test_a_restore_time_before_the_first_backup_is_refused_naming_the_oldest(site):
@@ -382,7 +397,7 @@ def test_the_restore_reprotects_only_its_own_copy_of_the_keyring(site):
     log = (site.tmp / "log/rescue.log").read_text()
     assert "--passphrase-fd 0 --passwd <GPG_KEY>" in log       # the copy's key, cheaper to unlock
     assert keyring_files(site.gnupghome) == before              # the keyring itself: untouched
-    assert not [p for p in os.listdir("/run") if p.startswith("rescue-home-")]
+    assert not left_behind("/run", "rescue-home-")
 
 
 def test_with_debug_the_log_names_every_restored_file(site):
@@ -408,3 +423,43 @@ def test_write_progress_tells_what_the_filesystems_gained(tmp_path, capsys):
     log.say("next message")
     out = capsys.readouterr().out
     assert out.startswith("\r\033[KRestoring: ") and out.endswith("\r\033[Knext message\n")
+
+
+def test_a_killed_runs_work_directories_are_removed_by_the_next_run(tmp_path):
+    """SIGKILL leaves the keyring copy in /run; the next run that makes one removes it, and
+    leaves alone what belongs to a live run or is not rescue's."""
+    dead = tmp_path / "rescue-home-dead"
+    live = tmp_path / "rescue-home-live"
+    foreign = tmp_path / "rescue-home-foreign"
+    for d in (dead, live, foreign):
+        (d / ".gnupg").mkdir(parents=True)
+    child = subprocess.Popen(["sleep", "30"])
+    identity = rescue.process_identity(child.pid)
+    child.kill()
+    child.wait()
+    (dead / rescue.OWNER_FILE).write_text(identity + "\n")
+    (live / rescue.OWNER_FILE).write_text(rescue.process_identity(os.getpid()) + "\n")
+    with rescue.work_directory("rescue-home-", str(tmp_path)) as mine:
+        assert (mine / rescue.OWNER_FILE).read_text().strip() == rescue.process_identity(os.getpid())
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["rescue-home-live", "rescue-home-foreign", mine.name])
+    assert not mine.exists()
+
+
+def test_what_the_backup_left_out_is_made_again_empty_with_its_mode_owner_and_times(site):
+    cache = site.src / "dir" / "cache"
+    cache.mkdir()
+    (cache / "big.tmp").write_bytes(b"x" * 1000)
+    os.chown(str(cache), 123, 456)
+    os.chmod(str(cache), 0o1750)
+    os.utime(str(cache), (1_600_000_000, 1_600_000_000))
+    os.utime(str(cache.parent), (1_500_000_000, 1_500_000_000))
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_EXCLUDE=[str(cache)], **public_key(site)).returncode == 0
+    target = site.tmp / "restored"
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode == 0, proc.stderr
+    again = restored(site, target) / "dir" / "cache"
+    st = os.lstat(str(again))
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime) == (0o1750, 123, 456, 1_600_000_000)
+    assert os.listdir(str(again)) == []
+    assert os.lstat(str(again.parent)).st_mtime == 1_500_000_000     # making it did not touch its directory
+    assert not (target / "proc").exists()           # outside BACKUP_DUPLICITY_INCLUDE: not this backup's

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -149,3 +150,17 @@ def test_streamed_command_that_fails_reports_the_tail_and_one_that_hangs_is_stop
     with pytest.raises(rescue.RescueError, match="timed out after 1s"):
         rescue.Runner(log).run(["sleep", "30"], on_line=lambda line: None, timeout=1)
     assert time.monotonic() - started < 10
+
+
+def test_busy_time_counts_commands_running_side_by_side_once_and_waits_apart(tmp_path):
+    runner = rescue.Runner(rescue.Log())
+    threads = [threading.Thread(target=runner.run, args=(["sleep", "0.5"],)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 0.45 < runner.busy < 0.95            # two at once: about one half second, not one
+    runner.wait(0.1)
+    assert runner.waited == pytest.approx(0.1)
+    split = rescue.time_split(2.0, runner)
+    assert split.startswith("Time: 2.0 s: tools ") and "waiting for devices 0.1 s" in split
