@@ -48,6 +48,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import difflib
@@ -107,6 +108,12 @@ class ConfigError(RescueError):
     """Bad configuration: nothing was done. Exit code 2, like a usage error."""
 
     exit_code = 2
+
+
+class Terminated(BaseException):
+    """SIGTERM (a service stop, `timeout`, shutdown): unwinds like Ctrl-C (no `except
+    Exception` stops it), so that running commands are stopped and temporary files, keyring
+    copies and ssh connections go."""
 
 
 REDACTED = "***"
@@ -240,9 +247,10 @@ def human_size(size: Optional[float]) -> str:
 
 Value = Union[str, List[str]]
 SECRET_NAME_PARTS = ("PASSPHRASE", "PASSWORD", "SECRET")
-# Names that contain a secret-looking word but hold a flag or a device name, not a secret:
+# Names that contain a secret-looking word but hold a flag, a device name or (ReaR's
+# SECRET_VARIABLES) the names of secrets, not a secret:
 # redacting "true" or "null" everywhere would garble every log line.
-NOT_SECRET_NAMES = frozenset({"BACKUP_DUPLICITY_ASK_PASSPHRASE", "SECRET_OUTPUT_DEV"})
+NOT_SECRET_NAMES = frozenset({"BACKUP_DUPLICITY_ASK_PASSPHRASE", "SECRET_OUTPUT_DEV", "SECRET_VARIABLES"})
 
 # bash maintains these itself (or refuses to assign them); we cannot reproduce their values.
 BASH_INTERNAL = frozenset({
@@ -1188,12 +1196,23 @@ def parse_config_text(text: str, path: Path) -> List[Assignment]:
     try:
         return ShellParser(text).parse()
     except Unsupported as exc:
-        raise config_refusal(path, exc) from None
+        raise config_refusal(path, exc, text) from None
 
 
-def config_refusal(path: Path, exc: Unsupported) -> ConfigError:
+ASSIGNED_RE = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)(?:\[[^]]*\])?\+?=")
+
+
+def config_refusal(path: Path, exc: Unsupported, text: str) -> ConfigError:
+    """The refusal of a line; for the line of a secret variable it names the variable, never
+    the text (which would show the secret, or part of it)."""
     if isinstance(exc, SubstitutionFailed):
         return ConfigError(f"{path}:{exc.line}: {exc.construct} ({exc.hint})")
+    lines = text.splitlines()
+    assigned = ASSIGNED_RE.match(lines[exc.line - 1]) if 0 < exc.line <= len(lines) else None
+    if assigned and is_secret_name(assigned.group(1)):
+        return ConfigError(f"{path}:{exc.line}: {assigned.group(1)}: the value is not one word or uses shell "
+                           "syntax rescue does not run (its text is not shown: it is a secret)",
+                           f"quote the whole value: {assigned.group(1)}='…'")
     return ConfigError(f"{path}:{exc.line}: unsupported shell syntax: {exc.construct} ({exc.hint})")
 
 
@@ -1350,6 +1369,9 @@ def url_value(text: str) -> str:
     if "?" in rest or "#" in rest:
         raise BadValue("expected a URL without ?… or #… (write such characters as %3F and %23)")
     parsed = urllib.parse.urlsplit(text)
+    path = urllib.parse.unquote(parsed.path)
+    if ".." in path.split("/") or "\0" in path:
+        raise BadValue("expected a URL whose path has no '..' component (and no %00): one place, named plainly")
     if scheme == "file" and (parsed.netloc or not parsed.path.startswith("/") or parsed.path == "/"):
         raise BadValue("expected file:// with an absolute directory, e.g. file:///srv/backup")
     if scheme != "file" and not parsed.hostname:
@@ -1497,6 +1519,28 @@ def config_from_values(values: Dict[str, Value], secret_names: Sequence[str] = (
     return config
 
 
+def config_text(path: Path) -> str:
+    """A configuration file's text; a file that is not UTF-8 text, or has Windows line endings
+    (bash would keep the \\r in every value), is refused with what to do."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}",
+                          "check the path and its permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (not UTF-8 at byte {exc.start})",
+                          "give a configuration file: VAR=value lines, as ReaR's") from None
+    if "\0" in text:
+        raise ConfigError(f"{path}: not a text file (it holds NUL bytes)", "give a configuration file: VAR=value lines")
+    if "\r\n" in text:
+        line = text[:text.index("\r\n")].count("\n") + 1
+        raise ConfigError(f"{path}:{line}: Windows line endings (CRLF): bash would keep the \\r in the values",
+                          f"convert the file: dos2unix {path}")
+    return text
+
+
 def load_config(files: Sequence[Path], environ: Dict[str, str], log: Log) -> Config:
     """Parse and evaluate files in order (the first is default.conf), then check every setting."""
     state = ShellState(environ)
@@ -1505,16 +1549,12 @@ def load_config(files: Sequence[Path], environ: Dict[str, str], log: Log) -> Con
     origin: Dict[str, Tuple[Path, int]] = {}
     warned: Set[str] = set()
     for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read configuration file {path}: {exc}",
-                              "check the path and its permissions") from None
+        text = config_text(path)
         for a in parse_config_text(text, path):
             try:
                 state.assign(a)
             except Unsupported as exc:
-                raise config_refusal(path, exc) from None
+                raise config_refusal(path, exc, text) from None
             values[a.name] = state.vars[a.name]
             origin[a.name] = (path, a.line)
             if a.secret:
@@ -1561,6 +1601,8 @@ def resolve_extra_conf(name: str, directory: Path) -> Path:
     for candidate in (Path(name), directory / name, directory / f"{name}.conf"):
         if candidate.is_file():
             return candidate
+    if Path(name).is_dir():
+        raise ConfigError(f"configuration file {name} is a directory", "give a file with -C (a directory is -c)")
     raise ConfigError(f"configuration file {name} not found",
                       f"give a path, or a name in {directory} (with or without .conf)")
 
@@ -1683,6 +1725,25 @@ PASSED_ENV = ("PATH", "HOME", "TERM", "TMPDIR", "USER", "LOGNAME", "SSH_AUTH_SOC
 
 STDERR_TAIL_LINES = 10
 STREAM_TAIL_LINES = 200
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Optional[Callable[[], None]]:
+    """A preexec_fn that makes the child die when rescue dies, however it dies (SIGKILL too):
+    commands run in sessions of their own (so Ctrl-C reaches rescue only, which stops them), and
+    a killed rescue would otherwise leave duplicity running with the lock free. Looked up
+    before any fork (the child only calls it); None where libc has no prctl."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:                  # rescue died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    return preexec
 
 
 @dataclass
@@ -1713,6 +1774,7 @@ class Runner:
         self.active: Set["subprocess.Popen"] = set()    # running commands (stop_all)
         self._lock = threading.Lock()
         self.started = time.monotonic()
+        self._preexec = die_with_parent()
         self.busy = 0.0              # seconds during which at least one command ran
         self.waited = 0.0            # seconds spent waiting for devices (wait())
         self._busy_since = 0.0
@@ -1765,7 +1827,8 @@ class Runner:
                 stdin=subprocess.PIPE if input is not None else (None if not capture else subprocess.DEVNULL),
                 stdout=subprocess.PIPE if capture else None,
                 stderr=(subprocess.STDOUT if on_line else subprocess.PIPE) if capture else None,
-                start_new_session=capture)     # own process group: a timeout kills all of it
+                start_new_session=capture,     # own process group: a timeout kills all of it
+                preexec_fn=self._preexec)
         except FileNotFoundError as exc:
             raise missing_program(argv[0]) if exc.filename in (argv[0], None) else exc from None
         except PermissionError:
@@ -2067,7 +2130,11 @@ def work_directory(prefix: str, parent: Optional[str] = None) -> "Iterator[Path]
     removes it should this one be killed."""
     parent = parent or tempfile.gettempdir()
     sweep_stale_work(parent, prefix)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as exc:
+        raise RescueError(f"cannot create a working directory in {parent}: {exc.strerror}",
+                          "it must be a writable directory (for a restore: the target; else $TMPDIR)") from None
     try:
         (path / OWNER_FILE).write_text(process_identity(os.getpid()) + "\n")
         yield path
@@ -2084,8 +2151,12 @@ class Lock:
         self.fd: Optional[int] = None
 
     def __enter__(self) -> "Lock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise RescueError(f"cannot create the lock file {self.path}: {exc.strerror}",
+                              "set LOCKFILE to a file in a writable directory") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -3494,13 +3565,17 @@ def field_changes(kind: str, name: str, a: dict, b: dict, ignore: FrozenSet[str]
 def save_layout_files(captured: Captured, directory: Path) -> None:
     """layout.json plus one vgcfgbackup file per volume group (lvm/<vg>.vgcfg); stale ones go."""
     lvm_dir = directory / "lvm"
-    lvm_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in captured.vgcfg.items():
-        write_file(lvm_dir / f"{name}.vgcfg", text)
-    for stale in lvm_dir.glob("*.vgcfg"):
-        if stale.stem not in captured.vgcfg:
-            stale.unlink()
-    write_file(directory / "layout.json", layout_to_json(captured.layout))
+    try:
+        lvm_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in captured.vgcfg.items():
+            write_file(lvm_dir / f"{name}.vgcfg", text)
+        for stale in lvm_dir.glob("*.vgcfg"):
+            if stale.stem not in captured.vgcfg:
+                stale.unlink()
+        write_file(directory / "layout.json", layout_to_json(captured.layout))
+    except OSError as exc:
+        raise RescueError(f"cannot write the layout into {directory}: {exc.strerror}",
+                          "give a directory rescue can create and write (savelayout -o DIR, LAYOUT_DIR)") from None
 
 
 def capture_for(ctx: Context, what: str) -> Captured:
@@ -3531,10 +3606,12 @@ def save_layout_for_backup(ctx: "Context") -> "Layout":
 def saved_layout(config: Config) -> "Layout":
     path = layout_dir(config) / "layout.json"
     try:
-        return layout_from_json(path.read_text(), str(path))
+        return layout_from_json(path.read_text(encoding="utf-8"), str(path))
     except OSError as exc:
         raise RescueError(f"no saved layout ({path}: {exc.strerror})",
                           "run rescue mkbackuponly (or savelayout) first") from None
+    except UnicodeDecodeError:
+        raise RescueError(f"{path} is not a valid layout: not text", "recreate it with rescue savelayout") from None
 
 
 # =============================================================================================
@@ -4640,8 +4717,8 @@ def plan_json(plan: Plan, layout: Layout) -> str:
 # dist/rescue.pyz carries duplicity (pure Python once, plus _librsync for CPython 3.9-3.13), so
 # one copied file works where duplicity is not installed; DUPLICITY_PROG selects another one.
 #
-# On the target, "$BACKUP_DUPLICITY_URL/$HOSTNAME" holds the duplicity chain (ReaR's place and
-# --name, so ReaR's chains stay usable) and ".../$HOSTNAME/layout" a second, tiny duplicity
+# On the target, "$BACKUP_DUPLICITY_URL/$HOSTNAME" holds the duplicity chain (ReaR's place,
+# so ReaR's chains stay usable) and ".../$HOSTNAME/layout" a second, tiny duplicity
 # chain: one full backup per run of the disk layout and the configuration without its
 # secrets, encrypted like the main chain, so a bare machine can fetch them before it restores.
 # =============================================================================================
@@ -4753,6 +4830,38 @@ def ssh_mkdir_command(url: str, ssh_options: str, *more: str) -> Optional[List[s
     if login is None or not paths:
         return None
     return login + ["mkdir -p -- " + " ".join(paths)]
+
+
+def duplicity_working_on(processes: Sequence[Tuple[int, List[str]]], url: str) -> List[int]:
+    """The PIDs among processes (PID, argv) of duplicity runs on the chains at url or below it
+    (the layout's, the parts'), by their argv: the URL is an argument of its own."""
+    below = url.rstrip("/") + "/"
+    return [pid for pid, argv in processes
+            if any("duplicity" in word for word in argv[:3]) and any(w == url or w.startswith(below) for w in argv)]
+
+
+def running_processes() -> List[Tuple[int, List[str]]]:
+    """(PID, argv) of every other process this user can see."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            found.append((int(entry.name), [w.decode("utf-8", "surrogateescape") for w in argv if w]))
+    return found
+
+
+def check_no_duplicity_left(ctx: "Context", url: str) -> None:
+    """A duplicity of an earlier run that is still at work on this backup (rescue's children
+    die with it; one started by hand or by an older rescue may not): a second one beside it
+    would remove or add sets under its feet."""
+    pids = duplicity_working_on(running_processes(), url)
+    if pids:
+        raise RescueError(f"a duplicity (PID {', '.join(map(str, pids))}) is still at work on {ctx.log.redact(url)}",
+                          f"let it finish, or stop it (kill {' '.join(map(str, pids))}), then run again")
 
 
 # What a failure looks like in duplicity's output, and what to do about it.
@@ -4930,6 +5039,24 @@ def backup_selection(in_scope: Sequence[str], excluded: Sequence[Tuple[str, str]
     return Selection("/", args, left_out, roots + [str(var_dir(config)), str(layout_dir(config))])
 
 
+def missing_includes(includes: Sequence[str], exists: Callable[[str], bool] = os.path.lexists) -> List[str]:
+    """The BACKUP_DUPLICITY_INCLUDE patterns of which nothing exists (for a glob: nothing
+    where its fixed part leads)."""
+    return [p for p in includes if not exists(glob_prefix(p) if any(c in p for c in GLOB_CHARS) else p)]
+
+
+def check_includes(config: Config, log: Log) -> None:
+    """An include that does not exist is a warning; a backup that would hold nothing it was
+    asked for is an error (it would be 'done', and restore nothing)."""
+    includes = config.setting("BACKUP_DUPLICITY_INCLUDE")
+    missing = missing_includes(includes)
+    for pattern in missing:
+        log.warn(f"BACKUP_DUPLICITY_INCLUDE: {pattern} does not exist: nothing of it is backed up")
+    if includes and len(missing) == len(includes):
+        raise ConfigError("nothing to back up: none of BACKUP_DUPLICITY_INCLUDE exists",
+                          "correct BACKUP_DUPLICITY_INCLUDE, or leave it empty to back up the whole system")
+
+
 def glob_escape(path: str) -> str:
     """A path as a duplicity glob pattern matching only itself ([*] is a literal *)."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in path)
@@ -4991,15 +5118,23 @@ class DuplicityOptions:
     """What every duplicity command line of one run shares. The builders below are pure
     functions of it: the I/O that finds these values (the ssh sharing, a work directory)
     happens before, in the code that runs the commands."""
-    name: str                    # --name: BACKUP_DUPLICITY_NAME (each chain adds its suffix)
+    name: str                    # --name: BACKUP_DUPLICITY_NAME-KEY (each chain adds its suffix)
     archive_dir: str             # duplicity's cache of the chains' metadata
     ssh_options: str             # for --ssh-options ("" when the target is not reached by ssh)
     extra: List[str]             # rescue's tuning, then the user's own options (so theirs win)
     crypt: Encryption
 
 
-def duplicity_options(config: Config, crypt: Encryption, archive_dir: str, ssh_options: str) -> DuplicityOptions:
-    return DuplicityOptions(config.setting("BACKUP_DUPLICITY_NAME"), archive_dir, ssh_options,
+def target_key(url: str) -> str:
+    """What tells the caches of different targets apart."""
+    return hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def duplicity_options(config: Config, crypt: Encryption, archive_dir: str, ssh_options: str,
+                      url: str) -> DuplicityOptions:
+    """--name is BACKUP_DUPLICITY_NAME and a key of the host's target URL: duplicity's cache of
+    one target's chains (and what a failed run left there) is never read for another."""
+    return DuplicityOptions(f"{config.setting('BACKUP_DUPLICITY_NAME')}-{target_key(url)}", archive_dir, ssh_options,
                             config.setting("BACKUP_DUPLICITY_TUNING") + config.setting("BACKUP_DUPLICITY_OPTIONS"),
                             crypt)
 
@@ -5026,20 +5161,28 @@ def retention_command(opts: DuplicityOptions, action: Sequence[str], url: str, n
     return list(action) + ["-v4"] + common_options(opts, name_suffix) + [url]
 
 
+def run_time_option(run_time: Optional[int]) -> List[str]:
+    """Every chain of one run stamps its set with the run's time (duplicity's --current-time),
+    not with the moment its own duplicity started (seconds or, queued, minutes apart): a
+    restore as of the time status shows then takes every chain's set of that run."""
+    return ["--current-time", str(run_time)] if run_time else []
+
+
 def backup_command(opts: DuplicityOptions, selection: Selection, url: str, tempdir: str,
                    name_suffix: str = "", chain_options: Sequence[str] = (),
-                   full_if_older: Optional[str] = None) -> List[str]:
+                   full_if_older: Optional[str] = None, run_time: Optional[int] = None) -> List[str]:
     """duplicity's arguments for the backup (full or incremental, as duplicity decides)."""
-    args = ["-v5"] + common_options(opts, name_suffix, tempdir) + list(chain_options)
+    args = ["-v5"] + common_options(opts, name_suffix, tempdir) + list(chain_options) + run_time_option(run_time)
     if full_if_older:
         args += ["--full-if-older-than", full_if_older]
     return args + selection.args + [selection.source, url]
 
 
-def layout_store_command(opts: DuplicityOptions, staging: str, url: str, tempdir: str) -> List[str]:
+def layout_store_command(opts: DuplicityOptions, staging: str, url: str, tempdir: str,
+                         run_time: Optional[int] = None) -> List[str]:
     """A full backup of the staged layout files into the layout chain beside the backup."""
     return ["full", "-v4", "--allow-source-mismatch"] + common_options(opts, LAYOUT_SUFFIX, tempdir) + \
-        [staging, layout_url(url)]
+        run_time_option(run_time) + [staging, layout_url(url)]
 
 
 def restore_time(config: Config, override: Optional[str]) -> Optional[str]:
@@ -5062,6 +5205,11 @@ def restore_command(opts: DuplicityOptions, url: str, target: str, tempdir: str,
     return args + [url, target]
 
 
+def cleanup_command(opts: DuplicityOptions, url: str, name_suffix: str = "") -> List[str]:
+    """Remove what an interrupted backup left (the volumes of an incomplete set)."""
+    return ["cleanup", "-v4", "--force"] + common_options(opts, name_suffix) + [url]
+
+
 def status_command(opts: DuplicityOptions, url: str, name_suffix: str = "") -> List[str]:
     return ["collection-status", "-v4"] + common_options(opts, name_suffix) + [url]
 
@@ -5074,7 +5222,104 @@ def verify_command(opts: DuplicityOptions, selection: Selection, url: str, tempd
     return args + common_options(opts, name_suffix, tempdir) + selection.args + [url, selection.source]
 
 
+# -- the sets of a chain, from its file names -------------------------------------------------
+#
+# A set is complete when its manifest is there: duplicity uploads the manifest last, so the
+# volumes of an interrupted set stay without one, and duplicity itself lists such a set as a
+# normal one (and then fails to restore the latest backup: "No remote manifest name").
+
+SET_FILE_RE = re.compile(r"^duplicity-(full|inc)\.(?:\w+\.to\.)?(\w+)\.(manifest|vol\d+\.difftar)(?:\.gpg|\.gz|\.zst)?$")
+INTERVAL_SECONDS = {"s": 1, "m": 60, "h": 3600, "D": 86400, "W": 7 * 86400, "M": 30 * 86400, "Y": 365 * 86400}
+
+
+def stored_sets(names: Sequence[str]) -> Dict[float, bool]:
+    """{the set's time (seconds since 1970): complete} of a chain directory's file names."""
+    sets: Dict[float, bool] = {}
+    for name in names:
+        match = SET_FILE_RE.match(name)
+        if match:
+            when = datetime.datetime.strptime(match.group(2), "%Y%m%dT%H%M%SZ").replace(
+                tzinfo=datetime.timezone.utc).timestamp()
+            sets[when] = sets.get(when, False) or match.group(3) == "manifest"
+    return sets
+
+
+def time_seconds(value: str, now: float) -> float:
+    """A time as duplicity_time_value() accepts it -> seconds since 1970 (a date without an
+    offset is in local standard time, as duplicity takes it)."""
+    if value == "now":
+        return now
+    if value.isdigit():
+        return float(value)
+    date = DATE_RE.fullmatch(value)
+    if date:
+        fields = [int(g) for g in date.groups()[:6] if g is not None]
+        zone = date.group(7)
+        offset = -time.timezone // 60            # duplicity: local standard time (gettzd(0))
+        if zone:
+            offset = 0 if zone == "Z" else int(zone[0] + "1") * (int(zone[1:3]) * 60 + int(zone[-2:]))
+        return datetime.datetime(*fields, tzinfo=datetime.timezone(datetime.timedelta(minutes=offset))).timestamp()
+    return now - sum(int(n) * INTERVAL_SECONDS[unit] for n, unit in re.findall(r"([0-9]+)([smhDWMY])", value))
+
+
+def iso_time(seconds: float) -> str:
+    """Local ISO 8601 with offset: what status shows, and duplicity takes as --restore-time."""
+    return datetime.datetime.fromtimestamp(seconds).astimezone().isoformat()
+
+
+def restore_point(chains: Dict[str, Dict[float, bool]], wanted: Optional[float]) -> Tuple[Optional[float], bool]:
+    """The time every chain of one backup ({"main" or a part's path: its sets}) is restored as
+    of, and whether that is earlier than asked: when the set a chain would take (its newest
+    at or before the time) is incomplete, the latest time at which every chain's set is
+    complete. wanted None: the latest, which stays None when every newest set is complete.
+    A RescueError when a chain has no set that old: a restore must be complete or fail."""
+    firsts = {label: min((t for t, ok in sets.items() if ok), default=None) for label, sets in chains.items()}
+    for label, first in firsts.items():
+        if first is None:
+            raise RescueError(f"{chain_name(label)} has no complete set (every backup of it was interrupted)",
+                              "run rescue mkbackuponly to completion first")
+    oldest = max(f for f in firsts.values() if f is not None)
+    for label, first in firsts.items():
+        if wanted is not None and first is not None and wanted < first:
+            whose = "there is no backup" if label == "main" else f"the part {label} has no backup"
+            raise RescueError(f"{whose} as old as {iso_time(wanted)}: the oldest time the whole backup "
+                              f"can be restored as of is {iso_time(oldest)}",
+                              "give a --restore-time at or after it ('rescue status' lists the backups)")
+
+    def complete_at(point: Optional[float]) -> bool:
+        return all(sets[max(t for t in sets if point is None or t <= point)] for sets in chains.values())
+
+    if complete_at(wanted):
+        return wanted, False
+    # The chains of one run start a little apart: try each complete set's time, newest first.
+    for point in sorted({t for sets in chains.values() for t, ok in sets.items() if ok}, reverse=True):
+        if (wanted is None or point <= wanted) and point >= oldest and complete_at(point):
+            return point, True
+    raise RescueError("no time before the one asked has a complete set in every chain of the backup",
+                      "run rescue mkbackuponly to completion, or give another --restore-time")
+
+
+def chain_name(label: str) -> str:
+    return "the backup" if label == "main" else f"the part {label}"
+
+
 # -- reading duplicity's output ----------------------------------------------------------------
+
+DIFFERENCE_RE = re.compile(r"^Difference found: File (.+?) has ")
+
+
+def in_scope_differences(lines: Sequence[str], roots: Sequence[str]) -> List[str]:
+    """verify's difference lines (paths relative to /) without those about the directories
+    above the backed-up trees: duplicity stores them only to hold the trees (their mtimes
+    change with whatever else happens in them), they are not part of what was backed up."""
+    def above_scope(rel: str) -> bool:
+        path = os.path.normpath("/" + rel)
+        return any(path_within(root, path) and root != path for root in roots) and \
+            not any(path_within(path, root) for root in roots)
+
+    found = [(line, DIFFERENCE_RE.match(line)) for line in lines]
+    return [line for line, match in found if not (match and above_scope(match.group(1)))]
+
 
 STATISTICS_RE = re.compile(r"^(\w+) (-?[0-9.]+)(?: \(.*\))?$")
 
@@ -5429,8 +5674,13 @@ def read_parts_plan(path: Path) -> PartsPlan:
         return PartsPlan()
     except (OSError, ValueError) as exc:
         raise RescueError(f"cannot read {path}: {exc}", "remove it: the next backup plans the chains anew")
-    return PartsPlan([str(p) for p in plan.get("parts", [])], [str(p) for p in plan.get("retired", [])],
-                     plan.get("workers"))
+    fields = [plan.get(name, []) if isinstance(plan, dict) else None for name in ("parts", "retired")]
+    workers = plan.get("workers") if isinstance(plan, dict) else None
+    if not all(isinstance(f, list) and all(isinstance(p, str) for p in f) for f in fields) or \
+            not (workers is None or (isinstance(workers, int) and workers > 0)):
+        raise RescueError(f"cannot read {path}: not a plan of chains as rescue writes it",
+                          "remove it: the next backup plans the chains anew")
+    return PartsPlan(fields[0], fields[1], workers)
 
 
 # -- rescue's own record of what duplicity does not keep ---------------------------------------
@@ -5654,6 +5904,94 @@ def passphrase(ctx: "Context", purpose: str) -> str:
     return answer
 
 
+MANIFEST_RE = re.compile(r"^duplicity-(?:full|inc)\.(?:\w+\.to\.)?(\w+)\.manifest\.gpg$")
+WRONG_PASSPHRASE = ("Bad passphrase", "Bad session key")
+
+
+def newest_manifest(names: Sequence[str]) -> Optional[str]:
+    """The manifest of the newest backup set among a chain directory's file names."""
+    found = [(match.group(1), name) for name in names for match in [MANIFEST_RE.match(name)] if match]
+    return max(found)[1] if found else None
+
+
+def remote_file(ctx: "Context", url: str, name: Optional[str] = None) -> Optional[bytes]:
+    """A file of the target directory (its listing, one name a line, when name is None), for
+    file:// and ssh targets; None for other backends and a directory that is not there."""
+    place = url_path(url)
+    if place is not None:
+        try:
+            if name is None:
+                return "\n".join(os.listdir(place)).encode("utf-8", "surrogateescape")
+            return Path(place, name).read_bytes()
+        except FileNotFoundError:
+            return None
+    login = ssh_login(url, ctx.ssh_options())
+    if login is None or not remote_path(url):
+        return None
+    path = remote_path(url) + ("/" + name if name else "")
+    result = ctx.runner.run(login + [("cat -- " if name else "ls -1 -- ") + shlex.quote(path)], check=False,
+                            timeout=120)
+    if result.returncode == 255:
+        raise ssh_failure(f"cannot reach the backup server {urllib.parse.urlsplit(url).hostname}", result)
+    return result.stdout.encode("utf-8", "surrogateescape") if result.returncode == 0 else None
+
+
+def chain_sets(ctx: "Context", url: str) -> Optional[Dict[float, bool]]:
+    """The sets of the chain at url and whether each is complete (None: a backend rescue
+    cannot list)."""
+    listing = remote_file(ctx, url)
+    return stored_sets(listing.decode("utf-8", "surrogateescape").splitlines()) if listing is not None else None
+
+
+def check_passphrase(ctx: "Context", crypt: Encryption, url: str, workdir: Path) -> None:
+    """Before anything is written or removed: the passphrase opens the newest manifest of the
+    chain at url. A mistyped one would otherwise encrypt new sets (the layout chain's fulls, a
+    new full chain) that no later run, with the right passphrase, can read."""
+    passphrase = crypt.env.get("PASSPHRASE")
+    listing = remote_file(ctx, url) if passphrase else None
+    newest = newest_manifest(listing.decode("utf-8", "surrogateescape").splitlines()) if listing else None
+    data = remote_file(ctx, url, newest) if newest else None
+    if data is None:
+        return
+    encrypted = workdir / "newest-manifest.gpg"
+    encrypted.write_bytes(data)
+    result = ctx.runner.run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase-fd", "0",
+                             "--decrypt", str(encrypted)],
+                            input=passphrase + "\n", check=False, timeout=120)
+    if result.returncode != 0 and any(text in result.stderr for text in WRONG_PASSPHRASE):
+        raise RescueError(f"wrong passphrase: it does not open the backup at {ctx.log.redact(url)} "
+                          f"({newest}); nothing was written",
+                          "check BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE (or the answer typed)")
+    if result.returncode != 0:
+        ctx.log.info(f"Could not check the passphrase against {newest}: " + " ".join(result.stderr.split()[-12:]))
+
+
+def gpg_agent_running(runner: Runner) -> bool:
+    """Does a gpg-agent answer on the keyring's socket ($GNUPGHOME or ~/.gnupg)?"""
+    result = runner.run(["gpgconf", "--list-dirs", "agent-socket"], check=False, timeout=30)
+    path = result.stdout.strip()
+    if result.returncode != 0 or not path:
+        return False
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+@contextlib.contextmanager
+def own_gpg_agent(runner: Runner) -> "Iterator[None]":
+    """The gpg-agent that gpg starts for the keyring during a run is stopped after it, when none
+    was running before (one that was, the user's, is left alone)."""
+    before = gpg_agent_running(runner)
+    try:
+        yield
+    finally:
+        if not before and gpg_agent_running(runner):
+            runner.run(["gpgconf", "--kill", "gpg-agent"], check=False, timeout=30)
+
+
 def passphrase_from_file(ctx: "Context", path: str) -> str:
     """--passphrase-file: the file's content without one trailing newline (never argv or a log)."""
     try:
@@ -5727,10 +6065,12 @@ def save_backup_record(ctx: "Context", record: Dict[str, object]) -> None:
 
 
 def previous_record(config: Config) -> Dict[str, object]:
+    """last-backup.json; empty when it is missing or not a record rescue wrote."""
     try:
-        return json.loads((var_dir(config) / LAST_BACKUP_FILE).read_text(encoding="utf-8"))
+        record = json.loads((var_dir(config) / LAST_BACKUP_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 # -- running duplicity -------------------------------------------------------------------------
@@ -5770,10 +6110,20 @@ def duplicity_run(ctx: "Context", args: Sequence[str], crypt: Encryption, what: 
     return result.returncode, output
 
 
+def without_traceback(text: str) -> str:
+    """duplicity's output with a Python traceback cut to its last line (the whole is in the log)."""
+    lines = text.splitlines()
+    start = next((n for n, line in enumerate(lines) if line.lstrip().startswith("Traceback (most recent")), None)
+    if start is None:
+        return text
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    return "\n".join(lines[:start] + [last])
+
+
 def duplicity_failure(what: str, returncode: int, output: DuplicityOutput, log: Log) -> RescueError:
     found = diagnose("\n".join(output.lines))
     cause = f": {found[0]}" if found else ""
-    hint = (found[1] + "\n" if found else "") + "duplicity's last output:\n" + output.tail()
+    hint = (found[1] + "\n" if found else "") + "duplicity's last output:\n" + without_traceback(output.tail())
     if log.path:
         hint += f"\nthe whole output is in {log.path}"
     return RescueError(f"{what} failed (duplicity exit code {returncode}){cause}", hint)
@@ -5788,11 +6138,27 @@ def run_checked(ctx: "Context", args: Sequence[str], crypt: Encryption, what: st
 
 
 def run_retention(ctx: "Context", opts: DuplicityOptions, url: str, parts: Sequence[str]) -> None:
-    """The remove-* actions for the main chain and each part's chain (retired ones too, so
-    that their old sets go as well)."""
-    for action in retention_commands(ctx.config):
+    """The remove-* actions on the main chain; the parts' chains (retired ones too) follow it
+    as one backup: each keeps what a restore as of the oldest time the main chain still has
+    takes from it (remove-older-than its newest set at or before that time), so that the
+    rules, counted chain by chain, never leave a part out of a restore the main chain offers.
+    A target rescue cannot list: the same actions on every chain."""
+    actions = retention_commands(ctx.config)
+    for action in actions:
         ctx.log.say(f"Removing old backups: {' '.join(action[:2])}")
-        for chain_url, suffix in [(url, "")] + [part_chain(url, p) for p in parts]:
+        run_checked(ctx, retention_command(opts, action, url, ""), opts.crypt, "removing old backups")
+    main = chain_sets(ctx, url) if actions and parts else None
+    oldest = min((t for t, ok in main.items() if ok), default=None) if main else None
+    for part in parts if actions else []:
+        chain_url, suffix = part_chain(url, part)
+        sets = chain_sets(ctx, chain_url) if oldest is not None else None
+        if sets is None:
+            follow = actions
+        else:
+            needed = [t for t, ok in sets.items() if ok and t <= oldest]
+            follow = [a for a in actions if a[0] == "remove-all-inc-of-but-n-full"]
+            follow += [["remove-older-than", str(int(max(needed))), "--force"]] if needed else []
+        for action in follow:
             run_checked(ctx, retention_command(opts, action, chain_url, suffix), opts.crypt, "removing old backups")
 
 
@@ -5818,9 +6184,10 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def upload_layout(ctx: "Context", opts: DuplicityOptions, url: str, workdir: Path) -> str:
+def upload_layout(ctx: "Context", opts: DuplicityOptions, url: str, workdir: Path, run_time: int) -> str:
     """A full backup of the layout and the configuration (no secrets) to URL/layout, unless the
-    last backup already stored the same (a restore as of any time then finds an equal one).
+    last backup, which succeeded, already stored the same (a restore as of any time then finds
+    an equal one; a failed run's layout set is not trusted, it is stored again).
     Returns what identifies the stored content, for last-backup.json."""
     staging = workdir / "layout-upload"
     staging.mkdir(mode=0o700)
@@ -5832,11 +6199,13 @@ def upload_layout(ctx: "Context", opts: DuplicityOptions, url: str, workdir: Pat
     if plan.is_file():
         shutil.copy2(str(plan), str(staging / PARTS_FILE))
     digest = hashlib.sha256((url + tree_digest(staging)).encode()).hexdigest()
-    if previous_record(ctx.config).get("layout_digest") == digest:
+    previous = previous_record(ctx.config)
+    if previous.get("success") and previous.get("layout_digest") == digest:
         ctx.log.info("The layout and configuration on the target are up to date")
         return digest
     ctx.log.say(f"Storing the layout and configuration in {ctx.log.redact(layout_url(url))}")
-    run_checked(ctx, layout_store_command(opts, str(staging), url, str(workdir)), opts.crypt, "storing the layout")
+    run_checked(ctx, layout_store_command(opts, str(staging), url, str(workdir), run_time), opts.crypt,
+                "storing the layout")
     max_time = ctx.config.setting("BACKUP_DUPLICITY_MAX_TIME")
     if max_time:
         args = retention_command(opts, ["remove-older-than", max_time, "--force"], layout_url(url), LAYOUT_SUFFIX)
@@ -5865,8 +6234,24 @@ def merge_statistics(all_stats: Sequence[Dict[str, float]]) -> Dict[str, float]:
     return merged
 
 
+def remove_incomplete_set(ctx: "Context", opts: DuplicityOptions, url: str, name_suffix: str,
+                          output: DuplicityOutput) -> None:
+    """After a backup that failed because a disk is full: duplicity's cleanup of the set it
+    left incomplete (its volumes take room the next run needs, and resuming it would fail
+    again). Other failures keep it: the next run resumes it; restores skip it meanwhile."""
+    found = diagnose("\n".join(output.lines))
+    if not found or "disk is full" not in found[0]:
+        return
+    ctx.log.say(f"Removing the incomplete backup set from {ctx.log.redact(url)}")
+    returncode, _ = duplicity_run(ctx, cleanup_command(opts, url, name_suffix), opts.crypt, "Cleanup",
+                                  shared_console=True)
+    if returncode != 0:
+        ctx.log.warn(f"could not remove the incomplete backup set (duplicity exit code {returncode}); "
+                     "restores skip it, and the next backup resumes or removes it")
+
+
 def run_backup(ctx: "Context", opts: DuplicityOptions, chains: Sequence[Chain], workdir: Path,
-               store_layout: Callable[[], str]) -> int:
+               store_layout: Callable[[], str], run_time: int) -> int:
     """Store the layout and back up every chain, side by side: the largest first, up to
     twice parallel_workers() at a time (much of a duplicity run is waiting for ssh and gpg,
     which others use to compute)."""
@@ -5881,7 +6266,7 @@ def run_backup(ctx: "Context", opts: DuplicityOptions, chains: Sequence[Chain], 
         tempdir = workdir / ("tmp" + chain.name_suffix)
         tempdir.mkdir()
         args = backup_command(opts, chain.selection, chain.url, str(tempdir), chain.name_suffix, chain.options,
-                              ctx.config.setting("BACKUP_DUPLICITY_FULL_IF_OLDER_THAN"))
+                              ctx.config.setting("BACKUP_DUPLICITY_FULL_IF_OLDER_THAN"), run_time)
         ctx.log.say("Running: duplicity " + ctx.log.redact(" ".join(shlex.quote(a) for a in args)))
         what = "Backup" if len(chains) == 1 else f"Backup of {chain.label}"
         return duplicity_run(ctx, args, opts.crypt, what, shared_console=len(chains) > 1)
@@ -5908,6 +6293,8 @@ def run_backup(ctx: "Context", opts: DuplicityOptions, chains: Sequence[Chain], 
         record["chains"] = [{"label": c.label, "exit_code": code, "full": o.full}
                             for c, (code, o) in zip(order, results)]
     save_backup_record(ctx, record)
+    for chain, _, output in failed:
+        remove_incomplete_set(ctx, opts, chain.url, chain.name_suffix, output)
     if failed:
         chain, code, output = failed[0]
         what = "the backup" if len(chains) == 1 else f"the backup of {chain.label}"
@@ -5964,18 +6351,61 @@ def left_out_entries(excluded: Sequence[Tuple[str, str]], config: Config) -> Lis
 
 
 def make_backup(ctx: "Context") -> int:
+    """A backup run; one that fails or is stopped before it recorded its result leaves a
+    record of its failure (time, reason), so that status and the metrics do not go on showing
+    the last success alone."""
+    started = time.time()
+    try:
+        with own_gpg_agent(ctx.runner):
+            return back_up_everything(ctx)
+    except (RescueError, KeyboardInterrupt, Terminated) as exc:
+        record_failure(ctx, started, exc)
+        raise
+
+
+def failure_reason(exc: BaseException) -> Tuple[int, str]:
+    """(exit code, reason) of a run that ended with exc."""
+    if isinstance(exc, RescueError):
+        return exc.exit_code, exc.message
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted by Ctrl-C"
+    return 143, "stopped by SIGTERM"
+
+
+def record_failure(ctx: "Context", started: float, exc: BaseException) -> None:
+    code, reason = failure_reason(exc)
+    previous = previous_record(ctx.config)
+    recorded = previous.get("start_time")
+    if isinstance(recorded, (int, float)) and recorded >= started:     # run_backup recorded this run
+        record = dict(previous, reason=reason)
+    else:
+        try:
+            url = ctx.log.redact(backup_url(ctx.config))
+        except RescueError:
+            url = None
+        record = dict(backup_record({}, "none", url, started, time.time(), code, previous), reason=reason)
+    try:
+        save_backup_record(ctx, record)
+    except (OSError, RescueError) as error:
+        ctx.log.warn(f"could not record the failed backup: {error}")
+
+
+def back_up_everything(ctx: "Context") -> int:
     config = ctx.config
     url = backup_url(config)
+    check_no_duplicity_left(ctx, url)
     crypt = backup_encryption(ctx, "backup")
     check_gpg_keys(ctx)
+    check_includes(config, ctx.log)
     layout = save_layout_for_backup(ctx)
     ctx.log.say(f"Creating duplicity archives on '{ctx.log.redact(url)}'")
     prepare_target(ctx, layout_url(url))
     archive_dir = default_archive_dir()
-    opts = duplicity_options(config, crypt, archive_dir, ctx.ssh_options())
+    opts = duplicity_options(config, crypt, archive_dir, ctx.ssh_options(), url)
     plan_file = var_dir(config) / PARTS_FILE
     previous = read_parts_plan(plan_file)
     with work_directory("rescue-backup-") as workdir:
+        check_passphrase(ctx, crypt, url, workdir)
         in_scope, excluded = mounts_to_back_up(ctx, layout)
         own = own_paths(config, archive_dir, workdir)
         selection = backup_selection(in_scope, excluded, config, own)
@@ -5999,7 +6429,9 @@ def make_backup(ctx: "Context") -> int:
                 ctx.log.info(f"{chain.label}: its data does not compress, stored without gpg's compression")
         if len(chains) > 1:
             prepare_target(ctx, *[c.url for c in chains[1:]])
-        return run_backup(ctx, opts, chains, workdir, lambda: upload_layout(ctx, opts, url, workdir))
+        run_time = int(time.time())
+        return run_backup(ctx, opts, chains, workdir, lambda: upload_layout(ctx, opts, url, workdir, run_time),
+                          run_time)
 
 
 # =============================================================================================
@@ -6154,6 +6586,45 @@ def local_parts(ctx: "Context", url: str, time_: Optional[str]) -> List[str]:
         return []
 
 
+def checked_restore_time(ctx: "Context", url: str, parts: Sequence[str], time_: Optional[str],
+                         doing: str = "restoring") -> Optional[str]:
+    """The time to restore the main chain and these parts as of: time_ when every chain has a
+    complete set then, else (with a warning) the last time they all have one; an error when
+    one of them has no set that old."""
+    chains = {}
+    for label, chain_url in [("main", url)] + [(p, part_chain(url, p)[0]) for p in parts]:
+        sets = chain_sets(ctx, chain_url)
+        if sets is not None:
+            chains[label] = sets
+    if "main" not in chains:
+        return time_
+    if not chains["main"]:
+        raise RescueError(f"there is no backup at {ctx.log.redact(url)}: its directory holds no backup sets",
+                          "check BACKUP_DUPLICITY_URL and HOSTNAME, or make a backup first (rescue mkbackuponly)")
+    point, earlier = restore_point(chains, None if time_ is None else time_seconds(time_, time.time()))
+    if not earlier:
+        return time_
+    ctx.log.warn(f"the newest backup set{' as of ' + time_ if time_ else ''} is incomplete (a backup was "
+                 f"interrupted): {doing} the last complete one, of {iso_time(point)}")
+    return iso_time(point)
+
+
+def check_parts_complete(ctx: "Context", url: str, parts: Sequence[str], time_: Optional[str]) -> None:
+    """The stored plan's parts (when they are not the ones the restore time was chosen for)
+    have a complete set as of time_, or the restore fails naming a time that works."""
+    chains = {}
+    for label, chain_url in [("main", url)] + [(p, part_chain(url, p)[0]) for p in parts]:
+        sets = chain_sets(ctx, chain_url)
+        if sets is not None:
+            chains[label] = sets
+    if not chains.get("main"):
+        return
+    point, earlier = restore_point(chains, None if time_ is None else time_seconds(time_, time.time()))
+    if earlier:
+        raise RescueError(f"a chain of the backup as of {time_ or 'now'} is incomplete (a backup was interrupted)",
+                          f"restore with --restore-time {iso_time(point)}, the last time every chain is complete")
+
+
 def place_part(staging: Path, target: Path, part: str) -> None:
     """Rename a part restored into staging (on its filesystem) to its place in target,
     keeping the times of the directory it goes into."""
@@ -6254,7 +6725,7 @@ def restore_parts(ctx: "Context", run: RestoreRun, url: str, filesystems: Sequen
     if guess:
         done = in_parallel(ctx.runner, [stored] + [lambda s=s: run.attempt(s) for s in steps(guess)], 2 * workers)
         parts, outputs = done[0], done[1:]
-        if sorted(parts) == sorted(guess):
+        if sorted(parts) == sorted(guess):           # checked with the restore time
             say_parts(ctx, parts)
             for output in outputs:
                 if isinstance(output, RescueError):
@@ -6265,6 +6736,7 @@ def restore_parts(ctx: "Context", run: RestoreRun, url: str, filesystems: Sequen
             run.discard(part)
     else:
         parts = stored()
+    check_parts_complete(ctx, url, parts, run.time_)
     say_parts(ctx, parts)
     in_parallel(ctx.runner, [lambda s=s: run.run(s) for s in steps(parts)], 2 * workers - 1)   # beside the main chain
 
@@ -6294,6 +6766,7 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
     mounts = [str(m["target"]) for m in mounted_now(ctx.runner)]
     check_restore_target(target, mounts)
     check_backup_there(ctx, url)
+    time_ = checked_restore_time(ctx, url, local_parts(ctx, url, time_), time_)
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -6303,7 +6776,7 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
     filesystems = [str(target)] + [m for m in mounts if path_within(m, str(target))]
     workers = parallel_workers(ctx.config)
     with private_gnupg_home(ctx.runner, crypt) as home, restore_workspace(ctx.config, target) as work:
-        opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options())
+        opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options(), url)
         run = RestoreRun(ctx, opts, target, work, home, time_)
         main = restore_steps(url, str(target), filesystems, [])[0]
         ctx.log.say(f"Restoring from '{ctx.log.redact(url)}' into {target}" + (f" as of {time_}" if time_ else ""))
@@ -6370,13 +6843,14 @@ def make_left_out(target: Path, entries: Sequence[Dict[str, object]]) -> List[st
 
 def fetch_layout(ctx: "Context", destination: Path, time_: Optional[str]) -> None:
     """Get the layout and configuration stored beside the backup (for a bare machine)."""
-    check_backup_there(ctx, backup_url(ctx.config))
+    url = backup_url(ctx.config)
+    check_backup_there(ctx, url)
     crypt = backup_encryption(ctx, "restore")
     destination.mkdir(parents=True, exist_ok=True)
     if any(os.scandir(str(destination))):
         raise RescueError(f"{destination} is not empty", "give an empty or new directory")
     with private_gnupg_home(ctx.runner, crypt) as home, work_directory("rescue-layout-") as work:
-        opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options())
+        opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options(), url)
         returncode, output = restore_layout_chain(ctx, opts, home, work, destination, time_)
         if returncode != 0:
             raise duplicity_failure("fetching the layout", returncode, output, ctx.log)
@@ -6416,6 +6890,20 @@ def parse_collection_status(text: str) -> Dict[str, object]:
     return {"chains": chains, "orphaned_or_incomplete": not clean}
 
 
+def mark_incomplete(status: Dict[str, object], stored: Optional[Dict[float, bool]]) -> Dict[str, object]:
+    """Each set with "complete" from the chain's files (duplicity lists the volumes of an
+    interrupted set as a normal set); an incomplete one makes the chain orphaned_or_incomplete."""
+    if stored is None:
+        return status
+    complete = {iso_time(t): ok for t, ok in stored.items()}
+    for chain in status["chains"]:
+        for backup_set in chain["sets"]:
+            backup_set["complete"] = complete.get(backup_set["time"], True)
+            if not backup_set["complete"]:
+                status["orphaned_or_incomplete"] = True
+    return status
+
+
 def describe_status(status: Dict[str, object], last: Dict[str, object]) -> str:
     lines = [f"Backups of {status['host']} at {status['url']}:"]
     if not status["chains"]:
@@ -6424,7 +6912,8 @@ def describe_status(status: Dict[str, object], last: Dict[str, object]) -> str:
         kind = "primary" if chain["primary"] else "older"
         lines.append(f"  chain {n} ({kind}): {len(chain['sets'])} sets, {chain['start']} … {chain['end']}")
         for backup_set in chain["sets"]:
-            lines.append(f"    {backup_set['type']:<12} {backup_set['time']}  {backup_set['volumes']} volumes")
+            lines.append(f"    {backup_set['type']:<12} {backup_set['time']}  {backup_set['volumes']} volumes"
+                         + ("" if backup_set.get("complete", True) else "  INCOMPLETE (interrupted; not restored)"))
     if status["orphaned_or_incomplete"]:
         lines.append("  warning: there are orphaned or incomplete backup sets (a backup was interrupted)")
     for part in status.get("parts", []):
@@ -6434,7 +6923,8 @@ def describe_status(status: Dict[str, object], last: Dict[str, object]) -> str:
                      f"{len(part['chains'])} chains, {len(sets)} sets, latest {newest}"
                      + (", with orphaned or incomplete sets" if part["orphaned_or_incomplete"] else ""))
     if last:
-        result = "succeeded" if last.get("success") else f"FAILED (exit code {last.get('exit_code')})"
+        result = "succeeded" if last.get("success") else f"FAILED (exit code {last.get('exit_code')}" + (
+            f": {last['reason']})" if last.get("reason") else ")")
         lines.append(f"Last backup from this machine: {last.get('kind')}, {result}, "
                      f"{last.get('duration')} s")
         if last.get("statistics"):
@@ -6449,12 +6939,13 @@ def collection_status(ctx: "Context") -> Dict[str, object]:
     status.update(host=backup_host(ctx.config), url=ctx.log.redact(url), parts=[])
     if not check_backup_there(ctx, url, needed=False):
         return status
-    opts = duplicity_options(ctx.config, backup_encryption(ctx, "status"), default_archive_dir(), ctx.ssh_options())
+    opts = duplicity_options(ctx.config, backup_encryption(ctx, "status"), default_archive_dir(), ctx.ssh_options(),
+                             url)
     parts = read_parts_plan(var_dir(ctx.config) / PARTS_FILE).parts
 
     def read(chain_url: str, suffix: str) -> Dict[str, object]:
         output = run_checked(ctx, status_command(opts, chain_url, suffix), opts.crypt, "reading the collection status")
-        return parse_collection_status("\n".join(output.lines))
+        return mark_incomplete(parse_collection_status("\n".join(output.lines)), chain_sets(ctx, chain_url))
 
     status.update(read(url, ""))
     status["parts"] = [dict(read(*part_chain(url, p)), path=p, url=ctx.log.redact(part_chain(url, p)[0]))
@@ -6471,11 +6962,14 @@ def verify_backup(ctx: "Context", time_: Optional[str]) -> Tuple[int, int, List[
     url = backup_url(config)
     check_backup_there(ctx, url)
     archive_dir = default_archive_dir()
-    opts = duplicity_options(config, backup_encryption(ctx, "verify"), archive_dir, ctx.ssh_options())
+    opts = duplicity_options(config, backup_encryption(ctx, "verify"), archive_dir, ctx.ssh_options(), url)
+    time_ = checked_restore_time(ctx, url, [], time_, "verifying")
     with work_directory("rescue-verify-") as workdir:
         in_scope, excluded = mounts_to_back_up(ctx, saved_layout(config))
         selection = backup_selection(in_scope, excluded, config, own_paths(config, archive_dir, workdir))
-        chains = backup_chains(url, selection, stored_parts(ctx, opts, {}, workdir, time_, "verify"), {})
+        parts = stored_parts(ctx, opts, {}, workdir, time_, "verify")
+        check_parts_complete(ctx, url, parts, time_)
+        chains = backup_chains(url, selection, parts, {})
 
         def verify(chain: Chain) -> Tuple[int, int, List[str]]:
             args = verify_command(opts, chain.selection, chain.url, str(workdir), time_, chain.name_suffix)
@@ -6490,7 +6984,8 @@ def verify_backup(ctx: "Context", time_: Optional[str]) -> Tuple[int, int, List[
                 base = chain.selection.source.strip("/")
                 differences = [prefix + base + "/" + line[len(prefix):] if line.startswith(prefix) else line
                                for line in differences]
-            return int(match.group(1)), int(match.group(2)), differences
+            kept = in_scope_differences(differences, selection.roots)
+            return int(match.group(1)), int(match.group(2)) - (len(differences) - len(kept)), kept
 
         results = in_parallel(ctx.runner, [lambda c=c: verify(c) for c in chains], parallel_workers(config))
     return (sum(r[0] for r in results), sum(r[1] for r in results), [line for r in results for line in r[2]])
@@ -7972,11 +8467,7 @@ def checklayout_arguments(parser: argparse.ArgumentParser) -> None:
 def wf_checklayout(ctx: Context) -> int:
     saved_path = layout_dir(ctx.config) / "layout.json"
     try:
-        try:
-            saved = layout_from_json(saved_path.read_text(), str(saved_path))
-        except OSError as exc:
-            raise RescueError(f"no saved layout to compare with ({saved_path}: {exc.strerror})",
-                              "run rescue savelayout first") from None
+        saved = saved_layout(ctx.config)
         current = capture_for(ctx, "checklayout").layout
     except RescueError as exc:
         exc.exit_code = 2
@@ -8005,7 +8496,8 @@ def status_arguments(parser: argparse.ArgumentParser) -> None:
 @workflow("status", "show the backup chains on the target and the last backup's statistics",
           arguments=status_arguments)
 def wf_status(ctx: Context) -> int:
-    status = collection_status(ctx)
+    with own_gpg_agent(ctx.runner):
+        status = collection_status(ctx)
     last = previous_record(ctx.config)
     if ctx.args.json:
         print(ctx.log.redact(json.dumps(dict(status, last_backup=last or None), indent=2)))
@@ -8021,11 +8513,16 @@ def verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time", metavar="TIME", help="verify the backup as of TIME (default: the latest)")
 
 
-@workflow("verify", "compare the latest (or --time) backup with the live system; exit 1 on differences",
-          needs_root=True, arguments=verify_arguments)
+@workflow("verify", "compare the latest (or --time) backup with the live system; exit 1 when there are "
+          "differences, 2 when it could not verify", needs_root=True, arguments=verify_arguments)
 def wf_verify(ctx: Context) -> int:
     time_ = time_option("--time", ctx.args.time) if ctx.args.time else None
-    compared, differences, lines = verify_backup(ctx, time_)
+    try:
+        with own_gpg_agent(ctx.runner):
+            compared, differences, lines = verify_backup(ctx, time_)
+    except RescueError as exc:             # not a difference: the comparison did not happen
+        exc.exit_code = max(exc.exit_code, 2)
+        raise
     for line in lines[:50]:
         ctx.log.say("  " + line)
     if len(lines) > 50:
@@ -8054,6 +8551,8 @@ def passphrase_argument(parser: argparse.ArgumentParser) -> None:
           needs_root=True, changes_state=True, arguments=restore_arguments)
 def wf_restoreonly(ctx: Context) -> int:
     time_ = restore_time(ctx.config, ctx.args.restore_time)
+    if ctx.args.target is not None and not ctx.args.target.strip():
+        raise ConfigError("--target is empty", "give the directory to restore into, e.g. --target /mnt/local")
     if not ctx.args.target:
         if ctx.args.layout_only:
             raise ConfigError("--layout-only needs --target DIR", "e.g. --layout-only --target /tmp/layout")
@@ -8129,7 +8628,13 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports usage errors in rescue's one-line form."""
 
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(message, f"see '{self.prog} --help'")
+        hint = f"see '{self.prog} --help'"
+        unknown = message.split(":", 1)[1].split() if message.startswith("unrecognized arguments:") else []
+        misplaced = [word for word in unknown if word in GLOBAL_OPTIONS]
+        if misplaced:
+            hint = f"{', '.join(misplaced)} is an option of rescue itself: put it before the workflow " \
+                   f"(rescue {' '.join(misplaced)} … WORKFLOW …)"
+        raise ConfigError(message, hint)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -8158,6 +8663,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 PASSTHROUGH = "duplicity"
 GLOBAL_OPTIONS_WITH_VALUE = ("-c", "-C")
+GLOBAL_OPTIONS = GLOBAL_OPTIONS_WITH_VALUE + ("-v", "-d", "--non-interactive", "--expose-secrets")
 
 
 def split_passthrough(argv: List[str]) -> Tuple[List[str], List[str]]:
@@ -8209,12 +8715,6 @@ def run_workflow(args: argparse.Namespace, parser: argparse.ArgumentParser, log:
             return wf.func(ctx)
     finally:
         ctx.ssh.close(ctx.runner)
-
-
-class Terminated(BaseException):
-    """SIGTERM (a service stop, `timeout`, shutdown): unwinds like Ctrl-C (no `except
-    Exception` stops it), so that running commands are stopped and temporary files, keyring
-    copies and ssh connections go."""
 
 
 def on_sigterm(signum: int, frame: object) -> None:

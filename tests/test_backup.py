@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ import pytest
 
 import rescue
 from backup_fixtures import ENC_PASSPHRASE, SIGN_PASSPHRASE, make_tree
-from conftest import run_rescue
+from conftest import RESCUE, run_rescue
 
 HOST = socket.gethostname()
 
@@ -128,10 +129,11 @@ def test_backup_command_matches_rears_shape_with_tuning_before_user_options():
                   BACKUP_DUPLICITY_FULL_IF_OLDER_THAN="1M", BACKUP_DUPLICITY_SSH_OPTIONS="-p 22 -i /k")
     selection = rescue.Selection("/", ["--exclude", "/proc"], [], ["/"])
     crypt = rescue.Encryption(["--encrypt-key", "KEY"], {"PASSPHRASE": "x"}, ["KEY"])
-    opts = rescue.duplicity_options(conf, crypt, "/a", "-p 22 -i /k")
+    opts = rescue.duplicity_options(conf, crypt, "/a", "-p 22 -i /k", "rsync://u@h//b/host")
     argv = rescue.backup_command(opts, selection, "rsync://u@h//b/host", "/t",
                                  full_if_older=conf.setting("BACKUP_DUPLICITY_FULL_IF_OLDER_THAN"))
-    assert argv == ["-v5", "--name", "rear-backup", "--archive-dir", "/a", "--tempdir", "/t",
+    key = rescue.target_key("rsync://u@h//b/host")
+    assert argv == ["-v5", "--name", f"rear-backup-{key}", "--archive-dir", "/a", "--tempdir", "/t",
                     "--ssh-options=-p 22 -i /k", "--volsize", "200", "--volsize", "50",
                     "--encrypt-key", "KEY", "--full-if-older-than", "1M",
                     "--exclude", "/proc", "/", "rsync://u@h//b/host"]
@@ -139,8 +141,9 @@ def test_backup_command_matches_rears_shape_with_tuning_before_user_options():
 
 def test_every_other_command_line_is_built_from_the_same_options():
     crypt = rescue.Encryption(["--encrypt-key", "KEY"], {"PASSPHRASE": "x"}, ["KEY"])
-    opts = rescue.duplicity_options(config(BACKUP_DUPLICITY_TUNING=[]), crypt, "/a", "")
-    common = ["--name", "rear-backup-x", "--archive-dir", "/a", "--encrypt-key", "KEY"]
+    opts = rescue.duplicity_options(config(BACKUP_DUPLICITY_TUNING=[]), crypt, "/a", "", "file:///b/h")
+    common = ["--name", f"rear-backup-{rescue.target_key('file:///b/h')}-x", "--archive-dir", "/a",
+              "--encrypt-key", "KEY"]
     assert rescue.status_command(opts, "file:///b/h", "-x") == ["collection-status", "-v4"] + common + ["file:///b/h"]
     assert rescue.retention_command(opts, ["remove-older-than", "1Y", "--force"], "file:///b/h", "-x") == \
         ["remove-older-than", "1Y", "--force", "-v4"] + common + ["file:///b/h"]
@@ -150,7 +153,9 @@ def test_every_other_command_line_is_built_from_the_same_options():
     assert verify[-4:] == ["--exclude", "/srv/x", "file:///b/h", "/srv"]
     store = rescue.layout_store_command(opts, "/stage", "file:///b/h", "/t")
     assert store[:3] == ["full", "-v4", "--allow-source-mismatch"] and store[-2:] == ["/stage", "file:///b/h/layout"]
-    assert "rear-backup-layout" in store
+    assert f"rear-backup-{rescue.target_key('file:///b/h')}-layout" in store
+    other = rescue.duplicity_options(config(BACKUP_DUPLICITY_TUNING=[]), crypt, "/a", "", "file:///c/h")
+    assert other.name != opts.name                   # each target its own cache
 
 
 def test_options_as_an_array_keep_spaces_inside_one_option():
@@ -160,7 +165,7 @@ def test_options_as_an_array_keep_spaces_inside_one_option():
 
 def test_restore_command_forces_numeric_owners_and_renames_mountpoints():
     crypt = rescue.Encryption([], {"PASSPHRASE": "x"}, [])
-    opts = rescue.duplicity_options(config(), crypt, "/w/a", "")
+    opts = rescue.duplicity_options(config(), crypt, "/w/a", "", "file:///b/h")
     argv = rescue.restore_command(opts, "file:///b/h", "/mnt/local/.s", "/w", "1D", [("boot", "../boot")])
     assert argv[:4] == ["restore", "-v4", "--force", "--numeric-owner"]
     assert argv[-7:] == ["--restore-time", "1D", "--rename", "boot", "../boot", "file:///b/h", "/mnt/local/.s"]
@@ -241,6 +246,46 @@ def test_collection_status_is_parsed_into_chains_in_time_order():
 
 def colons(validity="u", capabilities="scESC"):
     return f"pub:{validity}:255:22:ABCD:1700000000:::u:::{capabilities}::::::ed25519:::0:\n"
+
+
+def test_a_set_is_complete_only_with_its_manifest():
+    names = ["duplicity-full.20261202T100000Z.manifest.gpg", "duplicity-full.20261202T100000Z.vol1.difftar.gpg",
+             "duplicity-full-signatures.20261202T100000Z.sigtar.gpg",
+             "duplicity-inc.20261202T100000Z.to.20261202T110000Z.vol1.difftar.gpg", "layout"]
+    full, inc = rescue.time_seconds("2026-12-02T10:00:00Z", 0), rescue.time_seconds("2026-12-02T11:00:00Z", 0)
+    assert rescue.stored_sets(names) == {full: True, inc: False}
+    plain = ["duplicity-full.20261202T100000Z.manifest", "duplicity-full.20261202T100000Z.vol1.difftar.gz",
+             "duplicity-inc.20261202T100000Z.to.20261202T110000Z.vol1.difftar.gz"]     # --no-encryption
+    assert rescue.stored_sets(plain) == {full: True, inc: False}
+    assert rescue.time_seconds("0", 99) == 0 and rescue.time_seconds("1D", 86400 * 3) == 86400 * 2
+
+
+def test_restore_point_falls_back_to_a_time_every_chain_has_complete_and_refuses_too_old():
+    main = {10.0: True, 20.0: True, 30.0: False}
+    part = {10.0: True, 20.0: False, 30.0: True}
+    assert rescue.restore_point({"main": main}, None) == (20.0, True)
+    assert rescue.restore_point({"main": main, "/srv": part}, None) == (10.0, True)
+    assert rescue.restore_point({"main": main, "/srv": part}, 15.0) == (15.0, False)
+    assert rescue.restore_point({"main": {10.0: True}}, None) == (None, False)
+    skewed = {"main": {100.0: True, 200.0: False}, "/srv": {102.0: True, 201.0: True}}   # one run, chains apart
+    assert rescue.restore_point(skewed, None) == (102.0, True)
+    for wanted in (0.0, 5.0):
+        with pytest.raises(rescue.RescueError, match="there is no backup as old as"):
+            rescue.restore_point({"main": main}, wanted)
+    with pytest.raises(rescue.RescueError, match=r"the part /srv has no backup as old as .*00:00:15.* whole "
+                                                 r"backup can be restored as of is .*00:00:20"):
+        rescue.restore_point({"main": main, "/srv": {20.0: True}}, 15.0)
+    with pytest.raises(rescue.RescueError, match="the part /srv has no complete set"):
+        rescue.restore_point({"main": main, "/srv": {}}, None)
+
+
+def test_a_duplicity_at_work_on_the_chain_or_below_it_is_found_by_its_argv():
+    url = "file:///srv/b/alma"
+    processes = [(10, ["python3", "-c", "C = 'duplicity launcher'", "full", "--name", "x", "/", url]),
+                 (11, ["python3", "-m", "duplicity", "restore", url + "/part-1234", "/mnt"]),
+                 (12, ["/usr/bin/duplicity", "cleanup", "file:///srv/b/alma2"]),
+                 (13, ["vi", url]), (14, ["duplicity", "full", "/", "file:///srv/b/alma/layout"])]
+    assert rescue.duplicity_working_on(processes, url) == [10, 11, 14]
 
 
 def test_key_problems_are_explained_with_the_fix():
@@ -427,6 +472,30 @@ def test_verify_reports_no_differences_then_the_changed_file(site):
         assert differences_inside(proc.stdout, site.src) == [str(site.src / "owned").lstrip("/")], proc.stdout
 
 
+def test_verify_leaves_out_the_directories_above_the_backed_up_trees():
+    lines = ["Difference found: File srv has mtime Wed Dec  2 18:41:20 2026, expected Wed Dec  2 18:41:01 2026",
+             "Difference found: File . has mtime Wed Dec  2 18:41:20 2026, expected Wed Dec  2 18:41:01 2026",
+             "Difference found: File srv/data has mtime Wed Dec  2 18:41:19 2026, expected Fri Jul 14 02:40:00 2017",
+             "Difference found: File srv/data/x has data",
+             "Difference found: File srv/database has mtime Wed Dec  2 18:41:19 2026, expected Fri Jul 14 2017"]
+    assert rescue.in_scope_differences(lines, ["/srv/data", "/etc"]) == lines[2:]
+    assert rescue.in_scope_differences(lines, ["/"]) == lines
+
+
+def test_verify_right_after_a_backup_finds_nothing_and_says_when_it_could_not_verify(site):
+    """Issue 11 C: verify exited 1 right after every backup (the parents of the backed-up tree
+    changed their mtimes), and 1 also when it could not verify at all."""
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    os.utime(site.tmp)                                # above the tree: not backed up
+    (site.tmp / "elsewhere").write_text("next to the tree\n")
+    proc = site.run("verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"Verify: \d+ files compared, 0 differences found", proc.stdout)
+    proc = site.run("verify", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="wrong-one")
+    assert_clean_error(proc, "verify")
+    assert proc.returncode == 2
+
+
 def set_times(status):
     return [[s["time"] for s in chain["sets"]] for chain in status["chains"]]
 
@@ -534,6 +603,198 @@ def test_a_full_target_fails_the_backup_with_the_tail_of_duplicitys_output(site)
     assert_clean_error(proc, "failed (duplicity exit code", "disk is full", "duplicity's last output:")
     assert json.loads((site.var / "last-backup.json").read_text())["success"] is False
     assert 'rescue_backup_last_run_success{host="%s"}' % HOST + ' 0' in (metrics / "rescue_backup.prom").read_text()
+
+
+def target_files(directory):
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+@pytest.mark.parametrize("over", ["file", "ssh"])
+def test_a_mistyped_passphrase_writes_nothing_and_the_next_good_run_restores(tmp_path, conf_dir, gnupg_keys,
+                                                                             sshd_server, over):
+    """Issue 11 A.1: the config edited (so the layout's digest changes) and the passphrase
+    mistyped stored a layout set in the wrong passphrase; the next good run skipped the layout
+    (same digest) and every restore of the layout failed from then on."""
+    remote = tmp_path / "server"
+    site = Site(tmp_path, conf_dir, gnupg_keys, url=sshd_server.url(str(remote)) if over == "ssh" else None)
+    directory = remote / HOST if over == "ssh" else site.target_dir()
+    right = dict(BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="the-right-one", BACKUP_DUPLICITY_MAX_SETS="1",
+                 BACKUP_DUPLICITY_SSH_OPTIONS=sshd_server.ssh_options)
+    assert site.run("mkbackuponly", **right).returncode == 0
+    before = target_files(directory)
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="mistyped", PROGRESS_MODE="plain")
+    assert_clean_error(proc, "wrong passphrase", "nothing was written")
+    assert target_files(directory) == before
+    assert "remove-all-but-n-full" not in proc.stdout               # retention did not run either
+    proc = site.run("mkbackuponly", PROGRESS_MODE="ANSI", **right)
+    assert proc.returncode == 0, proc.stderr
+    fetched = site.tmp / "fetched"
+    proc = site.run("restoreonly", "--layout-only", "--target", fetched)
+    assert proc.returncode == 0, proc.stderr
+    assert (fetched / "layout/layout.json").is_file()
+    proc = site.run("restoreonly", "--target", site.tmp / "restored")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_layout_stored_by_a_failed_run_is_stored_again_by_the_next(site):
+    """The layout digest of a failed run does not let the next run skip the layout."""
+    settings = dict(BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+    assert site.run("mkbackuponly", **settings).returncode == 0
+    record = json.loads((site.var / "last-backup.json").read_text())
+    record["success"] = False              # as a run leaves it whose chain failed after the layout
+    (site.var / "last-backup.json").write_text(json.dumps(record))
+    proc = site.run("mkbackuponly")
+    assert proc.returncode == 0, proc.stderr
+    assert "Storing the layout" in proc.stdout
+
+
+def test_an_incremental_that_fills_the_target_leaves_no_incomplete_set(site):
+    """Issue 11 A.2: a volume without a manifest stayed after the target filled up during an
+    incremental, and status listed the broken set as a normal one."""
+    full = site.tmp / "small-disk"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(full)], check=True)
+    try:
+        settings = dict(BACKUP_DUPLICITY_URL=f"file://{full}", BACKUP_DUPLICITY_OPTIONS="--volsize 1 --num-retries 1",
+                        BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+        assert site.run("mkbackuponly", **settings).returncode == 0
+        (site.src / "big.bin").write_bytes(os.urandom(4 << 20))
+        proc = site.run("mkbackuponly")
+        assert_clean_error(proc, "disk is full")
+        sets = rescue.stored_sets(os.listdir(full / HOST))
+        assert len(sets) == 1 and all(sets.values()), sorted(os.listdir(full / HOST))
+        assert "Removing the incomplete backup set" in proc.stdout
+        status = site.status()
+        assert status["orphaned_or_incomplete"] is False
+        assert [s["type"] for s in status["chains"][0]["sets"]] == ["full"]
+        proc = site.run("restoreonly", "--target", site.tmp / "restored")
+        assert proc.returncode == 0, proc.stderr
+        assert "incomplete" not in proc.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=True)
+
+
+def test_a_backup_killed_on_another_target_does_not_touch_this_targets_cache(site):
+    """Issue 11 A.6: a stale .part left in duplicity's archive dir by a failed backup to
+    another target broke this target's verify (one --name, one cache, for every target)."""
+    settings = dict(BACKUP_DUPLICITY_OPTIONS="--volsize 1", **public_key(site))
+    assert site.run("mkbackuponly", **settings).returncode == 0
+    for n in range(30):
+        (site.src / f"chunk{n}").write_bytes(os.urandom(1 << 20))
+    other = site.tmp / "other-target"
+    site.settings["BACKUP_DUPLICITY_URL"] = f"file://{other}"
+    site.write_conf()
+    env = dict(os.environ, HOME=str(site.home), GNUPGHOME=str(site.gnupghome), TMPDIR=str(site.work))
+    proc = subprocess.Popen([sys.executable, str(RESCUE), "-c", str(site.conf_dir), "mkbackuponly"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((other / HOST).glob("duplicity-full.*.vol*.difftar.gpg"))) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    time.sleep(1)                                   # its duplicity dies with it
+    proc = site.run("verify", BACKUP_DUPLICITY_URL=site.url)
+    assert "Verify: " in proc.stdout and proc.returncode in (0, 1), proc.stderr
+    for n in range(30):
+        (site.src / f"chunk{n}").unlink()
+    proc = site.run("mkbackuponly")
+    assert proc.returncode == 0, proc.stderr
+    assert "Backup done (incremental)" in proc.stdout
+    caches = sorted(p.name for p in (site.home / ".cache/duplicity").iterdir())
+    assert len([c for c in caches if not c.endswith("-layout")]) == 2, caches     # one per target
+
+
+def test_a_stopped_or_failed_run_is_recorded_with_its_reason(site):
+    """Issue 11 C: after SIGINT/SIGTERM (or a failure before the chains ran), last-backup.json
+    still showed the previous success, with nothing of the failed run."""
+    metrics = site.tmp / "textfile"
+    metrics.mkdir()
+    settings = dict(BACKUP_DUPLICITY_OPTIONS="--volsize 1", NODE_EXPORTER_TEXTFILE_DIR=str(metrics),
+                    BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="the-right-one")
+    assert site.run("mkbackuponly", **settings).returncode == 0
+    success = json.loads((site.var / "last-backup.json").read_text())
+    for n in range(20):
+        (site.src / f"chunk{n}").write_bytes(os.urandom(1 << 20))
+    env = dict(os.environ, HOME=str(site.home), GNUPGHOME=str(site.gnupghome), TMPDIR=str(site.work))
+    proc = subprocess.Popen([sys.executable, str(RESCUE), "-c", str(site.conf_dir), "mkbackuponly"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(site.target_dir().glob("duplicity-inc.*.vol1.difftar.gpg")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    record = json.loads((site.var / "last-backup.json").read_text())
+    assert record["success"] is False and record["exit_code"] == 143
+    assert record["reason"] == "stopped by SIGTERM" and record["start_time"] > success["end_time"]
+    assert record["last_success_time"] == success["last_success_time"]
+    assert 'rescue_backup_last_run_success{host="%s"} 0' % HOST in (metrics / "rescue_backup.prom").read_text()
+    proc = site.run("status")
+    assert "Last backup from this machine: none, FAILED (exit code 143: stopped by SIGTERM)" in proc.stdout
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="mistyped")
+    assert proc.returncode == 1
+    record = json.loads((site.var / "last-backup.json").read_text())
+    assert record["success"] is False and record["reason"].startswith("wrong passphrase")
+
+
+def test_an_include_that_does_not_exist_warns_and_nothing_to_back_up_is_an_error(site):
+    """Issue 11 C: BACKUP_DUPLICITY_INCLUDE=( /nonexistent ) gave "Backup done"."""
+    exists = {"/etc", "/home"}.__contains__
+    assert rescue.missing_includes(["/etc", "/nonexistent", "/home/*/work", "/nope/*/x"], exists) == \
+        ["/nonexistent", "/nope/*/x"]
+    missing = str(site.tmp / "nonexistent")
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_INCLUDE=[missing],
+                    BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+    assert_clean_error(proc, "nothing to back up: none of BACKUP_DUPLICITY_INCLUDE exists")
+    assert f"warning: BACKUP_DUPLICITY_INCLUDE: {missing} does not exist" in proc.stderr
+    assert proc.returncode == 2 and not site.target_dir().exists()
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_INCLUDE=[str(site.src), missing])
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: BACKUP_DUPLICITY_INCLUDE: {missing} does not exist" in proc.stderr
+
+
+def test_an_empty_restore_target_is_refused(site):
+    """Issue 11 C: --target '' restored into the current directory."""
+    proc = site.run("restoreonly", "--target", "", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+    assert_clean_error(proc, "--target is empty")
+    assert proc.returncode == 2
+
+
+def agents_of(home):
+    """PIDs of the gpg-agents serving the keyring in home."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"gpg-agent") and str(home).encode() in argv:
+                found.append(int(entry.name))
+    return found
+
+
+def test_the_gpg_agent_a_run_started_is_stopped_and_one_that_ran_before_is_left(site):
+    """Issue 11 C: a gpg-agent per backup stayed running."""
+    site.gnupghome = site.tmp / "fresh-gnupg"
+    site.gnupghome.mkdir(mode=0o700)
+    settings = dict(BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
+    for workflow in (["mkbackuponly"], ["status"], ["verify"], ["mkbackuponly"]):
+        proc = site.run(*workflow, **settings)
+        assert proc.returncode in (0, 1), proc.stderr
+        deadline = time.monotonic() + 5
+        while agents_of(site.gnupghome) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert agents_of(site.gnupghome) == [], workflow
+    env = dict(os.environ, GNUPGHOME=str(site.gnupghome))
+    subprocess.run(["gpg-connect-agent", "/bye"], env=env, check=True, capture_output=True)
+    users = agents_of(site.gnupghome)
+    try:
+        assert users and site.run("mkbackuponly").returncode == 0
+        assert agents_of(site.gnupghome) == users                 # the user's own agent stays
+    finally:
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env)
 
 
 def test_a_second_backup_waits_for_the_lock_holder(site):

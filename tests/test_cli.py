@@ -4,12 +4,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import REPO, RESCUE, pyenv_python, run_rescue
 
@@ -35,6 +37,15 @@ def test_unknown_workflow_is_one_clear_error():
     assert proc.returncode == 2
     assert proc.stderr.startswith("rescue: error: argument WORKFLOW: invalid choice: 'recoverr'")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv,option", [(["dump", "-C", "f"], "-C"), (["status", "-v"], "-v")])
+def test_a_global_option_after_the_workflow_gets_the_hint_to_put_it_before(argv, option):
+    """Issue 11 C: `rescue dump -C f` said only "unrecognized arguments"."""
+    proc = run_rescue(*argv)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[1] == (f"rescue: hint: {option} is an option of rescue itself: "
+                                           f"put it before the workflow (rescue {option} … WORKFLOW …)")
 
 
 def test_dump_of_the_seed_config_hides_secrets(conf_dir):
@@ -173,3 +184,138 @@ def test_vermin_finds_nothing_newer_than_3_9():
                            "--eval-annotations", str(RESCUE), str(REPO / "build_zipapp.py")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- issue 11 B: every bad input is one line with the right exit code --------------------------
+
+def bad_input_site(tmp_path):
+    """A configuration of a machine that backed up before (an empty target directory)."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/f").write_text("data\n")
+    (tmp_path / "target" / socket.gethostname()).mkdir(parents=True)
+    (tmp_path / "var/layout").mkdir(parents=True)
+    (tmp_path / "not-a-dir").write_text("someone's file\n")
+    return [f"VAR_DIR={tmp_path}/var", f"LAYOUT_DIR={tmp_path}/var/layout",
+            f"BACKUP_DUPLICITY_URL=file://{tmp_path}/target", f"BACKUP_DUPLICITY_INCLUDE=( {tmp_path}/src )",
+            "BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE=a-test-passphrase"]
+
+
+BAD_INPUTS = [
+    # (id, workflow and arguments, configuration lines, state files {path below tmp: bytes}, exit, the line)
+    ("lockfile-in-proc", ["mkbackuponly"], ["LOCKFILE=/proc/nope/rescue.lock"], {}, 1,
+     "cannot create the lock file /proc/nope/rescue.lock: No such file or directory"),
+    ("savelayout-into-proc", ["savelayout", "-o", "/proc/rescue-layout"], [], {}, 1,
+     "cannot write the layout into /proc/rescue-layout"),
+    ("savelayout-onto-a-file", ["savelayout", "-o", "{tmp}/not-a-dir"], [], {}, 1,
+     "cannot write the layout into {tmp}/not-a-dir"),
+    ("layout-binary", ["checklayout"], [], {"var/layout/layout.json": b"\xa5\xff\x00binary"}, 2,
+     "layout.json is not a valid layout: not text"),
+    ("layout-truncated", ["checklayout"], [], {"var/layout/layout.json": b'{"version": 1'}, 2,
+     "layout.json is not a valid layout: Expecting"),
+    ("layout-wrong-shape", ["checklayout"], [], {"var/layout/layout.json": b"[1]"}, 2,
+     "layout.json is not a valid layout: not a JSON object"),
+    ("parts-plan-wrong-shape", ["mkbackuponly"], [], {"var/backup-parts.json": b'{"parts": "/srv"}'}, 1,
+     "backup-parts.json: not a plan of chains as rescue writes it"),
+    ("parts-plan-binary", ["mkbackuponly"], [], {"var/backup-parts.json": b"\xa5\xff"}, 1,
+     "cannot read {tmp}/var/backup-parts.json"),
+    ("count-not-a-number", ["dump"], ["BACKUP_DUPLICITY_MAX_SETS=three"], {}, 2,
+     'BACKUP_DUPLICITY_MAX_SETS: expected a whole number of 1 or more, got "three"'),
+    ("count-negative", ["dump"], ["BACKUP_DUPLICITY_MAX_SETS=-1"], {}, 2, "BACKUP_DUPLICITY_MAX_SETS: expected a whole number"),
+    ("count-arabic-digit", ["dump"], ["BACKUP_DUPLICITY_MAX_SETS=\u0663"], {}, 2, "BACKUP_DUPLICITY_MAX_SETS: expected a whole number"),
+    ("bare-file-url", ["dump"], ["BACKUP_DUPLICITY_URL=file://"], {}, 2, "expected file:// with an absolute directory"),
+    ("bare-rsync-url", ["dump"], ["BACKUP_DUPLICITY_URL=rsync://"], {}, 2, "expected rsync://[user@]host/path"),
+    ("unknown-scheme", ["dump"], ["BACKUP_DUPLICITY_URL=gopher://h/x"], {}, 2, "a scheme duplicity has"),
+    ("relative-file-url", ["dump"], ["BACKUP_DUPLICITY_URL=file://relative/x"], {}, 2, "expected file:// with an absolute"),
+    ("url-query", ["dump"], ["BACKUP_DUPLICITY_URL=file:///b/x?x=1#f"], {}, 2, "without ?… or #…"),
+    ("hostname-path", ["dump"], ["HOSTNAME=../../etc"], {}, 2, "HOSTNAME: expected a name"),
+    ("name-path", ["dump"], ["BACKUP_DUPLICITY_NAME=../../evil"], {}, 2, "BACKUP_DUPLICITY_NAME: expected a name"),
+    ("restore-time-month-13", ["restoreonly", "--target", "{tmp}/r", "--restore-time", "2026-13-45"], [], {}, 2,
+     "--restore-time 2026-13-45: expected a real date and time"),
+    ("restore-time-1900", ["restoreonly", "--target", "{tmp}/r", "--restore-time", "1900-01-01"], [], {}, 2,
+     "expected a date after 1970"),
+    ("no-backup-sets", ["restoreonly", "--target", "{tmp}/r", "--restore-time", "0"], [], {}, 1,
+     "there is no backup at file://"),
+    ("no-backup-sets-verify", ["verify"], [], {}, 2, "there is no backup at file://"),
+    ("empty-target", ["restoreonly", "--target", ""], [], {}, 2, "--target is empty"),
+    ("include-missing", ["mkbackuponly"], ["BACKUP_DUPLICITY_INCLUDE=( /nonexistent-rescue-x )"], {}, 2,
+     "nothing to back up: none of BACKUP_DUPLICITY_INCLUDE exists"),
+]
+
+
+@pytest.mark.parametrize("workflow,lines,files,code,needle", [row[1:] for row in BAD_INPUTS],
+                         ids=[row[0] for row in BAD_INPUTS])
+def test_every_bad_input_is_one_line_with_its_exit_code(tmp_path, conf_dir, workflow, lines, files, code, needle):
+    site = bad_input_site(tmp_path)
+    (conf_dir / "site.conf").write_text("\n".join(site) + "\n")
+    (conf_dir / "case.conf").write_text("\n".join(lines) + "\n", encoding="utf-8")     # after local.conf
+    for path, data in files.items():
+        (tmp_path / path).write_bytes(data)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in workflow]
+    proc = run_rescue("-c", conf_dir, "-C", "case", *args, env={"HOME": str(tmp_path), "TMPDIR": str(tmp_path)})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rescue: error: ")]
+    assert len(errors) == 1 and needle.replace("{tmp}", str(tmp_path)) in errors[0], proc.stderr
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr and "internal error" not in proc.stderr
+
+
+def test_a_restore_into_a_read_only_mount_is_one_line(tmp_path, conf_dir):
+    site = bad_input_site(tmp_path)
+    (conf_dir / "site.conf").write_text("\n".join(site) + "\n")
+    env = {"HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    assert run_rescue("-c", conf_dir, "mkbackuponly", env=env).returncode == 0
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)], check=True)
+    try:
+        proc = run_rescue("-c", conf_dir, "restoreonly", "--target", read_only, env=env)
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)], check=True)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(f"rescue: error: cannot create a working directory in {read_only}: "
+                                  "Read-only file system"), proc.stderr
+
+
+# The same, fuzzed: whatever a state file or a setting holds, rescue answers with its own error.
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner), max_leaves=12)
+STATE_BYTES = st.binary(max_size=200) | JSON_VALUES.map(lambda v: json.dumps(v).encode()) | st.fixed_dictionaries(
+    {"parts": JSON_VALUES, "retired": JSON_VALUES, "workers": JSON_VALUES}).map(lambda v: json.dumps(v).encode())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=STATE_BYTES)
+def test_fuzzed_state_files_give_rescues_errors_only(tmp_path, data):
+    import rescue
+    (tmp_path / "state").write_bytes(data)
+    try:
+        plan = rescue.read_parts_plan(tmp_path / "state")
+        assert all(isinstance(p, str) for p in plan.parts + plan.retired)
+    except rescue.RescueError:
+        pass
+    conf = rescue.config_from_values({"VAR_DIR": str(tmp_path), "LAYOUT_DIR": str(tmp_path)})
+    (tmp_path / "last-backup.json").write_bytes(data)
+    assert isinstance(rescue.previous_record(conf), dict)
+    (tmp_path / "layout.json").write_bytes(data)
+    try:
+        rescue.saved_layout(conf)
+    except rescue.RescueError:
+        pass
+
+
+FUZZED_SETTINGS = ["BACKUP_DUPLICITY_MAX_SETS", "BACKUP_DUPLICITY_MAX_TIME", "BACKUP_DUPLICITY_RESTORE_TIME",
+                   "BACKUP_DUPLICITY_PARALLEL", "BACKUP_DUPLICITY_PART_MIN_MB", "BACKUP_DUPLICITY_URL", "HOSTNAME",
+                   "BACKUP_DUPLICITY_NAME", "USER_INPUT_TIMEOUT", "PROGRESS_WAIT_SECONDS", "LOCKFILE"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(name=st.sampled_from(FUZZED_SETTINGS), value=st.text(max_size=30))
+def test_fuzzed_setting_values_are_taken_or_refused_as_config_errors(name, value):
+    import rescue
+    try:
+        config = rescue.config_from_values({name: value})
+    except rescue.ConfigError as exc:
+        assert exc.message.startswith(f"the environment's {name}: ") or name in exc.message
+        return
+    if name.endswith("_TIME") and config.setting(name):
+        rescue.time_seconds(config.setting(name), 0.0)        # a time rescue took, it can compute

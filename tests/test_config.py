@@ -255,6 +255,43 @@ def test_cli_refusal_is_one_line_exit_2_and_runs_nothing(tmp_path, conf_dir):
     assert not canary.exists()
 
 
+@pytest.mark.parametrize("line", ["BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE=LeakA1 LeakB2",
+                                  "export SSH_ROOT_PASSWORD=LeakA1$(LeakB2)",
+                                  "MY_SECRET_KEY+=LeakA1 `LeakB2`"])
+def test_a_refused_line_of_a_secret_names_the_variable_never_the_text(tmp_path, conf_dir, line):
+    """Issue 11 C: PASSPHRASE=LeakA1 LeakB2 printed "unsupported shell syntax: command 'LeakB2'"."""
+    conf = tmp_path / "bad.conf"
+    conf.write_text(f"BACKUP=DUPLICITY\n{line}\n")
+    proc = run_rescue("-c", conf_dir, "-C", conf, "dump")
+    assert proc.returncode == 2
+    name = line.split()[1 if line.startswith("export") else 0].split("+")[0].split("=")[0]
+    assert proc.stderr.startswith(f"rescue: error: {conf}:2: {name}: the value is not one word"), proc.stderr
+    assert "Leak" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("data,message,hint", [
+    (b"BACKUP=DUPLICITY\n\xa5\x01\xff binary", "not a text file (not UTF-8 at byte 17)", "give a configuration file"),
+    (b"BACKUP=DUPLICITY\nX=\0\n", "not a text file (it holds NUL bytes)", "give a configuration file"),
+    (b"BACKUP=DUPLICITY\nX=1\r\n", ":2: Windows line endings (CRLF)", "dos2unix"),
+], ids=["binary", "nul", "crlf"])
+def test_a_config_file_that_is_not_a_unix_text_file_is_refused_with_what_to_do(tmp_path, conf_dir, data, message, hint):
+    """Issue 11 C: a binary config gave "'utf-8' codec can't decode byte …" with the hint to check
+    the permissions; CRLF was taken with the \\r dropped, although bash keeps it."""
+    conf = tmp_path / "odd.conf"
+    conf.write_bytes(data)
+    proc = run_rescue("-c", conf_dir, "-C", conf, "dump")
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith(f"rescue: error: {conf}") and message in lines[0], proc.stderr
+    assert hint in lines[1] and "codec" not in proc.stderr
+
+
+def test_a_directory_given_as_an_extra_config_is_named_a_directory(tmp_path, conf_dir):
+    proc = run_rescue("-c", conf_dir, "-C", tmp_path, "dump")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"rescue: error: configuration file {tmp_path} is a directory"), proc.stderr
+
+
 def test_unknown_variable_warns_with_the_closest_name(tmp_path, conf_dir):
     conf = tmp_path / "typo.conf"
     conf.write_text("BACKUP_DUPLICTY_URL=file:///x\nMY_OWN_HELPER=1\n")

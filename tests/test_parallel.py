@@ -2,6 +2,7 @@
 with chains of their own, backed up and restored side by side. Pure planning first, then the
 real thing (duplicity, gpg, file:// and rsync over ssh) round trips."""
 
+import datetime
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import rescue
 from backup_fixtures import assert_same_tree
 from conftest import RESCUE
 from test_restore import duplicity_children, restored
-from test_backup import Site, differences_inside, public_key
+from test_backup import Site, assert_clean_error, differences_inside, public_key
 
 MB = 1024 * 1024
 
@@ -96,6 +97,14 @@ def test_chains_the_main_one_excludes_the_parts_each_part_is_its_own_source():
     assert part.url == "rsync://h//b/host/" + rescue.part_id("/srv/a*b") and part.name_suffix == "-" + rescue.part_id("/srv/a*b")
 
 
+@pytest.mark.parametrize("text", ['["/srv"]', '{"parts": "/srv"}', '{"parts": [1]}', '{"workers": "2"}', "null"])
+def test_a_parts_plan_of_the_wrong_shape_is_a_clear_error(tmp_path, text):
+    """Issue 11 B: valid JSON of the wrong shape ended in 'internal error'."""
+    (tmp_path / "plan.json").write_text(text)
+    with pytest.raises(rescue.RescueError, match="not a plan of chains as rescue writes it"):
+        rescue.read_parts_plan(tmp_path / "plan.json")
+
+
 def test_statistics_of_chains_side_by_side_add_up_and_span_all_of_them():
     merged = rescue.merge_statistics([
         {"StartTime": 100.0, "EndTime": 110.0, "ElapsedTime": 10.0, "SourceFiles": 3, "Errors": 0},
@@ -166,6 +175,8 @@ def test_split_backup_restores_every_attribute_and_keeps_each_part_in_its_own_ch
     status = site.status()
     assert [p["path"] for p in status["parts"]] == parts
     assert all(p["chains"][0]["sets"][0]["type"] == "full" for p in status["parts"])
+    run_times = {p["chains"][0]["sets"][0]["time"] for p in status["parts"] + [status]}
+    assert len(run_times) == 1                       # one run, one time in every chain
 
     target = site.tmp / "restored"
     proc = site.run("restoreonly", "--target", target)
@@ -211,6 +222,67 @@ def test_parts_go_on_with_incrementals_and_a_retired_part_restores_as_of_its_tim
     assert (tree / "part-a/small.txt").read_text() == "part-a\n"
     assert (tree / "part-b/sub/small.txt").read_text() == "part-b/sub\n"
     assert (tree / "part-b/sub/blob").stat().st_size == 9 * MB
+
+
+def set_seconds(chain):
+    return [datetime.datetime.fromisoformat(s["time"]).timestamp() for s in chain["sets"]]
+
+
+def test_a_restore_as_of_a_time_a_part_has_no_set_for_fails_naming_the_part(split_site):
+    """Issue 11 A.3: a restore as of a time one part's chain no longer kept restored the main
+    chain and left the part out (exit 0)."""
+    site = split_site
+    assert site.run("mkbackuponly").returncode == 0
+    first = site.status()["chains"][0]["sets"][0]["time"]
+    time.sleep(1.1)
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_FULL_IF_OLDER_THAN="1s").returncode == 0
+    part_a = site.target_dir() / rescue.part_id(str(site.src / "part-a"))
+    oldest_full = sorted(part_a.glob("duplicity-full.*.manifest.gpg"))[0].name.split(".")[1]
+    for path in part_a.glob(f"duplicity-full*.{oldest_full}.*"):
+        path.unlink()                                   # part-a's first chain is gone
+    second = site.status()["parts"][0]["chains"][0]["sets"][0]["time"]
+    proc = site.run("restoreonly", "--target", site.tmp / "as-of-first", "--restore-time", first)
+    assert_clean_error(proc, f"the part {site.src / 'part-a'} has no backup as old as",
+                       f"the whole backup can be restored as of is {second}")
+    assert not [p for p in os.listdir(site.tmp / "as-of-first") if p != "lost+found"] if (
+        site.tmp / "as-of-first").exists() else True
+
+
+def test_retention_keeps_what_a_restore_of_every_kept_time_takes_from_each_part(split_site):
+    """Issue 11 A.3: the retention rules, counted chain by chain, removed a part's sets that
+    a restore as of a time the main chain still kept needed."""
+    site = split_site
+    small = site.src / "part-a/small.txt"
+    small.write_text("run 1\n")
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_PARALLEL="1").returncode == 0     # main: full
+    time.sleep(15)
+    small.write_text("run 2\n")
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_PARALLEL="2").returncode == 0     # parts: full; main: inc
+    time.sleep(15)
+    t1, t2 = set_seconds(site.status()["chains"][0])
+    between = int(time.time() - (t1 + t2) / 2)            # older than main's full, younger than the parts'
+    small.write_text("run 3\n")
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_FULL_IF_OLDER_THAN=f"{between}s").returncode == 0
+    time.sleep(15)
+    status = site.status()
+    t3 = set_seconds(status["chains"][-1])[0]
+    assert [len(c["sets"]) for c in status["chains"]] == [2, 1]
+    between = int(time.time() - (t2 + t3) / 2)            # older than the parts' full, younger than main's
+    small.write_text("run 4\n")
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_FULL_IF_OLDER_THAN=f"{between}s").returncode == 0
+    status = site.status()
+    assert [len(c["sets"]) for c in status["chains"]] == [2, 2]
+    assert [len(c["sets"]) for c in status["parts"][0]["chains"]] == [2, 1]
+    small.write_text("run 5\n")
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_FULL_IF_OLDER_THAN="", BACKUP_DUPLICITY_MAX_SETS="1")
+    assert proc.returncode == 0, proc.stderr
+    status = site.status()
+    assert set_seconds(status["chains"][0])[0] == t3           # main: its last chain, from run 3
+    as_of = rescue.iso_time(t3 + 5)                             # (the chains of one run start apart)
+    target = site.tmp / "as-of-run-3"
+    proc = site.run("restoreonly", "--target", target, "--restore-time", as_of)
+    assert proc.returncode == 0, proc.stderr
+    assert (restored(site, target) / "part-a/small.txt").read_text() == "run 3\n"
 
 
 def test_verify_as_of_a_time_checks_the_chains_of_that_backup_not_todays_plan(split_site):

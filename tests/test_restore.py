@@ -4,6 +4,7 @@ after a backup killed halfway; and it fails truthfully on a wrong or missing pas
 
 import hashlib
 import os
+import random
 import re
 import signal
 import stat
@@ -17,7 +18,7 @@ import pytest
 import rescue
 from backup_fixtures import assert_same_tree
 from conftest import RESCUE
-from test_backup import Site, assert_clean_error, public_key
+from test_backup import Site, assert_clean_error, differences_inside, public_key
 
 
 @pytest.fixture
@@ -133,6 +134,38 @@ def test_point_in_time_restore_across_full_and_incrementals(site):
     assert not left_behind("/dev/shm", "rescue-restore-")
 
 
+def test_a_restore_time_before_the_first_backup_is_refused_naming_the_oldest(site):
+    """Issue 11 A.3: --restore-time 0, or a time before the first backup, restored the oldest
+    backup (exit 0) instead of saying there is none that old."""
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    first = site.status()["chains"][0]["sets"][0]["time"]
+    for when in ("0", "2020-01-01"):
+        target = site.tmp / f"as-of-{when}"
+        proc = site.run("restoreonly", "--target", target, "--restore-time", when)
+        assert_clean_error(proc, "there is no backup as old as", f"can be restored as of is {first}")
+        assert not target.exists()
+    proc = site.run("verify", "--time", "0")
+    assert_clean_error(proc, "there is no backup as old as 1970-01-01")
+    proc = site.run("restoreonly", "--target", site.tmp / "as-of-first", "--restore-time", first)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_an_unencrypted_backup_restores_its_latest_and_an_earlier_time(site):
+    """--no-encryption: the sets' files have no .gpg, and are sets all the same."""
+    settings = dict(BACKUP_DUPLICITY_OPTIONS="--no-encryption")
+    assert site.run("mkbackuponly", **settings).returncode == 0
+    time.sleep(1.1)
+    (site.src / "dir/text.txt").write_text("second\n")
+    assert site.run("mkbackuponly").returncode == 0
+    first = site.status()["chains"][0]["sets"][0]["time"]
+    proc = site.run("restoreonly", "--target", site.tmp / "latest")
+    assert proc.returncode == 0, proc.stderr
+    assert (restored(site, site.tmp / "latest") / "dir/text.txt").read_text() == "second\n"
+    proc = site.run("restoreonly", "--target", site.tmp / "first", "--restore-time", first)
+    assert proc.returncode == 0, proc.stderr
+    assert (restored(site, site.tmp / "first") / "dir/text.txt").read_text() == "hello world\n" * 100
+
+
 def test_asked_passphrase_wrong_or_empty_fails_truthfully(site):
     settings = dict(BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="the-right-one")
     assert site.run("mkbackuponly", **settings).returncode == 0
@@ -193,6 +226,161 @@ def test_a_backup_killed_halfway_is_resumed_and_restores_completely(site):
     proc = site.run("restoreonly", "--target", target)
     assert proc.returncode == 0, proc.stderr
     assert_same_tree(site.src, restored(site, target))
+
+
+def kill_backup_after(site, pattern, volumes):
+    """Start mkbackuponly and SIGKILL it and its duplicity once `volumes` files matching
+    pattern are on the target (a crash in the middle of a set)."""
+    env = dict(os.environ, HOME=str(site.home), GNUPGHOME=str(site.gnupghome), TMPDIR=str(site.work))
+    proc = subprocess.Popen([sys.executable, str(RESCUE), "-c", str(site.conf_dir), "mkbackuponly"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(site.target_dir().glob(pattern))) < volumes:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    for pid in [proc.pid] + duplicity_children(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_an_interrupted_incremental_restores_the_last_complete_set_with_a_warning(site):
+    """Issue 11 A.2: an incremental killed halfway left volumes without a manifest, and a
+    restore of the latest backup died in duplicity (AssertionError: No remote manifest name)."""
+    site.settings.update(BACKUP_DUPLICITY_OPTIONS="--volsize 1", **public_key(site))
+    assert site.run("mkbackuponly").returncode == 0
+    complete = site.status()["chains"][0]["sets"][-1]["time"]
+    original = site.tmp / "original"
+    subprocess.run(["cp", "-a", str(site.src), str(original)], check=True)
+    (site.src / "big").mkdir()
+    for n in range(8):
+        (site.src / "big" / f"chunk{n}").write_bytes(os.urandom(1024 * 1024))
+    kill_backup_after(site, "duplicity-inc.*.vol*.difftar.gpg", 2)
+    assert not list(site.target_dir().glob("duplicity-inc.*.manifest.gpg"))
+    status = site.status()
+    assert status["orphaned_or_incomplete"] is True
+    target = site.tmp / "restored"
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode == 0, proc.stderr
+    assert f"restoring the last complete one, of {complete}" in proc.stderr
+    assert_same_tree(original, restored(site, target))
+    subprocess.run(["rm", "-rf", str(site.src / "big")], check=True)
+    os.utime(site.src, ns=(os.stat(original).st_atime_ns, os.stat(original).st_mtime_ns))
+    proc = site.run("verify")
+    assert f"verifying the last complete one, of {complete}" in proc.stderr
+    inside = str(site.src).lstrip("/")                   # (VAR_DIR changed with the killed run)
+    assert [f for f in differences_inside(proc.stdout, site.src) if f.startswith(inside)] == [], proc.stdout
+    assert proc.returncode in (0, 1), proc.stderr
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def interrupted_set_after(chain_dir):
+    """What a run killed while it stored a set leaves: a volume of a later set, no manifest."""
+    volume = sorted(chain_dir.glob("duplicity-full.*.vol1.difftar.gpg"))[-1]
+    stamp = volume.name.split(".")[1]
+    later = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.mktime(time.strptime(stamp, "%Y%m%dT%H%M%SZ")) + 30))
+    (chain_dir / volume.name.replace(stamp, later)).write_bytes(volume.read_bytes())
+
+
+def test_an_interrupted_layout_set_does_not_stop_a_restore_or_the_layout_fetch(site):
+    """Issue 11 A.2, the layout chain: a run stopped while storing the layout leaves a full set
+    without a manifest there; duplicity takes it for an orphan (unlike an incremental without
+    one), so every restore, which reads the stored plan first, still works."""
+    assert site.run("mkbackuponly", **public_key(site)).returncode == 0
+    interrupted_set_after(site.target_dir() / "layout")
+    proc = site.run("restoreonly", "--layout-only", "--target", site.tmp / "layout")
+    assert proc.returncode == 0, proc.stderr
+    assert (site.tmp / "layout/layout/layout.json").is_file()
+    proc = site.run("restoreonly", "--target", site.tmp / "restored")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_tree(site.src, restored(site, site.tmp / "restored"))
+
+
+def test_duplicity_dies_with_a_killed_rescue_and_a_surviving_one_stops_the_next_run(site):
+    """Issue 11 A.5: SIGKILL of rescue left its duplicity children running (sessions of their
+    own) with the lock free, and a second run started beside them."""
+    (site.src / "big").mkdir()
+    for n in range(40):
+        (site.src / "big" / f"chunk{n}").write_bytes(os.urandom(1024 * 1024))
+    site.settings.update(BACKUP_DUPLICITY_OPTIONS="--volsize 1", **public_key(site))
+    site.write_conf()
+    env = dict(os.environ, HOME=str(site.home), GNUPGHOME=str(site.gnupghome), TMPDIR=str(site.work))
+    proc = subprocess.Popen([sys.executable, str(RESCUE), "-c", str(site.conf_dir), "mkbackuponly"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(site.target_dir().glob("duplicity-full.*.vol*.difftar.gpg"))) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    children = duplicity_children(proc.pid)
+    assert children
+    os.kill(proc.pid, signal.SIGKILL)          # rescue alone
+    proc.wait()
+    deadline = time.monotonic() + 3
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in children if alive(pid)]
+    assert len(list(site.target_dir().glob("duplicity-full.*.vol*.difftar.gpg"))) < 40
+
+    stray = subprocess.Popen([sys.executable, "-m", "duplicity", "full", "--no-encryption", "--archive-dir",
+                              str(site.tmp / "stray-cache"), str(site.src / "big"),
+                              f"file://{site.target_dir()}/stray"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        os.kill(stray.pid, signal.SIGSTOP)     # a duplicity of some earlier run, still there
+        proc = site.run("mkbackuponly")
+        assert_clean_error(proc, f"a duplicity (PID {stray.pid}) is still at work on file://", f"kill {stray.pid}")
+    finally:
+        stray.kill()
+        stray.wait()
+    proc = site.run("mkbackuponly")
+    assert proc.returncode == 0, proc.stderr
+    assert "Resuming the interrupted backup" in proc.stdout
+
+
+def test_killed_at_five_points_then_every_restore_is_complete_and_status_truthful(site):
+    """Issue 11, acceptance: SIGKILL at random points of backups, then a backup and a restore
+    of the latest and of each earlier time: every restore complete, status truthful."""
+    rng = random.Random(11)
+    site.settings.update(BACKUP_DUPLICITY_OPTIONS="--volsize 1", **public_key(site))
+    assert site.run("mkbackuponly").returncode == 0
+    env = dict(os.environ, HOME=str(site.home), GNUPGHOME=str(site.gnupghome), TMPDIR=str(site.work))
+    for n in range(5):
+        (site.src / f"chunk{n}").write_bytes(os.urandom(3 << 20))
+        proc = subprocess.Popen([sys.executable, str(RESCUE), "-c", str(site.conf_dir), "mkbackuponly"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 5.0))
+        children = duplicity_children(proc.pid)
+        proc.kill()                                    # rescue alone: its children die with it
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in children if alive(pid)]
+    proc = site.run("mkbackuponly")
+    assert proc.returncode == 0, proc.stderr
+    status = site.status()
+    assert status["orphaned_or_incomplete"] is False, status
+    assert all(s.get("complete", True) for chain in status["chains"] for s in chain["sets"])
+    times = [s["time"] for chain in status["chains"] for s in chain["sets"]]
+    assert len(times) >= 2
+    latest = site.tmp / "latest"
+    proc = site.run("restoreonly", "--target", latest)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_tree(site.src, restored(site, latest))
+    for n, when in enumerate(times[:-1]):
+        target = site.tmp / f"as-of-{n}"
+        proc = site.run("restoreonly", "--target", target, "--restore-time", when)
+        assert proc.returncode == 0, proc.stderr
+        assert "incomplete" not in proc.stderr
+        tree = restored(site, target)
+        assert (tree / "dir/text.txt").read_text() == "hello world\n" * 100
+        for chunk in tree.glob("chunk*"):              # what a set has, it has whole
+            assert chunk.read_bytes() == (site.src / chunk.name).read_bytes()
 
 
 def keyring_files(home):
