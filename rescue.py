@@ -6820,9 +6820,7 @@ class ManifestBuilder:
         for library in found:
             if library.startswith(self.probe.root.rstrip("/") + "/") and self.probe.root != "/":
                 library = "/" + os.path.relpath(library, self.probe.root)
-            lib_real = self.add_host(library, f"library of {why}")
-            if lib_real is not None:
-                self.add_libraries(lib_real, why)
+            self.add_host(library, f"library of {why}")     # ldd lists the whole closure
 
     # -- contents ------------------------------------------------------------------------------
 
@@ -7574,7 +7572,7 @@ def mkrescue_arguments(parser: argparse.ArgumentParser) -> None:
 
 def mkrescue(ctx: Context) -> int:
     if ctx.args.manifest:
-        layout = capture_for(ctx, "mkrescue").layout
+        layout = capture_layout(Probe(ctx.runner), ctx.config, hostname()).layout
     else:
         layout = save_layout_for_backup(ctx)
     manifest = build_manifest(MediaProbe(ctx.runner), ctx.config, layout, rescue_pyz())
