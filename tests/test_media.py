@@ -157,8 +157,9 @@ def fake_pyz(tmp_path):
     import zipfile
     pyz = tmp_path / "rescue.pyz"
     with zipfile.ZipFile(pyz, "w") as archive:
-        archive.writestr("rescue.py", "import os\nimport ssl_missing\ndef f():\n    import _ssl\n")
-        archive.writestr("__main__.py", "import os\n")
+        for name, text in (("rescue.py", "import os\nimport ssl_missing\ndef f():\n    import _ssl\n"),
+                           ("__main__.py", "import os\n")):
+            archive.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), text)
     return pyz
 
 
@@ -332,3 +333,25 @@ def test_canary_no_passphrase_and_no_secret_key_in_the_image(tmp_path):
     assert armored_secret not in blob and b"private-keys-v1.d" not in blob
     assert not any(n.endswith("id_ed25519") for n in names)
     assert CANARY.encode() not in initrd.read_bytes()
+
+
+def test_two_builds_of_the_same_host_are_the_same_bytes(tmp_path):
+    values = {"OUTPUT": "RAMDISK", "MODULES": ["loaded_modules"], "FIRMWARE_FILES": ["no"]}
+    images = []
+    for n in range(2):
+        m, _ = manifest_for(tmp_path / str(n), values)
+        m.modules = []
+        config = rescue.config_from_values(dict({"HOSTNAME": "host", "ISO_DIR": str(tmp_path / f"out{n}")}, **values))
+        log = rescue.Log()
+        ctx = rescue.Context(argparse.Namespace(), config, log, rescue.Runner(log))
+        result = rescue.make_rescue_media(ctx, m, selftest=False)
+        images.append(gzip.decompress(result.files[1].read_bytes()))
+    assert images[0] == images[1]
+
+
+def test_init_is_a_valid_shell_script_and_the_boot_menu_gets_the_command_line():
+    subprocess.run(["sh", "-n", str(rescue.MEDIA_DATA / "init")], check=True)
+    m = rescue.Manifest(KVER, "/boot/vmlinuz", "zstd", "console=ttyS0,115200n8", "host")
+    menu = rescue.grub_config(m)
+    assert "linux /boot/kernel console=ttyS0,115200n8 rescue.auto=recover,reboot" in menu
+    assert "@" not in menu.replace("@VERSION@", "")
