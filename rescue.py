@@ -6832,7 +6832,11 @@ class ManifestBuilder:
             self.m.tools[name] = path
             self.add_program(path, name)
             for data in TOOL_DATA.get(name, ()):
-                self.add_host(data, f"data of {name}")
+                real = self.add_host(data, f"data of {name}")
+                helpers = [f.path for f in list(self.m.files.values()) if real and f.kind == "file"
+                           and f.path.startswith(real + "/") and f.mode & 0o111]
+                for helper in helpers:          # udev's *_id programs, run by its rules
+                    self.add_libraries(helper, f"helper of {name}")
         for alternatives in layout_tools(self.layout, self.config):
             if not any(a in self.m.tools for a in alternatives):
                 tool = TOOLS.get(alternatives[0])
