@@ -6926,6 +6926,13 @@ class ManifestBuilder:
         m.add(MediaFile("/etc/passwd", "data", mode=0o644, why="users", data=(
             "root:x:0:0:root:/root:/bin/sh\nsshd:x:74:65534:sshd:/run/sshd:/bin/false\n"
             "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n").encode()))
+        password = self.config.setting("SSH_ROOT_PASSWORD")
+        salt = "".join(CRYPT_ALPHABET[b % 64] for b in os.urandom(16))
+        shadow = f"root:{sha512_crypt(password, salt) if password else '*'}:19000:0:99999:7:::\nsshd:!:19000::::::\n"
+        m.add(MediaFile("/etc/shadow", "data", mode=0o600, why="SSH_ROOT_PASSWORD, as a hash", data=shadow.encode()))
+        m.add(MediaFile("/etc/ssh/sshd_config", "data", mode=0o644, why="sshd", data=(
+            f"PermitRootLogin yes\nPasswordAuthentication {'yes' if password else 'no'}\nUsePAM no\n"
+            "PrintMotd no\nSubsystem sftp internal-sftp\n").encode()))
         m.add(MediaFile("/etc/group", "data", mode=0o644, why="users",
                         data=b"root:x:0:\ntty:x:5:\ndisk:x:6:\nnogroup:x:65534:\n"))
         for path in ("/etc/nsswitch.conf", "/etc/hosts", "/etc/resolv.conf", "/etc/services", "/etc/protocols"):
@@ -6951,6 +6958,38 @@ class ManifestBuilder:
         for item in list(self.m.files.values()):
             if item.path.startswith(ssh) or item.path.startswith(gnupg):
                 self.m.files[item.path] = dataclasses.replace(item, mode=item.mode & 0o700 if item.kind != "symlink" else item.mode)
+
+
+CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+SHA512_CRYPT_ORDER = [(0, 21, 42), (22, 43, 1), (44, 2, 23), (3, 24, 45), (25, 46, 4), (47, 5, 26), (6, 27, 48),
+                      (28, 49, 7), (50, 8, 29), (9, 30, 51), (31, 52, 10), (53, 11, 32), (12, 33, 54), (34, 55, 13),
+                      (56, 14, 35), (15, 36, 57), (37, 58, 16), (59, 17, 38), (18, 39, 60), (40, 61, 19), (62, 20, 41)]
+
+
+def sha512_crypt(password: str, salt: str) -> str:
+    """The $6$ hash of /etc/shadow (glibc's SHA-crypt, 5000 rounds): the crypt module is gone
+    from Python 3.13, and the password must not reach a command line."""
+    pw, sl = password.encode(), salt.encode()[:16]
+    digest = lambda data: hashlib.sha512(data).digest()    # noqa: E731
+    b = digest(pw + sl + pw)
+    a = pw + sl + (b * (len(pw) // 64 + 1))[:len(pw)]
+    n = len(pw)
+    while n:
+        a += b if n & 1 else pw
+        n >>= 1
+    a = digest(a)
+    p = (digest(pw * len(pw)) * (len(pw) // 64 + 1))[:len(pw)]
+    s = (digest(sl * (16 + a[0])) * (len(sl) // 64 + 1))[:len(sl)]
+    c = a
+    for i in range(5000):
+        c = digest((p if i & 1 else c) + (s if i % 3 else b"") + (p if i % 7 else b"") + (c if i & 1 else p))
+    out = []
+    for x, y, z in SHA512_CRYPT_ORDER + [(None, None, 63)]:
+        w = ((c[x] << 16) | (c[y] << 8) | c[z]) if x is not None else c[z]
+        for _ in range(4 if x is not None else 2):
+            out.append(CRYPT_ALPHABET[w & 0x3F])
+            w >>= 6
+    return f"$6${salt[:16]}${''.join(out)}"
 
 
 def ssh_private_keys(setting: List[str], names: List[str]) -> List[str]:

@@ -314,6 +314,7 @@ def test_canary_no_passphrase_and_no_secret_key_in_the_image(tmp_path):
     key_files = [p.read_bytes() for p in (home / "private-keys-v1.d").glob("*.key")]
     assert key_files
     values = {"BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE": CANARY, "BACKUP_DUPLICITY_URL": "file:///srv/backup",
+              "SSH_ROOT_PASSWORD": CANARY + "-ssh",
               "OUTPUT": "RAMDISK", "ISO_DIR": str(tmp_path / "out"), "MODULES": ["loaded_modules"],
               "FIRMWARE_FILES": ["no"]}
     m, root = manifest_for(tmp_path, values, gnupg_home=home)
@@ -333,6 +334,21 @@ def test_canary_no_passphrase_and_no_secret_key_in_the_image(tmp_path):
     assert armored_secret not in blob and b"private-keys-v1.d" not in blob
     assert not any(n.endswith("id_ed25519") for n in names)
     assert CANARY.encode() not in initrd.read_bytes()
+    shadow = next(e.data.decode() for e in entries if e.name == "etc/shadow")
+    hashed = shadow.split(":")[1]
+    assert rescue.sha512_crypt(CANARY + "-ssh", hashed.split("$")[2]) == hashed
+
+
+def test_sha512_crypt_is_glibcs():
+    # glibc crypt(3) of these, from python3.11 -c "import crypt; crypt.crypt(PW, '$6$' + SALT)"
+    assert rescue.sha512_crypt("pw", "saltsalt") == (
+        "$6$saltsalt$pauPrmdmG4BTE9h2HPmywiw152IFch6BJCEsaY6D.PLTfpV8sqvXwWdyfsgVgozkYH9B80bAip/08R2BPH2xk/")
+    openssl = shutil.which("openssl")
+    if openssl:
+        for pw, salt in (("a" * 70, "x" * 16), ("pässwörd 1", "QWERTYuiop123456")):
+            want = subprocess.run([openssl, "passwd", "-6", "-salt", salt, "-stdin"], input=pw.encode(),
+                                  capture_output=True, check=True).stdout.decode().strip()
+            assert rescue.sha512_crypt(pw, salt) == want
 
 
 def test_two_builds_of_the_same_host_are_the_same_bytes(tmp_path):
