@@ -314,7 +314,7 @@ def test_canary_no_passphrase_and_no_secret_key_in_the_image(tmp_path):
     key_files = [p.read_bytes() for p in (home / "private-keys-v1.d").glob("*.key")]
     assert key_files
     values = {"BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE": CANARY, "BACKUP_DUPLICITY_URL": "file:///srv/backup",
-              "SSH_ROOT_PASSWORD": CANARY + "-ssh",
+              "SSH_ROOT_PASSWORD": CANARY + "-ssh", "OUTPUT_URL": f"file://{tmp_path}/url",
               "OUTPUT": "RAMDISK", "ISO_DIR": str(tmp_path / "out"), "MODULES": ["loaded_modules"],
               "FIRMWARE_FILES": ["no"]}
     m, root = manifest_for(tmp_path, values, gnupg_home=home)
@@ -324,6 +324,7 @@ def test_canary_no_passphrase_and_no_secret_key_in_the_image(tmp_path):
     ctx = rescue.Context(argparse.Namespace(), config, log, rescue.Runner(log))
     result = rescue.make_rescue_media(ctx, m, selftest=False)
     initrd = next(p for p in result.files if p.name.endswith("initrd.cgz"))
+    assert sorted(p.name for p in (tmp_path / "url").iterdir()) == ["rescue-host-initrd.cgz", "rescue-host-kernel"]
     entries = rescue.read_cpio(gzip.decompress(initrd.read_bytes()))
     names = [e.name for e in entries]
     assert "root/.gnupg/pubring.kbx" in names and "etc/rescue/local.conf" in names and "init" in names
