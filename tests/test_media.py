@@ -117,7 +117,7 @@ def write(path, data=b"", mode=0o644):
     path.chmod(mode)
 
 
-def fake_root(tmp_path, tools=REQUIRED, gnupg_home=None):
+def fake_root(tmp_path, tools=REQUIRED, gnupg_home=None, udev=False):
     root = tmp_path / "host"
     (root / "usr" / "lib").mkdir(parents=True)
     os.symlink("usr/lib", root / "lib")
@@ -143,6 +143,13 @@ def fake_root(tmp_path, tools=REQUIRED, gnupg_home=None):
         write(stdlib / name, "import json.decoder\n" if name == "os.py" else "")
     write(stdlib / "lib-dynload" / "_ssl.cpython-311-x86_64-linux-gnu.so", b"\x7fELF")
     write(root / "usr" / "lib" / "firmware" / "virtio-fw.bin", b"firmware")
+    if udev:
+        write(root / "usr" / "lib" / "systemd" / "systemd-udevd", b"\x7fELF", 0o755)
+        write(root / "usr" / "lib" / "udev" / "rules.d" / "60-block.rules", "# rules\n")
+        write(root / "usr" / "lib" / "udev" / "ata_id", b"\x7fELF", 0o755)
+        write(root / "usr" / "lib" / "udev" / "hwdb.bin", b"hardware names")
+        write(root / "usr" / "lib" / "udev" / "hwdb.d" / "20-pci.hwdb", b"hardware names")
+    write(root / "usr" / "sbin" / "grub-mkrescue", b"\x7fELF", 0o755)
     write(root / "root" / ".ssh" / "authorized_keys", "ssh-ed25519 AAAAC3 admin@laptop\n")
     write(root / "root" / ".ssh" / "id_ed25519", "-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n", 0o600)
     if gnupg_home is not None:
@@ -163,15 +170,16 @@ def fake_pyz(tmp_path):
     return pyz
 
 
-def manifest_for(tmp_path, values=None, tools=REQUIRED, firmware=(), gnupg_home=None, layout="bios-lvm"):
-    root = fake_root(tmp_path, tools, gnupg_home)
+def manifest_for(tmp_path, values=None, tools=REQUIRED, firmware=(), gnupg_home=None, layout="bios-lvm",
+                 udev=False):
+    root = fake_root(tmp_path, tools, gnupg_home, udev)
     config = rescue.config_from_values(dict({"HOSTNAME": "host"}, **(values or {})))
     probe = RecordedProbe(root, firmware)
     return rescue.build_manifest(probe, config, recorded_layout(layout), fake_pyz(tmp_path)), root
 
 
 def test_the_manifest_of_a_host(tmp_path):
-    m, root = manifest_for(tmp_path, firmware=["virtio-fw.bin", "absent.bin"])
+    m, root = manifest_for(tmp_path, firmware=["virtio-fw.bin", "absent.bin"], udev=True)
     files = m.files
     assert m.kernel == str(root / "boot" / f"vmlinuz-{KVER}") and m.compression == "gzip"
     assert m.cmdline == "console=ttyS0,115200n8"
@@ -195,7 +203,11 @@ def test_the_manifest_of_a_host(tmp_path):
     assert "/var/lib/rescue/layout/layout.json" in files
     assert "/root/.gnupg/pubring.kbx" in files and "/root/.ssh/authorized_keys" in files
     assert not any("private-keys" in p or "id_ed25519" in p for p in files)
-    assert "grub-mkrescue" not in m.tools
+    # programs only mkrescue runs stay out; udevd with its rules and helpers, without its hwdb
+    assert "grub-mkrescue" not in m.tools and "/usr/sbin/grub-mkrescue" not in files
+    assert m.tools["systemd-udevd"] == "/lib/systemd/systemd-udevd" and not any("udevd" in w for w in m.warnings)
+    assert "/usr/lib/udev/rules.d/60-block.rules" in files and "/usr/lib/udev/ata_id" in files
+    assert not any("hwdb" in p for p in files)
     text = rescue.manifest_text(m)
     assert "symlink /lib -> usr/lib" in text and "file    /usr/sbin/sfdisk <- " in text
 
