@@ -8,11 +8,13 @@ import shutil
 import stat
 import subprocess
 import argparse
+import json
 from pathlib import Path
 
 import pytest
 
 import rescue
+from conftest import run_rescue
 
 DATA = Path(__file__).resolve().parent / "data" / "media"
 LAYOUTS = Path(__file__).resolve().parent / "data" / "layouts"
@@ -384,3 +386,19 @@ def test_init_is_a_valid_shell_script_and_the_boot_menu_gets_the_command_line():
     menu = rescue.grub_config(m)
     assert "linux /boot/kernel console=ttyS0,115200n8 rescue.auto=recover,reboot" in menu
     assert "@" not in menu.replace("@VERSION@", "")
+
+
+def test_mkrescue_manifest_of_this_machine_as_json(tmp_path, conf_dir):
+    if not (rescue.HERE / "dist" / "rescue.pyz").is_file():
+        pytest.skip("dist/rescue.pyz is not built (python3 build_zipapp.py)")
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    with open(conf_dir / "local.conf", "a") as conf:
+        conf.write(f'KERNEL_FILE="{kernel}"\nBACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="{CANARY}"\n')
+    r = run_rescue("-c", conf_dir, "mkrescue", "--manifest", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads(r.stdout)
+    paths = {f["path"]: f for f in manifest["files"]}
+    assert manifest["kernel"] == str(kernel) and "python3" in manifest["tools"] and "sfdisk" in manifest["tools"]
+    assert paths["/init"]["kind"] == "data" and paths[rescue.IMAGE_PYZ]["source"].endswith("rescue.pyz")
+    assert CANARY not in r.stdout
