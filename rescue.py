@@ -6554,9 +6554,12 @@ class MediaProbe:
                 return path
         return None
 
-    def ldd(self, path: str) -> str:
-        result = self.runner.run(["ldd", self.host(path)], check=False, timeout=60)
-        return result.stdout
+    def ldd(self, paths: Sequence[str]) -> Dict[str, str]:
+        """ldd's output for each file, from one ldd (a process costs much under emulation)."""
+        hosts = [self.host(p) for p in paths]
+        result = self.runner.run(["ldd"] + hosts, check=False, timeout=300)
+        parts = split_ldd(result.stdout, hosts)
+        return {path: parts.get(host, "") for path, host in zip(paths, hosts)}
 
     def module_firmware(self, paths: Sequence[str]) -> List[str]:
         if not paths:
@@ -6591,6 +6594,23 @@ def parse_ldd(text: str) -> Tuple[List[str], List[str]]:
         elif line.startswith("/"):
             found.insert(0, line.split(" (")[0])
     return list(dict.fromkeys(found)), missing
+
+
+def split_ldd(text: str, paths: Sequence[str]) -> Dict[str, str]:
+    """The output of `ldd A B …` -> each file's part (ldd heads each with "FILE:"; with one
+    file, no head)."""
+    if len(paths) == 1:
+        return {paths[0]: text}
+    parts: Dict[str, str] = {}
+    current = None
+    wanted = set(paths)
+    for line in text.splitlines():
+        if line.endswith(":") and line[:-1] in wanted:
+            current = line[:-1]
+            parts[current] = ""
+        elif current is not None:
+            parts[current] += line + "\n"
+    return parts
 
 
 MODULE_SUFFIX = re.compile(r"\.ko(\.(xz|zst|gz))?$")
@@ -6762,6 +6782,7 @@ class ManifestBuilder:
         self.kernel = config.setting("KERNEL_FILE") or f"/boot/vmlinuz-{self.release}"
         self.m = Manifest(self.release, self.kernel, "", "", backup_host(config))
         self.libraries_done: Set[str] = set()
+        self.pending: Dict[str, str] = {}        # programs whose libraries are still to add -> why
 
     def build(self) -> Manifest:
         if not os.path.isfile(self.probe.host(self.kernel)):
@@ -6814,16 +6835,22 @@ class ManifestBuilder:
             self.add_libraries(real, why)
 
     def add_libraries(self, real: str, why: str) -> None:
-        if real in self.libraries_done:
-            return
-        self.libraries_done.add(real)
-        found, missing = parse_ldd(self.probe.ldd(real))
-        for name in missing:
-            self.m.warnings.append(f"{real}: library {name} not found on this host")
-        for library in found:
-            if library.startswith(self.probe.root.rstrip("/") + "/") and self.probe.root != "/":
-                library = "/" + os.path.relpath(library, self.probe.root)
-            self.add_host(library, f"library of {why}")     # ldd lists the whole closure
+        if real not in self.libraries_done:
+            self.libraries_done.add(real)
+            self.pending[real] = why
+
+    def flush_libraries(self) -> None:
+        """Add the libraries of every pending program (ldd lists each one's whole closure)."""
+        pending, self.pending = self.pending, {}
+        outputs = self.probe.ldd(sorted(pending)) if pending else {}
+        for real, text in sorted(outputs.items()):
+            found, missing = parse_ldd(text)
+            for name in missing:
+                self.m.warnings.append(f"{real}: library {name} not found on this host")
+            for library in found:
+                if library.startswith(self.probe.root.rstrip("/") + "/") and self.probe.root != "/":
+                    library = "/" + os.path.relpath(library, self.probe.root)
+                self.add_host(library, f"library of {pending[real]}")
 
     # -- contents ------------------------------------------------------------------------------
 
@@ -6856,6 +6883,7 @@ class ManifestBuilder:
                 if os.path.exists(self.probe.host(posixpath.join(directory, library))):
                     self.add_program(posixpath.join(directory, library), "loaded at run time")
                     break
+        self.flush_libraries()
 
     def python(self) -> None:
         python = self.m.tools["python3"]
@@ -6865,6 +6893,7 @@ class ManifestBuilder:
             real = self.add_host(posixpath.join(paths["stdlib"], relative), "python3 standard library")
             if real and real.endswith(".so"):
                 self.add_libraries(real, f"python3 module {relative}")
+        self.flush_libraries()
 
     def modules(self) -> None:
         moddir = f"/lib/modules/{self.release}"
