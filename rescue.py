@@ -7415,11 +7415,14 @@ def copy_to_output_url(ctx: Context, files: List[Path]) -> None:
         Path(local).mkdir(parents=True, exist_ok=True)
         for path in files:
             shutil.copyfile(str(path), os.path.join(local, path.name))
-    elif scheme in ("rsync", "sftp", "scp"):
-        parsed = urllib.parse.urlsplit(url)
-        login = f"{parsed.username + '@' if parsed.username else ''}{parsed.hostname}"
-        ctx.runner.run(["rsync", "-a", "-e", "ssh " + ctx.ssh_options()] + [str(p) for p in files]
-                       + [f"{login}:{parsed.path.lstrip('/') if parsed.path.startswith('//') else parsed.path}/"],
+    elif scheme in ("rsync", "sftp", "scp") and ssh_login(url, "") is not None:
+        login = ssh_login(url, ctx.ssh_options())
+        mkdir = ssh_mkdir_command(url, ctx.ssh_options())
+        if mkdir:
+            ctx.runner.run(mkdir, timeout=120)
+        host = login[-1]
+        ssh = " ".join(shlex.quote(a) for a in login[:-1])
+        ctx.runner.run(["rsync", "-t", "-e", ssh] + [str(p) for p in files] + [f"{host}:{remote_path(url) or '.'}/"],
                        timeout=3600)
     else:
         raise RescueError(f"OUTPUT_URL {url}: rescue copies media to file://, rsync:// and sftp:// URLs",

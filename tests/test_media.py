@@ -411,3 +411,18 @@ def test_mkrescue_manifest_of_this_machine_as_json(tmp_path, conf_dir):
     assert manifest["kernel"] == str(kernel) and "python3" in manifest["tools"] and "sfdisk" in manifest["tools"]
     assert paths["/init"]["kind"] == "data" and paths[rescue.IMAGE_PYZ]["source"].endswith("rescue.pyz")
     assert CANARY not in r.stdout
+
+
+def test_output_url_over_ssh_gets_the_media(tmp_path, sshd_server):
+    remote = tmp_path / "remote" / "media"
+    values = {"OUTPUT": "RAMDISK", "MODULES": ["loaded_modules"], "FIRMWARE_FILES": ["no"],
+              "ISO_DIR": str(tmp_path / "out"), "OUTPUT_URL": sshd_server.url(str(remote)),
+              "BACKUP_DUPLICITY_SSH_OPTIONS": sshd_server.ssh_options}
+    m, _ = manifest_for(tmp_path, values)
+    m.modules = []
+    config = rescue.config_from_values(dict({"HOSTNAME": "host"}, **values))
+    log = rescue.Log()
+    ctx = rescue.Context(argparse.Namespace(), config, log, rescue.Runner(log))
+    result = rescue.make_rescue_media(ctx, m, selftest=False)
+    for path in result.files:
+        assert (remote / path.name).read_bytes() == path.read_bytes()
