@@ -6965,7 +6965,8 @@ class ManifestBuilder:
         shadow = f"root:{sha512_crypt(password, salt) if password else '*'}:19000:0:99999:7:::\nsshd:!:19000::::::\n"
         m.add(MediaFile("/etc/shadow", "data", mode=0o600, why="SSH_ROOT_PASSWORD, as a hash", data=shadow.encode()))
         m.add(MediaFile("/etc/ssh/sshd_config", "data", mode=0o644, why="sshd", data=(
-            f"PermitRootLogin yes\nPasswordAuthentication {'yes' if password else 'no'}\nUsePAM no\n"
+            f"HostKey /etc/ssh/ssh_host_ed25519_key\nPermitRootLogin yes\n"
+            f"PasswordAuthentication {'yes' if password else 'no'}\nUsePAM no\n"
             "PrintMotd no\nSubsystem sftp internal-sftp\n").encode()))
         m.add(MediaFile("/etc/group", "data", mode=0o644, why="users",
                         data=b"root:x:0:\ntty:x:5:\ndisk:x:6:\nnogroup:x:65534:\n"))
