@@ -5,7 +5,8 @@
 The bios-lvm guest runs `rescue.pyz mkrescue` with a configuration that holds a canary GPG
 passphrase; the ISO and the initramfs are copied out, the initramfs is scanned for the canary,
 and the ISO boots with SeaBIOS and with OVMF: the banner appears on the serial console with the
-network up, and `rescue --version` answers at the shell.
+network up, and `rescue --version` answers at the shell and over ssh; with SeaBIOS, `rescue layoutonly
+--plan` plans the recreation onto a blank disk.
 """
 
 import subprocess
@@ -37,9 +38,11 @@ def unpacked(initrd: bytes) -> bytes:
     return b"\0".join(e.name.encode() + b"\0" + e.data for e in rescue.read_cpio(data))
 
 
-def boot_rescue_iso(make_machine, iso: Path, firmware: str, record_property) -> None:
+def boot_rescue_iso(make_machine, iso: Path, firmware: str, record_property, plan: bool = False) -> None:
     machine = make_machine(None, name="rescue-" + firmware, firmware=firmware, network=True)
     machine.add_cdrom(iso)
+    if plan:
+        machine.add_blank_disk("target", "4G")      # bare metal of the same size as bios-lvm's disk
     started = time.monotonic()
     machine.start()
     banner = machine.wait_console(r"RESCUE SYSTEM of (\S+) \(rescue ([0-9.]+)", timeout=300)
@@ -55,6 +58,14 @@ def boot_rescue_iso(make_machine, iso: Path, firmware: str, record_property) -> 
     machine.wait_console(r"RV-rescue [0-9.]+-END", timeout=180)
     machine.send_console("echo LS-$(ls /dev/vda >/dev/null 2>&1; ip -o link | grep -c ether)-END\n")
     machine.wait_console(r"LS-[1-9]-END", timeout=60)
+    # sshd of the rescue system, with the guest's root authorized_keys
+    machine.wait_ssh(timeout=120)
+    r = machine.run(["rescue", "--version"], timeout=120, check=True)
+    assert r.stdout.strip() == f"rescue {rescue.__version__}"
+    if plan:
+        r = machine.run(["rescue", "layoutonly", "--plan"], timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "sfdisk" in r.stdout and "vg0" in r.stdout
     machine.kill()
 
 
@@ -91,5 +102,5 @@ def test_mkrescue_in_the_guest_and_its_iso_boots(make_machine, tmp_path, record_
     assert b"etc/rescue/local.conf" in image and b"usr/share/rescue/rescue.pyz" in image
     assert "module xfs" in manifest and "module dm_mod" in manifest and "module virtio_blk" in manifest
 
-    boot_rescue_iso(make_machine, iso, "bios", record_property)
+    boot_rescue_iso(make_machine, iso, "bios", record_property, plan=True)
     boot_rescue_iso(make_machine, iso, "uefi", record_property)
