@@ -426,3 +426,23 @@ def test_output_url_over_ssh_gets_the_media(tmp_path, sshd_server):
     result = rescue.make_rescue_media(ctx, m, selftest=False)
     for path in result.files:
         assert (remote / path.name).read_bytes() == path.read_bytes()
+
+
+def test_the_layout_names_the_tools_recover_needs():
+    config = rescue.config_from_values({"BACKUP_DUPLICITY_URL": "rsync://backup@server//srv/backup"})
+    need = rescue.layout_tools(recorded_layout("raid1-luks"), config)
+    assert {"mdadm", "cryptsetup", "lvm", "mke2fs", "mkswap", "ssh", "rsync", "python3", "gpg"} <= {a[0] for a in need}
+    assert ["grub-install", "grub2-install"] in need
+    assert "mkfs.xfs" not in {a[0] for a in need}
+    assert "mkfs.xfs" in {a[0] for a in rescue.layout_tools(recorded_layout("bios-lvm"), rescue.config_from_values({}))}
+
+
+def test_the_network_as_the_host_had_it_for_init():
+    layout = recorded_layout("bios-lvm")
+    layout.network = rescue.Network([rescue.Interface("ens3", "52:54:00:12:34:56", ["10.0.2.15/24"])],
+                                    "10.0.2.2", ["10.0.2.3"])
+    text = rescue.network_config(layout, rescue.config_from_values({"USE_STATIC_NETWORKING": "yes"}))
+    assert text == ("STATIC=yes\nNIC0='52:54:00:12:34:56 ens3 10.0.2.15/24'\nGATEWAY=10.0.2.2\n"
+                    "NAMESERVERS=10.0.2.3\n")
+    script = f"{text}\nn=0\nwhile eval \"line=\\${{NIC$n-}}\"; [ -n \"$line\" ]; do set -- $line; echo \"$1|$2|$3\"; n=$((n + 1)); done"
+    assert subprocess.run(["sh", "-c", script], capture_output=True, text=True).stdout == "52:54:00:12:34:56|ens3|10.0.2.15/24\n"
