@@ -1,0 +1,448 @@
+"""Rescue media (sections "rescue media: manifest" and "rescue media: packers"): the manifest
+worked out from a host (a fake root here, with recorded ldd output and a real modules.dep), the
+cpio writer read back by rescue and by a real cpio, and the canary: no secret in the image."""
+
+import gzip
+import os
+import shutil
+import stat
+import subprocess
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+import rescue
+from conftest import run_rescue
+
+DATA = Path(__file__).resolve().parent / "data" / "media"
+LAYOUTS = Path(__file__).resolve().parent / "data" / "layouts"
+KVER = "6.1.0-50-cloud-amd64"
+CANARY = "canary-Passphrase-7f3a9c1e-do-not-ship"
+
+
+def recorded_layout(name):
+    config = rescue.config_from_values({})
+    return rescue.capture_layout(rescue.Probe(replay_dir=LAYOUTS / name), config, "host").layout
+
+
+# --- ldd ---------------------------------------------------------------------------------------
+
+def test_ldd_output_gives_the_libraries_with_the_interpreter_first():
+    found, missing = rescue.parse_ldd((DATA / "ldd-gpg.txt").read_text())
+    assert found[0] == "/lib64/ld-linux-x86-64.so.2"
+    assert "/lib/x86_64-linux-gnu/libgcrypt.so.20" in found and "/lib/x86_64-linux-gnu/libc.so.6" in found
+    assert not any("vdso" in f for f in found) and missing == []
+    assert len(found) == 11
+
+
+def test_ldd_output_names_what_is_not_found():
+    found, missing = rescue.parse_ldd((DATA / "ldd-librsync-alone.txt").read_text())
+    assert missing == ["librsync-7a6f72b4.so.2.3.4"]
+    assert found == ["/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libpthread.so.0",
+                     "/lib/x86_64-linux-gnu/libc.so.6"]
+
+
+def test_the_output_of_ldd_for_several_files_is_split_by_file():
+    paths = ["/usr/bin/gpg", "/usr/bin/busybox", "/tmp/media-logs/_librsync.cpython-311-x86_64-linux-gnu.so"]
+    parts = rescue.split_ldd((DATA / "ldd-three-files.txt").read_text(), paths)
+    assert rescue.parse_ldd(parts[paths[0]]) == rescue.parse_ldd((DATA / "ldd-gpg.txt").read_text())
+    assert rescue.parse_ldd(parts[paths[1]]) == ([], [])
+    assert rescue.parse_ldd(parts[paths[2]])[1] == ["librsync-7a6f72b4.so.2.3.4"]
+    assert rescue.split_ldd("\tlibc.so.6 => /lib/libc.so.6 (0x1)\n", ["/bin/x"]) == {"/bin/x": "\tlibc.so.6 => /lib/libc.so.6 (0x1)\n"}
+
+
+def test_a_static_program_has_no_libraries():
+    assert rescue.parse_ldd((DATA / "ldd-busybox.txt").read_text()) == ([], [])
+
+
+# --- modules -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cloud_index():
+    read = lambda name: (DATA / f"{KVER}.{name}").read_text()   # noqa: E731
+    return rescue.parse_module_index(read("modules.dep"), read("modules.softdep"), read("modules.alias"),
+                                     read("modules.builtin"))
+
+
+def test_module_closure_follows_modules_dep_and_softdeps(cloud_index):
+    closure = cloud_index.closure(["xfs", "dm-crypt", "virtio_blk"])
+    # xfs -> libcrc32c (modules.dep) -> crc32c (softdep pre:, an alias of crc32c_generic/intel)
+    assert {"xfs", "libcrc32c", "dm_crypt", "dm_mod", "virtio_blk", "virtio_ring", "virtio"} <= set(closure)
+    assert any(m.startswith("crc32c") for m in closure)
+    assert closure == sorted(set(closure))
+
+
+def test_module_names_resolve_by_alias_and_built_ins_are_not_modules(cloud_index):
+    assert cloud_index.resolve("crypto-xts") == ["xts"]
+    assert cloud_index.resolve("fs-xfs") == ["xfs"]
+    assert cloud_index.resolve("md-mod") == ["md_mod"]
+    assert "ext4" not in cloud_index.paths or "ext4" not in cloud_index.builtin
+    assert cloud_index.resolve("no_such_module") == []
+
+
+def test_the_layout_names_the_modules_its_storage_needs():
+    wanted = rescue.layout_modules(recorded_layout("raid1-luks"))
+    assert {"md_mod", "raid1", "dm_crypt", "dm_mod", "ext4"} <= set(wanted)
+    assert "xfs" in rescue.layout_modules(recorded_layout("bios-lvm"))
+
+
+def test_the_compression_is_what_the_kernel_config_unpacks():
+    config = "CONFIG_RD_GZIP=y\nCONFIG_RD_XZ=y\nCONFIG_RD_ZSTD=y\n"
+    assert rescue.initramfs_compression(config, True) == "zstd"
+    assert rescue.initramfs_compression(config, False) == "xz"
+    assert rescue.initramfs_compression("CONFIG_RD_GZIP=y\n# CONFIG_RD_XZ is not set\n", True) == "gzip"
+
+
+# --- the manifest of a fake host ---------------------------------------------------------------
+
+LDD_GPG = (DATA / "ldd-gpg.txt").read_text()
+
+
+class RecordedProbe(rescue.MediaProbe):
+    """A fake root; ldd answers with gpg's real ldd output for every program."""
+
+    def __init__(self, root, firmware=()):
+        super().__init__(None, str(root), KVER)
+        self.firmware_names = list(firmware)
+
+    def ldd(self, paths):
+        return {path: LDD_GPG if "/bin/" in path else "" for path in paths}
+
+    def module_firmware(self, paths):
+        return self.firmware_names if paths else []
+
+    def python_paths(self, python):
+        return {"stdlib": "/usr/lib/python3.11", "dynload": "/usr/lib/python3.11/lib-dynload",
+                "ext_suffix": ".cpython-311-x86_64-linux-gnu.so", "version": "3.11"}
+
+
+REQUIRED = ("python3", "sfdisk", "wipefs", "blkid", "lsblk", "mount", "umount", "findmnt", "gpg", "sh",
+            "mke2fs", "mkfs.xfs", "mkswap", "lvm", "grub-install")
+
+
+def write(path, data=b"", mode=0o644):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    path.chmod(mode)
+
+
+def fake_root(tmp_path, tools=REQUIRED, gnupg_home=None, udev=False):
+    root = tmp_path / "host"
+    (root / "usr" / "lib").mkdir(parents=True)
+    os.symlink("usr/lib", root / "lib")
+    os.symlink("usr/lib64", root / "lib64")
+    os.symlink("usr/bin", root / "bin")
+    write(root / "boot" / f"vmlinuz-{KVER}", b"\x7fkernel image")
+    write(root / "boot" / f"config-{KVER}", "CONFIG_RD_GZIP=y\n")
+    write(root / "proc" / "modules", "virtio_blk 20480 3 - Live 0x0\nvirtio_net 61440 0 - Live 0x0\n")
+    write(root / "proc" / "cmdline", "BOOT_IMAGE=/vmlinuz root=/dev/mapper/vg0-root ro console=ttyS0,115200n8 quiet\n")
+    moddir = root / "usr" / "lib" / "modules" / KVER
+    for name in ("modules.dep", "modules.softdep", "modules.alias", "modules.builtin"):
+        write(moddir / name, (DATA / f"{KVER}.{name}").read_bytes())
+    for line in (DATA / f"{KVER}.modules.dep").read_text().splitlines():
+        write(moddir / line.partition(":")[0], b"\x7fELF module")
+    for tool in tools:
+        write(root / "usr" / ("sbin" if tool not in ("python3", "gpg", "sh") else "bin") / tool, b"\x7fELF", 0o755)
+    os.symlink("python3.11", root / "usr" / "bin" / "python3.11-link")
+    for library in rescue.parse_ldd(LDD_GPG)[0]:
+        write(root / library.lstrip("/").replace("lib64/", "usr/lib64/").replace("lib/", "usr/lib/", 1), b"\x7fELF lib")
+    stdlib = root / "usr" / "lib" / "python3.11"
+    for name in ("os.py", "site.py", "json/__init__.py", "json/decoder.py", "encodings/__init__.py",
+                 "encodings/utf_8.py", "tkinter/__init__.py"):
+        write(stdlib / name, "import json.decoder\n" if name == "os.py" else "")
+    write(stdlib / "lib-dynload" / "_ssl.cpython-311-x86_64-linux-gnu.so", b"\x7fELF")
+    write(root / "usr" / "lib" / "firmware" / "virtio-fw.bin", b"firmware")
+    if udev:
+        write(root / "usr" / "lib" / "systemd" / "systemd-udevd", b"\x7fELF", 0o755)
+        write(root / "usr" / "lib" / "udev" / "rules.d" / "60-block.rules", "# rules\n")
+        write(root / "usr" / "lib" / "udev" / "ata_id", b"\x7fELF", 0o755)
+        write(root / "usr" / "lib" / "udev" / "hwdb.bin", b"hardware names")
+        write(root / "usr" / "lib" / "udev" / "hwdb.d" / "20-pci.hwdb", b"hardware names")
+    write(root / "usr" / "sbin" / "grub-mkrescue", b"\x7fELF", 0o755)
+    write(root / "root" / ".ssh" / "authorized_keys", "ssh-ed25519 AAAAC3 admin@laptop\n")
+    write(root / "root" / ".ssh" / "id_ed25519", "-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n", 0o600)
+    if gnupg_home is not None:
+        shutil.copytree(gnupg_home, root / "root" / ".gnupg", ignore=shutil.ignore_patterns("S.*"))
+    else:
+        write(root / "root" / ".gnupg" / "pubring.kbx", b"public keyring")
+        write(root / "root" / ".gnupg" / "private-keys-v1.d" / "ABCD.key", b"(private-key secret)", 0o600)
+    return root
+
+
+def fake_pyz(tmp_path):
+    import zipfile
+    pyz = tmp_path / "rescue.pyz"
+    with zipfile.ZipFile(pyz, "w") as archive:
+        for name, text in (("rescue.py", "import os\nimport ssl_missing\ndef f():\n    import _ssl\n"),
+                           ("__main__.py", "import os\n")):
+            archive.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), text)
+    return pyz
+
+
+def manifest_for(tmp_path, values=None, tools=REQUIRED, firmware=(), gnupg_home=None, layout="bios-lvm",
+                 udev=False):
+    root = fake_root(tmp_path, tools, gnupg_home, udev)
+    config = rescue.config_from_values(dict({"HOSTNAME": "host"}, **(values or {})))
+    probe = RecordedProbe(root, firmware)
+    return rescue.build_manifest(probe, config, recorded_layout(layout), fake_pyz(tmp_path)), root
+
+
+def test_the_manifest_of_a_host(tmp_path):
+    m, root = manifest_for(tmp_path, firmware=["virtio-fw.bin", "absent.bin"], udev=True)
+    files = m.files
+    assert m.kernel == str(root / "boot" / f"vmlinuz-{KVER}") and m.compression == "gzip"
+    assert m.cmdline == "console=ttyS0,115200n8"
+    # tools at their host paths, the libraries of ldd through the /lib -> usr/lib symlink
+    assert files["/usr/sbin/sfdisk"].kind == "file" and m.tools["sfdisk"] == "/usr/sbin/sfdisk"
+    assert (files["/lib"].kind, files["/lib"].source) == ("symlink", "usr/lib")
+    assert files["/usr/lib/x86_64-linux-gnu/libgcrypt.so.20"].kind == "file"
+    assert files["/usr/lib64/ld-linux-x86-64.so.2"].kind == "file"
+    # modules: loaded + the layout's (xfs, dm_mod) + their closure; firmware only what they name
+    assert {"virtio_blk", "virtio_net", "virtio_ring", "xfs", "libcrc32c", "dm_mod"} <= set(m.modules)
+    assert "raid1" not in m.modules and "btrfs" not in m.modules
+    assert f"/usr/lib/modules/{KVER}/kernel/fs/xfs/xfs.ko" in files
+    assert m.firmware == ["virtio-fw.bin"]
+    # the standard library rescue imports, not the rest of it
+    assert {"/usr/lib/python3.11/os.py", "/usr/lib/python3.11/json/decoder.py",
+            "/usr/lib/python3.11/encodings/utf_8.py", "/usr/lib/python3.11/lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so"} <= set(files)
+    assert "/usr/lib/python3.11/tkinter/__init__.py" not in files
+    # rescue's own files; public keys in, private keys out
+    assert files["/init"].data == (rescue.MEDIA_DATA / "init").read_bytes()
+    assert files[rescue.IMAGE_PYZ].source == str(tmp_path / "rescue.pyz")
+    assert "/var/lib/rescue/layout/layout.json" in files
+    assert "/root/.gnupg/pubring.kbx" in files and "/root/.ssh/authorized_keys" in files
+    assert not any("private-keys" in p or "id_ed25519" in p for p in files)
+    # programs only mkrescue runs stay out; udevd with its rules and helpers, without its hwdb
+    assert "grub-mkrescue" not in m.tools and "/usr/sbin/grub-mkrescue" not in files
+    assert m.tools["systemd-udevd"] == "/lib/systemd/systemd-udevd" and not any("udevd" in w for w in m.warnings)
+    assert "/usr/lib/udev/rules.d/60-block.rules" in files and "/usr/lib/udev/ata_id" in files
+    assert not any("hwdb" in p for p in files)
+    text = rescue.manifest_text(m)
+    assert "symlink /lib -> usr/lib" in text and "file    /usr/sbin/sfdisk <- " in text
+
+
+def test_private_keys_go_in_only_when_a_setting_names_them(tmp_path):
+    m, _ = manifest_for(tmp_path, {"RESCUE_GPG_PRIVATE_KEYS": "yes", "SSH_UNPROTECTED_PRIVATE_KEYS": "yes"})
+    assert "/root/.gnupg/private-keys-v1.d/ABCD.key" in m.files
+    assert "/root/.ssh/id_ed25519" in m.files
+    assert m.files["/root/.ssh/id_ed25519"].mode == 0o600
+
+
+def test_a_tool_the_layout_needs_is_an_error_an_optional_one_a_warning(tmp_path):
+    with pytest.raises(rescue.RescueError) as error:
+        manifest_for(tmp_path, tools=[t for t in REQUIRED if t != "lvm"])
+    assert "recover needs lvm" in error.value.message and "lvm2" in error.value.hint
+    m, _ = manifest_for(tmp_path / "b")
+    assert any("no udevd" in w for w in m.warnings) and any("no DHCP client" in w for w in m.warnings)
+
+
+def test_all_modules_and_explicit_modules(tmp_path):
+    m, _ = manifest_for(tmp_path, {"MODULES": ["all_modules"]})
+    assert len(m.modules) == len((DATA / f"{KVER}.modules.dep").read_text().splitlines())
+    m, _ = manifest_for(tmp_path / "b", {"MODULES": ["loaded_modules", "raid10", "nonexistent_mod"]})
+    assert "raid10" in m.modules and "xfs" not in m.modules
+    assert any("nonexistent_mod" in w for w in m.warnings)
+
+
+def test_the_image_config_has_no_secret_values(tmp_path):
+    config = rescue.config_from_values({
+        "HOSTNAME": "host", "BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE": CANARY,
+        "BACKUP_DUPLICITY_URL": f"rsync://user@server//srv/{CANARY}"})
+    text = rescue.image_config(config)
+    assert CANARY not in text
+    assert "HOSTNAME=host" in text and "BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE=''" in text
+
+
+# --- cpio --------------------------------------------------------------------------------------
+
+def sample_entries():
+    return [rescue.CpioEntry("bin", stat.S_IFDIR | 0o755),
+            rescue.CpioEntry("bin/tool", stat.S_IFREG | 0o755, b"#!/bin/sh\necho hi\n"),
+            rescue.CpioEntry("bin/a", stat.S_IFREG | 0o644, b"same inode", ino=900, nlink=2),
+            rescue.CpioEntry("bin/b", stat.S_IFREG | 0o644, b"same inode", ino=900, nlink=2),
+            rescue.CpioEntry("lib", stat.S_IFLNK | 0o777, b"usr/lib"),
+            rescue.CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+            rescue.CpioEntry("odd", stat.S_IFREG | 0o600, bytes(range(256)) * 3 + b"x")]
+
+
+def test_cpio_round_trip(tmp_path):
+    import io
+    buffer = io.BytesIO()
+    rescue.write_cpio(buffer, sample_entries())
+    data = buffer.getvalue()
+    assert len(data) % 4 == 0
+    back = {e.name: e for e in rescue.read_cpio(data)}
+    assert list(back) == [e.name for e in sample_entries()]
+    assert back["bin/tool"].data == b"#!/bin/sh\necho hi\n" and back["odd"].data == bytes(range(256)) * 3 + b"x"
+    assert back["bin/a"].data == b"" and back["bin/b"].data == b"same inode"    # data on the last link
+    assert back["bin/a"].ino == back["bin/b"].ino and back["bin/b"].nlink == 2
+    assert back["lib"].data == b"usr/lib" and back["dev/console"].rdev == (5, 1)
+
+
+def real_cpio():
+    if shutil.which("cpio"):
+        return ["cpio"]
+    if shutil.which("busybox"):
+        return ["busybox", "cpio"]
+    pytest.skip("no cpio and no busybox on this machine")
+
+
+def test_a_real_cpio_unpacks_what_rescue_writes(tmp_path):
+    import io
+    buffer = io.BytesIO()
+    rescue.write_cpio(buffer, [e for e in sample_entries() if not e.name.startswith("dev")])
+    listing = subprocess.run(real_cpio() + ["-t"], input=buffer.getvalue(), capture_output=True, check=True)
+    # (busybox cpio -t leaves out the earlier names of a hard link; it extracts them)
+    assert {"bin", "bin/tool", "bin/b", "lib", "odd"} <= set(listing.stdout.decode().split())
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(real_cpio() + ["-i", "-d"], input=buffer.getvalue(), cwd=out, capture_output=True, check=True)
+    assert (out / "bin" / "tool").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert (out / "bin" / "a").read_bytes() == (out / "bin" / "b").read_bytes() == b"same inode"
+    assert os.readlink(out / "lib") == "usr/lib"
+    assert (out / "odd").read_bytes() == bytes(range(256)) * 3 + b"x"
+
+
+def test_the_staged_tree_becomes_sorted_entries_with_hard_links(tmp_path):
+    stage = tmp_path / "stage"
+    write(stage / "usr" / "sbin" / "mke2fs", b"mke2fs", 0o755)
+    os.link(stage / "usr" / "sbin" / "mke2fs", stage / "usr" / "sbin" / "mkfs.ext4")
+    os.symlink("usr/sbin", stage / "sbin")
+    entries = rescue.tree_entries(stage)
+    names = [e.name for e in entries]
+    assert names == ["dev", "dev/console", "sbin", "usr", "usr/sbin", "usr/sbin/mke2fs", "usr/sbin/mkfs.ext4"]
+    linked = [e for e in entries if e.nlink == 2]
+    assert len(linked) == 2 and linked[0].ino == linked[1].ino
+
+
+# --- the canary: no secret anywhere in the image -----------------------------------------------
+
+def gpg_home_with_secret_key(tmp_path):
+    if not shutil.which("gpg"):
+        pytest.skip("no gpg")
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    run = lambda *a, **k: subprocess.run(["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback",   # noqa: E731
+                                          "--passphrase", CANARY] + list(a), capture_output=True, check=True, **k)
+    run("--quick-gen-key", "Canary <canary@example.invalid>", "ed25519", "cert,sign", "never")
+    secret = run("--export-secret-keys", "--armor").stdout
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+    return home, secret
+
+
+def test_canary_no_passphrase_and_no_secret_key_in_the_image(tmp_path):
+    home, armored_secret = gpg_home_with_secret_key(tmp_path)
+    key_files = [p.read_bytes() for p in (home / "private-keys-v1.d").glob("*.key")]
+    assert key_files
+    values = {"BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE": CANARY, "BACKUP_DUPLICITY_URL": "file:///srv/backup",
+              "SSH_ROOT_PASSWORD": CANARY + "-ssh", "OUTPUT_URL": f"file://{tmp_path}/url",
+              "OUTPUT": "RAMDISK", "ISO_DIR": str(tmp_path / "out"), "MODULES": ["loaded_modules"],
+              "FIRMWARE_FILES": ["no"]}
+    m, root = manifest_for(tmp_path, values, gnupg_home=home)
+    m.modules = []          # this machine has no depmod; the modules' bytes are fake anyway
+    config = rescue.config_from_values(dict({"HOSTNAME": "host"}, **values))
+    log = rescue.Log()
+    ctx = rescue.Context(argparse.Namespace(), config, log, rescue.Runner(log))
+    result = rescue.make_rescue_media(ctx, m, selftest=False)
+    initrd = next(p for p in result.files if p.name.endswith("initrd.cgz"))
+    assert sorted(p.name for p in (tmp_path / "url").iterdir()) == sorted(p.name for p in result.files)
+    entries = rescue.read_cpio(gzip.decompress(initrd.read_bytes()))
+    names = [e.name for e in entries]
+    assert "root/.gnupg/pubring.kbx" in names and "etc/rescue/local.conf" in names and "init" in names
+    blob = b"\0".join(e.name.encode() + b"\0" + e.data for e in entries)
+    assert CANARY.encode() not in blob
+    for key in key_files:
+        assert key not in blob and key[len(key) // 2:len(key) // 2 + 48] not in blob
+    assert armored_secret not in blob and b"private-keys-v1.d" not in blob
+    assert not any(n.endswith("id_ed25519") for n in names)
+    assert CANARY.encode() not in initrd.read_bytes()
+    shadow = next(e.data.decode() for e in entries if e.name == "etc/shadow")
+    hashed = shadow.split(":")[1]
+    assert rescue.sha512_crypt(CANARY + "-ssh", hashed.split("$")[2]) == hashed
+
+
+def test_sha512_crypt_is_glibcs():
+    # glibc crypt(3) of these, from python3.11 -c "import crypt; crypt.crypt(PW, '$6$' + SALT)"
+    assert rescue.sha512_crypt("pw", "saltsalt") == (
+        "$6$saltsalt$pauPrmdmG4BTE9h2HPmywiw152IFch6BJCEsaY6D.PLTfpV8sqvXwWdyfsgVgozkYH9B80bAip/08R2BPH2xk/")
+    openssl = shutil.which("openssl")
+    if openssl:
+        for pw, salt in (("a" * 70, "x" * 16), ("pässwörd 1", "QWERTYuiop123456")):
+            want = subprocess.run([openssl, "passwd", "-6", "-salt", salt, "-stdin"], input=pw.encode(),
+                                  capture_output=True, check=True).stdout.decode().strip()
+            assert rescue.sha512_crypt(pw, salt) == want
+
+
+def test_two_builds_of_the_same_host_are_the_same_bytes(tmp_path):
+    values = {"OUTPUT": "RAMDISK", "MODULES": ["loaded_modules"], "FIRMWARE_FILES": ["no"]}
+    images = []
+    for n in range(2):
+        m, _ = manifest_for(tmp_path / str(n), values)
+        m.modules = []
+        config = rescue.config_from_values(dict({"HOSTNAME": "host", "ISO_DIR": str(tmp_path / f"out{n}")}, **values))
+        log = rescue.Log()
+        ctx = rescue.Context(argparse.Namespace(), config, log, rescue.Runner(log))
+        result = rescue.make_rescue_media(ctx, m, selftest=False)
+        images.append(gzip.decompress(result.files[1].read_bytes()))
+    assert images[0] == images[1]
+
+
+def test_init_is_a_valid_shell_script_and_the_boot_menu_gets_the_command_line():
+    subprocess.run(["sh", "-n", str(rescue.MEDIA_DATA / "init")], check=True)
+    m = rescue.Manifest(KVER, "/boot/vmlinuz", "zstd", "console=ttyS0,115200n8", "host")
+    menu = rescue.grub_config(m)
+    assert "linux /boot/kernel console=ttyS0,115200n8 rescue.auto=recover,reboot" in menu
+    assert "@" not in menu.replace("@VERSION@", "")
+
+
+def test_mkrescue_manifest_of_this_machine_as_json(tmp_path, conf_dir):
+    if not (rescue.HERE / "dist" / "rescue.pyz").is_file():
+        pytest.skip("dist/rescue.pyz is not built (python3 build_zipapp.py)")
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    with open(conf_dir / "local.conf", "a") as conf:
+        conf.write(f'KERNEL_FILE="{kernel}"\nBACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="{CANARY}"\n')
+    r = run_rescue("-c", conf_dir, "mkrescue", "--manifest", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads(r.stdout)
+    paths = {f["path"]: f for f in manifest["files"]}
+    assert manifest["kernel"] == str(kernel) and "python3" in manifest["tools"] and "sfdisk" in manifest["tools"]
+    assert paths["/init"]["kind"] == "data" and paths[rescue.IMAGE_PYZ]["source"].endswith("rescue.pyz")
+    assert CANARY not in r.stdout
+
+
+def test_output_url_over_ssh_gets_the_media(tmp_path, sshd_server):
+    remote = tmp_path / "remote" / "media"
+    values = {"OUTPUT": "RAMDISK", "MODULES": ["loaded_modules"], "FIRMWARE_FILES": ["no"],
+              "ISO_DIR": str(tmp_path / "out"), "OUTPUT_URL": sshd_server.url(str(remote)),
+              "BACKUP_DUPLICITY_SSH_OPTIONS": sshd_server.ssh_options}
+    m, _ = manifest_for(tmp_path, values)
+    m.modules = []
+    config = rescue.config_from_values(dict({"HOSTNAME": "host"}, **values))
+    log = rescue.Log()
+    ctx = rescue.Context(argparse.Namespace(), config, log, rescue.Runner(log))
+    result = rescue.make_rescue_media(ctx, m, selftest=False)
+    for path in result.files:
+        assert (remote / path.name).read_bytes() == path.read_bytes()
+
+
+def test_the_layout_names_the_tools_recover_needs():
+    config = rescue.config_from_values({"BACKUP_DUPLICITY_URL": "rsync://backup@server//srv/backup"})
+    need = rescue.layout_tools(recorded_layout("raid1-luks"), config)
+    assert {"mdadm", "cryptsetup", "lvm", "mke2fs", "mkswap", "ssh", "rsync", "python3", "gpg"} <= {a[0] for a in need}
+    assert ["grub-install", "grub2-install"] in need
+    assert "mkfs.xfs" not in {a[0] for a in need}
+    assert "mkfs.xfs" in {a[0] for a in rescue.layout_tools(recorded_layout("bios-lvm"), rescue.config_from_values({}))}
+
+
+def test_the_network_as_the_host_had_it_for_init():
+    layout = recorded_layout("bios-lvm")
+    layout.network = rescue.Network([rescue.Interface("ens3", "52:54:00:12:34:56", ["10.0.2.15/24"])],
+                                    "10.0.2.2", ["10.0.2.3"])
+    text = rescue.network_config(layout, rescue.config_from_values({"USE_STATIC_NETWORKING": "yes"}))
+    assert text == ("STATIC=yes\nNIC0='52:54:00:12:34:56 ens3 10.0.2.15/24'\nGATEWAY=10.0.2.2\n"
+                    "NAMESERVERS=10.0.2.3\n")
+    script = f"{text}\nn=0\nwhile eval \"line=\\${{NIC$n-}}\"; [ -n \"$line\" ]; do set -- $line; echo \"$1|$2|$3\"; n=$((n + 1)); done"
+    assert subprocess.run(["sh", "-c", script], capture_output=True, text=True).stdout == "52:54:00:12:34:56|ens3|10.0.2.15/24\n"
