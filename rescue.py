@@ -6257,25 +6257,28 @@ def run_checked(ctx: "Context", args: Sequence[str], crypt: Encryption, what: st
 
 
 def run_retention(ctx: "Context", opts: DuplicityOptions, url: str, parts: Sequence[str]) -> None:
-    """The remove-* actions on the main chain; the parts' chains (retired ones too) follow it
-    as one backup: each keeps what a restore as of the oldest time the main chain still has
-    takes from it (remove-older-than its newest set at or before that time), so that the
-    rules, counted chain by chain, never leave a part out of a restore the main chain offers.
-    A target rescue cannot list: the same actions on every chain."""
+    """The remove-* actions on the main chain; the layout chain and the parts' chains (retired
+    ones too) follow it as one backup: each keeps what a restore as of the oldest time the
+    main chain still has takes from it (remove-older-than its newest set at or before that
+    time), so that rules counted chain by chain never leave the plan of that time or a part
+    out of a restore the main chain offers. A target rescue cannot list: the same actions on
+    every part, BACKUP_DUPLICITY_MAX_TIME on the layout chain."""
     actions = retention_commands(ctx.config)
     for action in actions:
         ctx.log.say(f"Removing old backups: {' '.join(action[:2])}")
         run_checked(ctx, retention_command(opts, action, url, ""), opts.crypt, "removing old backups")
-    main = chain_sets(ctx, url) if actions and parts else None
+    main = chain_sets(ctx, url) if actions else None
     oldest = min((t for t, ok in main.items() if ok), default=None) if main else None
-    for part in parts if actions else []:
-        chain_url, suffix = part_chain(url, part)
+    max_time = ctx.config.setting("BACKUP_DUPLICITY_MAX_TIME")
+    followers = [(layout_url(url), LAYOUT_SUFFIX, [["remove-older-than", max_time, "--force"]] if max_time else [])]
+    followers += [part_chain(url, part) + (actions,) for part in parts]
+    for chain_url, suffix, otherwise in followers if actions else []:
         sets = chain_sets(ctx, chain_url) if oldest is not None else None
         if sets is None:
-            follow = actions
+            follow = otherwise
         else:
             needed = [t for t, ok in sets.items() if ok and t <= oldest]
-            follow = [a for a in actions if a[0] == "remove-all-inc-of-but-n-full"]
+            follow = [a for a in actions if a[0] == "remove-all-inc-of-but-n-full" and suffix != LAYOUT_SUFFIX]
             follow += [["remove-older-than", str(int(max(needed))), "--force"]] if needed else []
         for action in follow:
             run_checked(ctx, retention_command(opts, action, chain_url, suffix), opts.crypt, "removing old backups")
@@ -6325,10 +6328,6 @@ def upload_layout(ctx: "Context", opts: DuplicityOptions, url: str, workdir: Pat
     ctx.log.say(f"Storing the layout and configuration in {ctx.log.redact(layout_url(url))}")
     run_checked(ctx, layout_store_command(opts, str(staging), url, str(workdir), run_time), opts.crypt,
                 "storing the layout")
-    max_time = ctx.config.setting("BACKUP_DUPLICITY_MAX_TIME")
-    if max_time:
-        args = retention_command(opts, ["remove-older-than", max_time, "--force"], layout_url(url), LAYOUT_SUFFIX)
-        run_checked(ctx, args, opts.crypt, "removing old layouts")
     return digest
 
 

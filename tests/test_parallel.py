@@ -285,6 +285,27 @@ def test_retention_keeps_what_a_restore_of_every_kept_time_takes_from_each_part(
     assert (restored(site, target) / "part-a/small.txt").read_text() == "run 3\n"
 
 
+def test_retention_keeps_the_plan_and_the_retired_part_a_restore_of_the_oldest_time_needs(split_site):
+    """Issue 11 A.3, the layout chain: remove-older-than on it, by itself, took the stored plan
+    of the main chain's oldest time (and the retired part's chain went by the same rule), so
+    a restore as of that time silently left the retired part out."""
+    site = split_site
+    assert site.run("mkbackuponly").returncode == 0
+    first = site.status()["chains"][0]["sets"][0]["time"]
+    time.sleep(1.1)
+    os.rename(site.src / "part-b", site.src.parent / "old-part-b")      # retired: a new plan is stored
+    assert site.run("mkbackuponly").returncode == 0
+    second = site.status()["chains"][0]["sets"][1]["time"]
+    time.sleep(1.1)
+    proc = site.run("mkbackuponly", BACKUP_DUPLICITY_MAX_TIME=second)
+    assert proc.returncode == 0, proc.stderr
+    assert site.status()["chains"][0]["sets"][0]["time"] == first         # main still has the first run
+    target = site.tmp / "as-of-first"
+    proc = site.run("restoreonly", "--target", target, "--restore-time", first)
+    assert proc.returncode == 0, proc.stderr
+    assert (restored(site, target) / "part-b/sub/small.txt").read_text() == "part-b/sub\n"
+
+
 def test_verify_as_of_a_time_checks_the_chains_of_that_backup_not_todays_plan(split_site):
     site = split_site
     assert site.run("mkbackuponly").returncode == 0
