@@ -1343,6 +1343,10 @@ def program_value(text: str) -> str:
     return text
 
 
+REAR_OUTPUTS = ("ISO", "RAMDISK", "USB", "PXE", "OBDR", "RAWDISK", "PORTABLE")
+MEDIA_OUTPUTS = ("ISO", "RAMDISK")
+
+
 def choice_value(*choices: str) -> Callable[[str], str]:
     def check(text: str) -> str:
         found = next((c for c in choices if c.lower() == text.lower()), None)
@@ -1456,8 +1460,9 @@ SETTINGS = _settings(
     Setting("BACKUP_DUPLICITY_INCLUDE", LIST, "back up only these duplicity patterns", [], whole=True),
     Setting("BACKUP_DUPLICITY_RESTORE_TIME", duplicity_time_value, "restore the backup as of this time"),
     Setting("BACKUP_DUPLICITY_TEMP_RAMDISK", bool_value, "duplicity's temporary files on a tmpfs when restoring"),
-    Setting("OUTPUT", choice_value("ISO", "RAMDISK"), "what mkrescue produces besides kernel and initramfs", "ISO"),
-    Setting("OUTPUT_URL", url_value, "where to copy the rescue media"),
+    Setting("OUTPUT", choice_value(*REAR_OUTPUTS), "what mkrescue produces besides kernel and initramfs "
+            "(ISO or RAMDISK; ReaR's other outputs load, and mkrescue refuses them)", "ISO"),
+    Setting("OUTPUT_URL", TEXT, "where mkrescue copies the rescue media (file://, rsync://, sftp://; ReaR's others load and mkrescue refuses them)"),
     Setting("ISO_DIR", path_value, "where mkrescue writes the rescue media", "/var/lib/rescue/output"),
     Setting("ISO_PREFIX", name_value, "the rescue media's file names start with this", "rescue-$HOSTNAME"),
     Setting("ISO_VOLID", TEXT, "the ISO's volume label", "RESCUE"),
@@ -9710,6 +9715,11 @@ def mkrescue_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def mkrescue(ctx: Context) -> int:
+    output = ctx.config.setting("OUTPUT")
+    if output not in MEDIA_OUTPUTS:
+        raise RescueError(f"OUTPUT={output}: rescue makes OUTPUT=ISO (a BIOS+UEFI hybrid ISO, which can be written "
+                          "to a USB stick) or OUTPUT=RAMDISK (kernel and initramfs, e.g. for PXE)",
+                          "set OUTPUT=ISO or OUTPUT=RAMDISK; the backup workflows do not depend on it")
     if ctx.args.manifest:
         layout = capture_layout(Probe(ctx.runner), ctx.config, hostname()).layout
     else:

@@ -446,3 +446,12 @@ def test_the_network_as_the_host_had_it_for_init():
                     "NAMESERVERS=10.0.2.3\n")
     script = f"{text}\nn=0\nwhile eval \"line=\\${{NIC$n-}}\"; [ -n \"$line\" ]; do set -- $line; echo \"$1|$2|$3\"; n=$((n + 1)); done"
     assert subprocess.run(["sh", "-c", script], capture_output=True, text=True).stdout == "52:54:00:12:34:56|ens3|10.0.2.15/24\n"
+
+
+def test_a_rear_output_rescue_does_not_make_loads_and_only_mkrescue_refuses_it(conf_dir):
+    (conf_dir / "local.conf").write_text("OUTPUT=USB\nBACKUP=DUPLICITY\n")
+    proc = run_rescue("-c", conf_dir, "dump", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["OUTPUT"] == "USB", proc.stderr
+    proc = run_rescue("-c", conf_dir, "mkrescue")
+    assert proc.returncode != 0 and "rescue: error: OUTPUT=USB: rescue makes OUTPUT=ISO" in proc.stderr
+    assert "Traceback" not in proc.stderr
