@@ -7360,10 +7360,10 @@ def make_iso(ctx: Context, manifest: Manifest, kernel: Path, initrd: Path, iso: 
     (tree / "boot" / "grub" / "grub.cfg").write_text(grub_config(manifest))
     program = next((p for p in ("grub-mkrescue", "grub2-mkrescue") if shutil.which(p)), "grub-mkrescue")
     partial = iso.with_name(f".{iso.name}.partial")
-    # GRUB's own files compressed, without fonts, translations and themes (a serial or text
-    # console needs none). (--install-modules would cut more, but grub-mkrescue 2.06 fails
-    # on a module that another one in the list pulls in: "cannot copy terminal.mod".)
-    ctx.runner.run([program, "-o", str(partial), "--compress=xz", "--fonts=", "--locales=", "--themes=",
+    # Without GRUB's fonts, translations and themes (a serial or text console needs none).
+    # grub-mkrescue 2.06 fails with --compress=xz and with --install-modules ("cannot copy
+    # ext2.mod / terminal.mod: File exists"), which would have cut more.
+    ctx.runner.run([program, "-o", str(partial), "--fonts=", "--locales=", "--themes=",
                     str(tree), "--", "-volid", ctx.config.setting("ISO_VOLID")],
                    env={"SOURCE_DATE_EPOCH": "0"}, timeout=600)
     os.replace(str(partial), str(iso))
