@@ -9381,10 +9381,6 @@ def grub_config(manifest: Manifest) -> str:
             .replace("@CMDLINE@", manifest.cmdline))
 
 
-GRUB_ISO_MODULES = ("normal linux serial terminal terminfo echo test configfile iso9660 part_msdos part_gpt "
-                    "fat biosdisk search search_label search_fs_uuid all_video gfxterm font ls cat halt reboot")
-
-
 def make_iso(ctx: Context, manifest: Manifest, kernel: Path, initrd: Path, iso: Path, work: Path) -> None:
     tree = work / "iso"
     (tree / "boot" / "grub").mkdir(parents=True)
@@ -9393,10 +9389,11 @@ def make_iso(ctx: Context, manifest: Manifest, kernel: Path, initrd: Path, iso: 
     (tree / "boot" / "grub" / "grub.cfg").write_text(grub_config(manifest))
     program = next((p for p in ("grub-mkrescue", "grub2-mkrescue") if shutil.which(p)), "grub-mkrescue")
     partial = iso.with_name(f".{iso.name}.partial")
-    # GRUB's own files compressed, and only the modules the menu needs: the ISO is then
-    # little more than kernel and initramfs.
-    ctx.runner.run([program, "-o", str(partial), "--compress=xz", "--fonts=", "--locales=", "--themes=",
-                    "--install-modules=" + GRUB_ISO_MODULES, str(tree), "--", "-volid", ctx.config.setting("ISO_VOLID")],
+    # Without GRUB's fonts, translations and themes (a serial or text console needs none).
+    # grub-mkrescue 2.06 fails with --compress=xz and with --install-modules ("cannot copy
+    # ext2.mod / terminal.mod: File exists"), which would have cut more.
+    ctx.runner.run([program, "-o", str(partial), "--fonts=", "--locales=", "--themes=",
+                    str(tree), "--", "-volid", ctx.config.setting("ISO_VOLID")],
                    env={"SOURCE_DATE_EPOCH": "0"}, timeout=600)
     os.replace(str(partial), str(iso))
 
