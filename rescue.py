@@ -2563,11 +2563,15 @@ def fs_label(fs: Filesystem, layout: Layout, on: str) -> Tuple[str, Optional[str
     mounts = [m for m in layout.mounts if m.device == fs.device]
     where = ", ".join(m.mountpoint + (f" (subvolume {m.subvolume})" if m.subvolume else "") for m in mounts)
     used = f"  {human_size(fs.used)} used of {human_size(fs.size)}" if fs.size else ""
-    return f"{fs.type}  UUID={fs.uuid}{label}" + (f"  -> {where}" if where else "") + used, None, ""
+    return f"{fs.type}  {uuid_text(fs.uuid)}{label}" + (f"  -> {where}" if where else "") + used, None, ""
+
+
+def uuid_text(uuid: Optional[str]) -> str:
+    return f"UUID={uuid}" if uuid else "UUID unknown"
 
 
 def swap_label(swap: Swap, layout: Layout, on: str) -> Tuple[str, Optional[str], str]:
-    return f"swap  UUID={swap.uuid}" + (f" LABEL={swap.label}" if swap.label else ""), None, ""
+    return f"swap  {uuid_text(swap.uuid)}" + (f" LABEL={swap.label}" if swap.label else ""), None, ""
 
 
 @dataclass(frozen=True)
@@ -3191,6 +3195,7 @@ def shutil_which(program: str) -> Optional[str]:
 class Captured:
     layout: Layout
     vgcfg: Dict[str, str]             # volume group -> its vgcfgbackup file
+    warnings: List[str] = field(default_factory=list)   # what savelayout could not learn, by device
 
 
 def probe_output(probe: Probe, argv: Sequence[str], required: bool = False) -> Optional[str]:
@@ -3214,6 +3219,7 @@ class LayoutCapture:
         self.hostname = hostname
         self.excluded: List[Exclusion] = []
         self.unsupported: List[Exclusion] = []
+        self.warnings: List[str] = []
         self.nodes = parse_lsblk(probe_output(probe, ["lsblk", "-J", "-b", "-p", "-o", LSBLK_COLUMNS], True))
         self.by_majmin = {n.majmin: n for n in self.nodes.values() if n.majmin}
         self.by_kname = {n.kname: n for n in self.nodes.values()}
@@ -3423,11 +3429,13 @@ class LayoutCapture:
         fs = Filesystem(node.name, fstype, node.uuid, node.label or None, size, used)
         where = mount.mountpoint if mount else node.name
         if fstype.startswith("ext"):
-            fs.options = parse_dumpe2fs(probe_output(self.probe, ["dumpe2fs", "-h", node.name]) or "")
+            text = self.options_output(node.name, fstype, ["dumpe2fs", "-h", node.name])
+            fs.options = parse_dumpe2fs(text) if text is not None else {}
         elif fstype == "xfs":
-            fs.options = parse_xfs_info(probe_output(self.probe, ["xfs_info", where]) or "")
+            text = self.options_output(node.name, fstype, ["xfs_info", where])
+            fs.options = parse_xfs_info(text) if text is not None else {}
         elif fstype == "vfat":
-            info = parse_blkid_export(probe_output(self.probe, ["blkid", "-p", "-o", "export", node.name]) or "")
+            info = parse_blkid_export(self.options_output(node.name, fstype, ["blkid", "-p", "-o", "export", node.name]) or "")
             fs.options = {"fat_size": to_int((info.get("VERSION") or "").replace("FAT", "")),
                           "volume_id": (node.uuid or "").replace("-", "") or None}
         elif fstype == "btrfs":
@@ -3435,6 +3443,26 @@ class LayoutCapture:
         if fstype not in SUPPORTED_FS:
             self.unsupported_item(node.name, "filesystem", f"{fstype} filesystems are not recreated")
         return fs
+
+    def options_output(self, device: str, fstype: str, argv: List[str]) -> Optional[str]:
+        """What a filesystem's tool says about it; when it fails, a warning naming the device
+        (recover then makes the filesystem with mkfs's defaults), and None."""
+        result = self.probe.run(argv)
+        if result is not None and result.returncode == 0:
+            return result.stdout
+        lines = [line.strip() for line in (result.stderr if result else "").splitlines() if line.strip()]
+        why = "is not installed" if result is None else f"failed: {lines[-1] if lines else f'exit {result.returncode}'}"
+        self.warnings.append(f"{device}: {argv[0]} {why}; recover will make this {fstype} filesystem "
+                             "with mkfs defaults (check the device, then run savelayout again)")
+        return None
+
+    def uuid_warnings(self, layout: Layout) -> None:
+        for item in list(layout.filesystems) + list(layout.swaps):
+            if not item.uuid:
+                what = "swap" if isinstance(item, Swap) else f"{item.type} filesystem"
+                self.warnings.append(f"{item.device}: no filesystem UUID found (lsblk, blkid): recover "
+                                     f"gives this {what} a new one; fstab or boot entries that name it by UUID "
+                                     "will not match")
 
     def btrfs(self, mountpoint: str) -> Dict[str, object]:
         listing = probe_output(self.probe, ["btrfs", "subvolume", "list", "-a", "-p", mountpoint]) or ""
@@ -3473,8 +3501,9 @@ class LayoutCapture:
         layout.boot = self.boot(layout)
         layout.network = self.network()
         layout.excluded, layout.unsupported = self.excluded, self.unsupported
+        self.uuid_warnings(layout)
         vgcfg = {vg.name: self.vgcfg(vg.name) for vg in layout.volume_groups}
-        return Captured(sort_layout(layout), {k: v for k, v in vgcfg.items() if v})
+        return Captured(sort_layout(layout), {k: v for k, v in vgcfg.items() if v}, self.warnings)
 
     def components(self, layout: Layout, needed: Dict[str, BlockNode]) -> None:
         by_id = self.probe.links("/dev/disk/by-id")
@@ -3706,8 +3735,8 @@ def capture_for(ctx: Context, what: str) -> Captured:
         require_root(what)
         probe = Probe(ctx.runner, record_dir=Path(args.record) if getattr(args, "record", None) else None)
     captured = capture_layout(probe, ctx.config, hostname())
-    for item in captured.layout.unsupported:
-        ctx.log.warn(f"{item.what}: {item.reason}")
+    for line in [f"{item.what}: {item.reason}" for item in captured.layout.unsupported] + captured.warnings:
+        ctx.log.warn(line)
     return captured
 
 
@@ -3715,8 +3744,8 @@ def save_layout_for_backup(ctx: "Context") -> "Layout":
     """savelayout, as the first step of every backup: the backup carries the current layout,
     and the layout decides what is backed up."""
     captured = capture_layout(Probe(ctx.runner), ctx.config, hostname())
-    for item in captured.layout.unsupported:
-        ctx.log.warn(f"{item.what}: {item.reason}")
+    for line in [f"{item.what}: {item.reason}" for item in captured.layout.unsupported] + captured.warnings:
+        ctx.log.warn(line)
     save_layout_files(captured, layout_dir(ctx.config))
     ctx.log.say(f"Saved the disk layout in {layout_dir(ctx.config)}")
     return captured.layout
