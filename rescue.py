@@ -5032,6 +5032,8 @@ KNOWN_FAILURES = (
     ("Connection refused", "the backup server refused the connection", "check that sshd runs there and the port"),
     ("Could not resolve hostname", "the backup server's name does not resolve", "check the host in BACKUP_DUPLICITY_URL"),
     ("Permission denied", "permission denied (ssh login or a file)", "check the ssh key and the target's permissions"),
+    ("CommandLineError:", "duplicity rejected its command line (an option in BACKUP_DUPLICITY_OPTIONS?)",
+     "check each option in BACKUP_DUPLICITY_OPTIONS against: rescue duplicity --help"),
     ("Another duplicity instance is already running", "another duplicity is using this archive directory",
      "wait for it to finish"),
 )
@@ -6261,7 +6263,9 @@ def duplicity_run(ctx: "Context", args: Sequence[str], crypt: Encryption, what: 
 def without_traceback(text: str) -> str:
     """duplicity's output with a Python traceback cut to its last line (the whole is in the log)."""
     lines = text.splitlines()
-    start = next((n for n, line in enumerate(lines) if line.lstrip().startswith("Traceback (most recent")), None)
+    # "Traceback (most recent call last)" or duplicity's "(innermost last)"; a tail may begin inside the frames.
+    start = next((n for n, line in enumerate(lines) if line.lstrip().startswith("Traceback (")
+                  or line.startswith('  File "')), None)
     if start is None:
         return text
     last = next((line.strip() for line in reversed(lines) if line.strip()), "")
@@ -9663,6 +9667,10 @@ def wf_restoreonly(ctx: Context) -> int:
     time_ = restore_time(ctx.config, ctx.args.restore_time)
     if ctx.args.target is not None and not ctx.args.target.strip():
         raise ConfigError("--target is empty", "give the directory to restore into, e.g. --target /mnt/local")
+    if ctx.args.target and ctx.args.target != os.fsencode(ctx.args.target).decode("utf-8", "replace"):
+        shown = os.fsencode(ctx.args.target).decode("utf-8", "backslashreplace")
+        raise ConfigError(f"--target {shown}: the name is not UTF-8, and duplicity can restore only into one that is",
+                          "restore into a directory with a UTF-8 name, then move the files")
     if not ctx.args.target:
         if ctx.args.layout_only:
             raise ConfigError("--layout-only needs --target DIR", "e.g. --layout-only --target /tmp/layout")

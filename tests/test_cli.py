@@ -239,6 +239,12 @@ BAD_INPUTS = [
     ("empty-target", ["restoreonly", "--target", ""], [], {}, 2, "--target is empty"),
     ("include-missing", ["mkbackuponly"], ["BACKUP_DUPLICITY_INCLUDE=( /nonexistent-rescue-x )"], {}, 2,
      "nothing to back up: none of BACKUP_DUPLICITY_INCLUDE exists"),
+    ("unknown-duplicity-option", ["mkbackuponly"], ['BACKUP_DUPLICITY_OPTIONS="--no-such-option"'], {}, 1,
+     "duplicity rejected its command line (an option in BACKUP_DUPLICITY_OPTIONS?)"),
+    ("non-utf8-url-in-config", ["dump"], [b"BACKUP_DUPLICITY_URL=file:///b/t\xff"], {}, 2,
+     "not a text file (not UTF-8 at byte"),
+    ("non-utf8-restore-target", ["restoreonly", "--target", "{tmp}/r\udcff"], [], {}, 2,
+     "--target {tmp}/r\\xff: the name is not UTF-8"),
 ]
 
 
@@ -247,7 +253,8 @@ BAD_INPUTS = [
 def test_every_bad_input_is_one_line_with_its_exit_code(tmp_path, conf_dir, workflow, lines, files, code, needle):
     site = bad_input_site(tmp_path)
     (conf_dir / "site.conf").write_text("\n".join(site) + "\n")
-    (conf_dir / "case.conf").write_text("\n".join(lines) + "\n", encoding="utf-8")     # after local.conf
+    (conf_dir / "case.conf").write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n"
+                                                  for line in lines))     # after local.conf
     for path, data in files.items():
         (tmp_path / path).write_bytes(data)
     args = [a.replace("{tmp}", str(tmp_path)) for a in workflow]
@@ -256,6 +263,7 @@ def test_every_bad_input_is_one_line_with_its_exit_code(tmp_path, conf_dir, work
     assert len(errors) == 1 and needle.replace("{tmp}", str(tmp_path)) in errors[0], proc.stderr
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr and "internal error" not in proc.stderr
+    assert not any(line.startswith('  File "') for line in proc.stderr.splitlines()), proc.stderr
 
 
 def test_a_restore_into_a_read_only_mount_is_one_line(tmp_path, conf_dir):
