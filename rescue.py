@@ -5426,8 +5426,8 @@ def restore_point(chains: Dict[str, Dict[float, bool]], wanted: Optional[float])
     firsts = {label: min((t for t, ok in sets.items() if ok), default=None) for label, sets in chains.items()}
     for label, first in firsts.items():
         if first is None:
-            raise RescueError(f"{chain_name(label)} has no complete set (every backup of it was interrupted)",
-                              "run rescue mkbackuponly to completion first")
+            raise RescueError(f"{chain_name(label)} has no complete set (its backups were interrupted, "
+                              "or files of them were deleted)", "run rescue mkbackuponly to completion first")
     oldest = max(f for f in firsts.values() if f is not None)
     for label, first in firsts.items():
         if wanted is not None and first is not None and wanted < first:
@@ -6088,8 +6088,10 @@ def remote_file(ctx: "Context", url: str, name: Optional[str] = None) -> Optiona
 
 def chain_sets(ctx: "Context", url: str) -> Optional[Dict[float, bool]]:
     """The sets of the chain at url and whether each is complete (None: a backend rescue
-    cannot list)."""
+    cannot list). A file:// chain whose directory is gone has no sets."""
     listing = remote_file(ctx, url)
+    if listing is None and url_path(url) is not None:
+        listing = b""
     return stored_sets(listing.decode("utf-8", "surrogateescape").splitlines()) if listing is not None else None
 
 
@@ -6359,8 +6361,11 @@ def upload_layout(ctx: "Context", opts: DuplicityOptions, url: str, workdir: Pat
         ctx.log.info("The layout and configuration on the target are up to date")
         return digest
     ctx.log.say(f"Storing the layout and configuration in {ctx.log.redact(layout_url(url))}")
-    run_checked(ctx, layout_store_command(opts, str(staging), url, str(workdir), run_time), opts.crypt,
-                "storing the layout")
+    returncode, output = duplicity_run(ctx, layout_store_command(opts, str(staging), url, str(workdir), run_time),
+                                       opts.crypt, "storing the layout")
+    if returncode != 0:
+        remove_incomplete_set(ctx, opts, layout_url(url), LAYOUT_SUFFIX, output)
+        raise duplicity_failure("storing the layout", returncode, output, ctx.log)
     return digest
 
 
@@ -7073,6 +7078,9 @@ def describe_status(status: Dict[str, object], last: Dict[str, object]) -> str:
         lines.append(f"  part {part['path']} (its own chain at …/{part['url'].rsplit('/', 1)[-1]}): "
                      f"{len(part['chains'])} chains, {len(sets)} sets, latest {newest}"
                      + (", with orphaned or incomplete sets" if part["orphaned_or_incomplete"] else ""))
+        if status["chains"] and not any(s.get("complete", True) for s in sets):
+            lines.append(f"  warning: the part {part['path']} has no complete set: a restore of the whole backup "
+                         "fails until rescue mkbackuponly runs to completion")
     if last:
         result = "succeeded" if last.get("success") else f"FAILED (exit code {last.get('exit_code')}" + (
             f": {last['reason']})" if last.get("reason") else ")")

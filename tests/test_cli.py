@@ -266,6 +266,49 @@ def test_every_bad_input_is_one_line_with_its_exit_code(tmp_path, conf_dir, work
     assert not any(line.startswith('  File "') for line in proc.stderr.splitlines()), proc.stderr
 
 
+def delete_manifests(target):
+    for manifest in target.glob("duplicity-full.*.manifest.gpg"):
+        manifest.unlink()
+
+
+def delete_part_chains(target):
+    parts = list(target.glob("part-*"))
+    assert parts
+    for part in parts:
+        shutil.rmtree(part)
+
+
+AFTER_A_BACKUP = [
+    # (id, extra configuration, what is deleted on the target, the error line, status' warning)
+    ("deleted-manifest", [], delete_manifests, "the backup has no complete set",
+     "warning: there are orphaned or incomplete backup sets"),
+    ("deleted-part-chain", ["BACKUP_DUPLICITY_PARALLEL=2", "BACKUP_DUPLICITY_PART_MIN_MB=0"], delete_part_chains,
+     "has no complete set (its backups were interrupted, or files of them were deleted)",
+     "has no complete set: a restore of the whole backup fails"),
+]
+
+
+@pytest.mark.parametrize("lines,damage,needle,warning", [row[1:] for row in AFTER_A_BACKUP],
+                         ids=[row[0] for row in AFTER_A_BACKUP])
+def test_a_damaged_target_is_one_line_for_restore_and_verify_and_a_warning_in_status(
+        tmp_path, conf_dir, lines, damage, needle, warning):
+    site = bad_input_site(tmp_path)
+    (tmp_path / "src/sub").mkdir()
+    (tmp_path / "src/sub/g").write_text("more\n")
+    (conf_dir / "site.conf").write_text("\n".join(site + lines) + "\n")
+    env = {"HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    proc = run_rescue("-c", conf_dir, "mkbackuponly", env=env)
+    assert proc.returncode == 0, proc.stderr
+    damage(tmp_path / "target" / socket.gethostname())
+    for workflow, code in ((["restoreonly", "--target", str(tmp_path / "r")], 1), (["verify"], 2)):
+        proc = run_rescue("-c", conf_dir, *workflow, env=env)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("rescue: error: ")]
+        assert len(errors) == 1 and needle in errors[0], proc.stderr
+        assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr
+    proc = run_rescue("-c", conf_dir, "status", env=env)
+    assert proc.returncode == 0 and warning in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_a_restore_into_a_read_only_mount_is_one_line(tmp_path, conf_dir):
     site = bad_input_site(tmp_path)
     (conf_dir / "site.conf").write_text("\n".join(site) + "\n")
