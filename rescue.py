@@ -6086,11 +6086,11 @@ def remote_file(ctx: "Context", url: str, name: Optional[str] = None) -> Optiona
     return result.stdout.encode("utf-8", "surrogateescape") if result.returncode == 0 else None
 
 
-def chain_sets(ctx: "Context", url: str) -> Optional[Dict[float, bool]]:
+def chain_sets(ctx: "Context", url: str, gone_is_empty: bool = False) -> Optional[Dict[float, bool]]:
     """The sets of the chain at url and whether each is complete (None: a backend rescue
-    cannot list). A file:// chain whose directory is gone has no sets."""
+    cannot list; gone_is_empty: a file:// chain whose directory is not there has no sets)."""
     listing = remote_file(ctx, url)
-    if listing is None and url_path(url) is not None:
+    if listing is None and gone_is_empty and url_path(url) is not None:
         listing = b""
     return stored_sets(listing.decode("utf-8", "surrogateescape").splitlines()) if listing is not None else None
 
@@ -6770,7 +6770,7 @@ def check_parts_complete(ctx: "Context", url: str, parts: Sequence[str], time_: 
     have a complete set as of time_, or the restore fails naming a time that works."""
     chains = {}
     for label, chain_url in [("main", url)] + [(p, part_chain(url, p)[0]) for p in parts]:
-        sets = chain_sets(ctx, chain_url)
+        sets = chain_sets(ctx, chain_url, gone_is_empty=True)
         if sets is not None:
             chains[label] = sets
     if not chains.get("main"):
@@ -6882,6 +6882,8 @@ def restore_parts(ctx: "Context", run: RestoreRun, url: str, filesystems: Sequen
         done = in_parallel(ctx.runner, [stored] + [lambda s=s: run.attempt(s) for s in steps(guess)], 2 * workers)
         parts, outputs = done[0], done[1:]
         if sorted(parts) == sorted(guess):           # checked with the restore time
+            if any(isinstance(output, RescueError) for output in outputs):
+                check_parts_complete(ctx, url, parts, run.time_)       # a part's chain deleted: say so
             say_parts(ctx, parts)
             for output in outputs:
                 if isinstance(output, RescueError):
