@@ -61,6 +61,7 @@ import datetime
 import difflib
 import fcntl
 import functools
+import glob
 import grp
 import gzip
 import hashlib
@@ -6546,6 +6547,20 @@ def record_failure(ctx: "Context", started: float, exc: BaseException) -> None:
         ctx.log.warn(f"could not record the failed backup: {error}")
 
 
+@contextlib.contextmanager
+def duplicity_tempdirs_removed(opts: DuplicityOptions) -> "Iterator[None]":
+    """duplicity keeps files it writes into its archive dir in duplicity-*-tempdir directories
+    there; one stopped by a signal leaves them behind. Those that appear during the run go
+    with it (those that were there before may belong to another run of another workflow)."""
+    pattern = os.path.join(glob.escape(opts.archive_dir), glob.escape(opts.name) + "*", "duplicity-*-tempdir")
+    before = set(glob.glob(pattern))
+    try:
+        yield
+    finally:
+        for leftover in set(glob.glob(pattern)) - before:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def back_up_everything(ctx: "Context") -> int:
     config = ctx.config
     url = backup_url(config)
@@ -6560,7 +6575,7 @@ def back_up_everything(ctx: "Context") -> int:
     opts = duplicity_options(config, crypt, archive_dir, ctx.ssh_options(), url)
     plan_file = var_dir(config) / PARTS_FILE
     previous = read_parts_plan(plan_file)
-    with work_directory("rescue-backup-") as workdir:
+    with duplicity_tempdirs_removed(opts), work_directory("rescue-backup-") as workdir:
         check_passphrase(ctx, crypt, url, workdir)
         in_scope, excluded = mounts_to_back_up(ctx, layout)
         own = own_paths(config, archive_dir, workdir)
