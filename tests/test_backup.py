@@ -674,25 +674,6 @@ def test_an_incremental_that_fills_the_target_leaves_no_incomplete_set(site):
         subprocess.run(["umount", "-l", str(full)], check=True)
 
 
-def test_a_full_target_leaves_no_incomplete_set_in_the_layout_chain_either(site):
-    """Issue 11 C: a target too small for even the layout chain's set kept its volume without a
-    manifest (only the main chain's incomplete set was cleaned up)."""
-    full = site.tmp / "tiny-disk"
-    full.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(full)], check=True)
-    try:
-        proc = site.run("mkbackuponly", BACKUP_DUPLICITY_URL=f"file://{full}",
-                        BACKUP_DUPLICITY_OPTIONS="--num-retries 1", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="a-test-passphrase")
-        assert_clean_error(proc, "disk is full")
-        left = {str(d.relative_to(full)): sorted(os.listdir(d)) for d in [full / HOST, full / HOST / "layout"]
-                if d.is_dir()}
-        assert all(all(rescue.stored_sets(names).values()) for names in left.values()), left
-        status = site.status()
-        assert status["orphaned_or_incomplete"] is False
-    finally:
-        subprocess.run(["umount", "-l", str(full)], check=True)
-
-
 def test_a_backup_killed_on_another_target_does_not_touch_this_targets_cache(site):
     """Issue 11 A.6: a stale .part left in duplicity's archive dir by a failed backup to
     another target broke this target's verify (one --name, one cache, for every target)."""
