@@ -61,6 +61,7 @@ import datetime
 import difflib
 import fcntl
 import functools
+import glob
 import grp
 import gzip
 import hashlib
@@ -2568,11 +2569,15 @@ def fs_label(fs: Filesystem, layout: Layout, on: str) -> Tuple[str, Optional[str
     mounts = [m for m in layout.mounts if m.device == fs.device]
     where = ", ".join(m.mountpoint + (f" (subvolume {m.subvolume})" if m.subvolume else "") for m in mounts)
     used = f"  {human_size(fs.used)} used of {human_size(fs.size)}" if fs.size else ""
-    return f"{fs.type}  UUID={fs.uuid}{label}" + (f"  -> {where}" if where else "") + used, None, ""
+    return f"{fs.type}  {uuid_text(fs.uuid)}{label}" + (f"  -> {where}" if where else "") + used, None, ""
+
+
+def uuid_text(uuid: Optional[str]) -> str:
+    return f"UUID={uuid}" if uuid else "UUID unknown"
 
 
 def swap_label(swap: Swap, layout: Layout, on: str) -> Tuple[str, Optional[str], str]:
-    return f"swap  UUID={swap.uuid}" + (f" LABEL={swap.label}" if swap.label else ""), None, ""
+    return f"swap  {uuid_text(swap.uuid)}" + (f" LABEL={swap.label}" if swap.label else ""), None, ""
 
 
 @dataclass(frozen=True)
@@ -3196,6 +3201,7 @@ def shutil_which(program: str) -> Optional[str]:
 class Captured:
     layout: Layout
     vgcfg: Dict[str, str]             # volume group -> its vgcfgbackup file
+    warnings: List[str] = field(default_factory=list)   # what savelayout could not learn, by device
 
 
 def probe_output(probe: Probe, argv: Sequence[str], required: bool = False) -> Optional[str]:
@@ -3219,6 +3225,7 @@ class LayoutCapture:
         self.hostname = hostname
         self.excluded: List[Exclusion] = []
         self.unsupported: List[Exclusion] = []
+        self.warnings: List[str] = []
         self.nodes = parse_lsblk(probe_output(probe, ["lsblk", "-J", "-b", "-p", "-o", LSBLK_COLUMNS], True))
         self.by_majmin = {n.majmin: n for n in self.nodes.values() if n.majmin}
         self.by_kname = {n.kname: n for n in self.nodes.values()}
@@ -3428,11 +3435,13 @@ class LayoutCapture:
         fs = Filesystem(node.name, fstype, node.uuid, node.label or None, size, used)
         where = mount.mountpoint if mount else node.name
         if fstype.startswith("ext"):
-            fs.options = parse_dumpe2fs(probe_output(self.probe, ["dumpe2fs", "-h", node.name]) or "")
+            text = self.options_output(node.name, fstype, ["dumpe2fs", "-h", node.name])
+            fs.options = parse_dumpe2fs(text) if text is not None else {}
         elif fstype == "xfs":
-            fs.options = parse_xfs_info(probe_output(self.probe, ["xfs_info", where]) or "")
+            text = self.options_output(node.name, fstype, ["xfs_info", where])
+            fs.options = parse_xfs_info(text) if text is not None else {}
         elif fstype == "vfat":
-            info = parse_blkid_export(probe_output(self.probe, ["blkid", "-p", "-o", "export", node.name]) or "")
+            info = parse_blkid_export(self.options_output(node.name, fstype, ["blkid", "-p", "-o", "export", node.name]) or "")
             fs.options = {"fat_size": to_int((info.get("VERSION") or "").replace("FAT", "")),
                           "volume_id": (node.uuid or "").replace("-", "") or None}
         elif fstype == "btrfs":
@@ -3440,6 +3449,26 @@ class LayoutCapture:
         if fstype not in SUPPORTED_FS:
             self.unsupported_item(node.name, "filesystem", f"{fstype} filesystems are not recreated")
         return fs
+
+    def options_output(self, device: str, fstype: str, argv: List[str]) -> Optional[str]:
+        """What a filesystem's tool says about it; when it fails, a warning naming the device
+        (recover then makes the filesystem with mkfs's defaults), and None."""
+        result = self.probe.run(argv)
+        if result is not None and result.returncode == 0:
+            return result.stdout
+        lines = [line.strip() for line in (result.stderr if result else "").splitlines() if line.strip()]
+        why = "is not installed" if result is None else f"failed: {lines[-1] if lines else f'exit {result.returncode}'}"
+        self.warnings.append(f"{device}: {argv[0]} {why}; recover will make this {fstype} filesystem "
+                             "with mkfs defaults (check the device, then run savelayout again)")
+        return None
+
+    def uuid_warnings(self, layout: Layout) -> None:
+        for item in list(layout.filesystems) + list(layout.swaps):
+            if not item.uuid:
+                what = "swap" if isinstance(item, Swap) else f"{item.type} filesystem"
+                self.warnings.append(f"{item.device}: no filesystem UUID found (lsblk, blkid): recover "
+                                     f"gives this {what} a new one; fstab or boot entries that name it by UUID "
+                                     "will not match")
 
     def btrfs(self, mountpoint: str) -> Dict[str, object]:
         listing = probe_output(self.probe, ["btrfs", "subvolume", "list", "-a", "-p", mountpoint]) or ""
@@ -3478,8 +3507,9 @@ class LayoutCapture:
         layout.boot = self.boot(layout)
         layout.network = self.network()
         layout.excluded, layout.unsupported = self.excluded, self.unsupported
+        self.uuid_warnings(layout)
         vgcfg = {vg.name: self.vgcfg(vg.name) for vg in layout.volume_groups}
-        return Captured(sort_layout(layout), {k: v for k, v in vgcfg.items() if v})
+        return Captured(sort_layout(layout), {k: v for k, v in vgcfg.items() if v}, self.warnings)
 
     def components(self, layout: Layout, needed: Dict[str, BlockNode]) -> None:
         by_id = self.probe.links("/dev/disk/by-id")
@@ -3711,8 +3741,8 @@ def capture_for(ctx: Context, what: str) -> Captured:
         require_root(what)
         probe = Probe(ctx.runner, record_dir=Path(args.record) if getattr(args, "record", None) else None)
     captured = capture_layout(probe, ctx.config, hostname())
-    for item in captured.layout.unsupported:
-        ctx.log.warn(f"{item.what}: {item.reason}")
+    for line in [f"{item.what}: {item.reason}" for item in captured.layout.unsupported] + captured.warnings:
+        ctx.log.warn(line)
     return captured
 
 
@@ -3720,8 +3750,8 @@ def save_layout_for_backup(ctx: "Context") -> "Layout":
     """savelayout, as the first step of every backup: the backup carries the current layout,
     and the layout decides what is backed up."""
     captured = capture_layout(Probe(ctx.runner), ctx.config, hostname())
-    for item in captured.layout.unsupported:
-        ctx.log.warn(f"{item.what}: {item.reason}")
+    for line in [f"{item.what}: {item.reason}" for item in captured.layout.unsupported] + captured.warnings:
+        ctx.log.warn(line)
     save_layout_files(captured, layout_dir(ctx.config))
     ctx.log.say(f"Saved the disk layout in {layout_dir(ctx.config)}")
     return captured.layout
@@ -5008,6 +5038,8 @@ KNOWN_FAILURES = (
     ("Connection refused", "the backup server refused the connection", "check that sshd runs there and the port"),
     ("Could not resolve hostname", "the backup server's name does not resolve", "check the host in BACKUP_DUPLICITY_URL"),
     ("Permission denied", "permission denied (ssh login or a file)", "check the ssh key and the target's permissions"),
+    ("CommandLineError:", "duplicity rejected its command line (an option in BACKUP_DUPLICITY_OPTIONS?)",
+     "check each option in BACKUP_DUPLICITY_OPTIONS against: rescue duplicity --help"),
     ("Another duplicity instance is already running", "another duplicity is using this archive directory",
      "wait for it to finish"),
 )
@@ -5400,8 +5432,8 @@ def restore_point(chains: Dict[str, Dict[float, bool]], wanted: Optional[float])
     firsts = {label: min((t for t, ok in sets.items() if ok), default=None) for label, sets in chains.items()}
     for label, first in firsts.items():
         if first is None:
-            raise RescueError(f"{chain_name(label)} has no complete set (every backup of it was interrupted)",
-                              "run rescue mkbackuponly to completion first")
+            raise RescueError(f"{chain_name(label)} has no complete set (its backups were interrupted, "
+                              "or files of them were deleted)", "run rescue mkbackuponly to completion first")
     oldest = max(f for f in firsts.values() if f is not None)
     for label, first in firsts.items():
         if wanted is not None and first is not None and wanted < first:
@@ -6060,10 +6092,12 @@ def remote_file(ctx: "Context", url: str, name: Optional[str] = None) -> Optiona
     return result.stdout.encode("utf-8", "surrogateescape") if result.returncode == 0 else None
 
 
-def chain_sets(ctx: "Context", url: str) -> Optional[Dict[float, bool]]:
+def chain_sets(ctx: "Context", url: str, gone_is_empty: bool = False) -> Optional[Dict[float, bool]]:
     """The sets of the chain at url and whether each is complete (None: a backend rescue
-    cannot list)."""
+    cannot list; gone_is_empty: a file:// chain whose directory is not there has no sets)."""
     listing = remote_file(ctx, url)
+    if listing is None and gone_is_empty and url_path(url) is not None:
+        listing = b""
     return stored_sets(listing.decode("utf-8", "surrogateescape").splitlines()) if listing is not None else None
 
 
@@ -6237,7 +6271,9 @@ def duplicity_run(ctx: "Context", args: Sequence[str], crypt: Encryption, what: 
 def without_traceback(text: str) -> str:
     """duplicity's output with a Python traceback cut to its last line (the whole is in the log)."""
     lines = text.splitlines()
-    start = next((n for n, line in enumerate(lines) if line.lstrip().startswith("Traceback (most recent")), None)
+    # "Traceback (most recent call last)" or duplicity's "(innermost last)"; a tail may begin inside the frames.
+    start = next((n for n, line in enumerate(lines) if line.lstrip().startswith("Traceback (")
+                  or line.startswith('  File "')), None)
     if start is None:
         return text
     last = next((line.strip() for line in reversed(lines) if line.strip()), "")
@@ -6331,8 +6367,11 @@ def upload_layout(ctx: "Context", opts: DuplicityOptions, url: str, workdir: Pat
         ctx.log.info("The layout and configuration on the target are up to date")
         return digest
     ctx.log.say(f"Storing the layout and configuration in {ctx.log.redact(layout_url(url))}")
-    run_checked(ctx, layout_store_command(opts, str(staging), url, str(workdir), run_time), opts.crypt,
-                "storing the layout")
+    returncode, output = duplicity_run(ctx, layout_store_command(opts, str(staging), url, str(workdir), run_time),
+                                       opts.crypt, "storing the layout")
+    if returncode != 0:
+        remove_incomplete_set(ctx, opts, layout_url(url), LAYOUT_SUFFIX, output)
+        raise duplicity_failure("storing the layout", returncode, output, ctx.log)
     return digest
 
 
@@ -6513,6 +6552,20 @@ def record_failure(ctx: "Context", started: float, exc: BaseException) -> None:
         ctx.log.warn(f"could not record the failed backup: {error}")
 
 
+@contextlib.contextmanager
+def duplicity_tempdirs_removed(opts: DuplicityOptions) -> "Iterator[None]":
+    """duplicity keeps files it writes into its archive dir in duplicity-*-tempdir directories
+    there; one stopped by a signal leaves them behind. Those that appear during the run go
+    with it (those that were there before may belong to another run of another workflow)."""
+    pattern = os.path.join(glob.escape(opts.archive_dir), glob.escape(opts.name) + "*", "duplicity-*-tempdir")
+    before = set(glob.glob(pattern))
+    try:
+        yield
+    finally:
+        for leftover in set(glob.glob(pattern)) - before:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def back_up_everything(ctx: "Context") -> int:
     config = ctx.config
     url = backup_url(config)
@@ -6527,7 +6580,7 @@ def back_up_everything(ctx: "Context") -> int:
     opts = duplicity_options(config, crypt, archive_dir, ctx.ssh_options(), url)
     plan_file = var_dir(config) / PARTS_FILE
     previous = read_parts_plan(plan_file)
-    with work_directory("rescue-backup-") as workdir:
+    with duplicity_tempdirs_removed(opts), work_directory("rescue-backup-") as workdir:
         check_passphrase(ctx, crypt, url, workdir)
         in_scope, excluded = mounts_to_back_up(ctx, layout)
         own = own_paths(config, archive_dir, workdir)
@@ -6737,7 +6790,7 @@ def check_parts_complete(ctx: "Context", url: str, parts: Sequence[str], time_: 
     have a complete set as of time_, or the restore fails naming a time that works."""
     chains = {}
     for label, chain_url in [("main", url)] + [(p, part_chain(url, p)[0]) for p in parts]:
-        sets = chain_sets(ctx, chain_url)
+        sets = chain_sets(ctx, chain_url, gone_is_empty=True)
         if sets is not None:
             chains[label] = sets
     if not chains.get("main"):
@@ -6849,6 +6902,8 @@ def restore_parts(ctx: "Context", run: RestoreRun, url: str, filesystems: Sequen
         done = in_parallel(ctx.runner, [stored] + [lambda s=s: run.attempt(s) for s in steps(guess)], 2 * workers)
         parts, outputs = done[0], done[1:]
         if sorted(parts) == sorted(guess):           # checked with the restore time
+            if any(isinstance(output, RescueError) for output in outputs):
+                check_parts_complete(ctx, url, parts, run.time_)       # a part's chain deleted: say so
             say_parts(ctx, parts)
             for output in outputs:
                 if isinstance(output, RescueError):
@@ -7045,6 +7100,9 @@ def describe_status(status: Dict[str, object], last: Dict[str, object]) -> str:
         lines.append(f"  part {part['path']} (its own chain at …/{part['url'].rsplit('/', 1)[-1]}): "
                      f"{len(part['chains'])} chains, {len(sets)} sets, latest {newest}"
                      + (", with orphaned or incomplete sets" if part["orphaned_or_incomplete"] else ""))
+        if status["chains"] and not any(s.get("complete", True) for s in sets):
+            lines.append(f"  warning: the part {part['path']} has no complete set: a restore of the whole backup "
+                         "fails until rescue mkbackuponly runs to completion")
     if last:
         result = "succeeded" if last.get("success") else f"FAILED (exit code {last.get('exit_code')}" + (
             f": {last['reason']})" if last.get("reason") else ")")
@@ -9636,6 +9694,10 @@ def wf_restoreonly(ctx: Context) -> int:
     time_ = restore_time(ctx.config, ctx.args.restore_time)
     if ctx.args.target is not None and not ctx.args.target.strip():
         raise ConfigError("--target is empty", "give the directory to restore into, e.g. --target /mnt/local")
+    if ctx.args.target and ctx.args.target != os.fsencode(ctx.args.target).decode("utf-8", "replace"):
+        shown = os.fsencode(ctx.args.target).decode("utf-8", "backslashreplace")
+        raise ConfigError(f"--target {shown}: the name is not UTF-8, and duplicity can restore only into one that is",
+                          "restore into a directory with a UTF-8 name, then move the files")
     if not ctx.args.target:
         if ctx.args.layout_only:
             raise ConfigError("--layout-only needs --target DIR", "e.g. --layout-only --target /tmp/layout")

@@ -186,3 +186,29 @@ def test_config_exclusions_have_reasons(tmp_path):
     assert reasons["/srv/data"] == "on /dev/nvme0n1, excluded by EXCLUDE_DISKS"
     assert not any(m.mountpoint.startswith("/srv/") for m in lay.mounts)
     assert "/dev/nvme0n1" not in {d.id for d in lay.disks}
+
+
+def test_a_failed_dumpe2fs_and_an_unknown_uuid_are_warnings_naming_the_device(tmp_path, conf_dir):
+    """issue 11 C: a broken ext4 superblock (dumpe2fs fails, lsblk knows no UUID) printed UUID=None
+    and exit 0 in silence; now each is a warning that names /dev/vda1 and the layout has no "None"."""
+    recording = copy_recording("bios-lvm", tmp_path)
+    manifest = json.loads((recording / "manifest.json").read_text())
+    entry = manifest["run: dumpe2fs -h /dev/vda1"]
+    entry["returncode"] = 1
+    (recording / entry["file"]).write_text("")
+    (recording / (entry["file"] + ".stderr")).write_text(
+        "dumpe2fs 1.47.0 (5-Feb-2023)\ndumpe2fs: Bad magic number in super-block while trying to open /dev/vda1\n")
+    (recording / "manifest.json").write_text(json.dumps(manifest))
+    lsblk = next(k for k in manifest if k.startswith("run: lsblk -J"))
+    edit_answer(recording, lsblk, lambda t: t.replace('"uuid": "c5811322-b69c-5061-8d15-b6a01dc42ffe"', '"uuid": null'))
+    out = tmp_path / "out"
+    tree = run_rescue("-c", conf_dir, "savelayout", "--replay", recording, "-o", out)
+    assert tree.returncode == 0, tree.stderr
+    warnings = [line for line in tree.stderr.splitlines() if line.startswith("rescue: warning: /dev/vda1: ")]
+    assert any("dumpe2fs failed: dumpe2fs: Bad magic number in super-block" in w for w in warnings), tree.stderr
+    assert any("no filesystem UUID" in w for w in warnings), tree.stderr
+    assert "None" not in tree.stdout and "UUID unknown" in tree.stdout
+    saved = (out / "layout.json").read_text()
+    assert "None" not in saved
+    fs = by(rescue.layout_from_json(saved).filesystems, "device", "/dev/vda1")
+    assert fs.uuid is None and fs.options == {}

@@ -239,6 +239,12 @@ BAD_INPUTS = [
     ("empty-target", ["restoreonly", "--target", ""], [], {}, 2, "--target is empty"),
     ("include-missing", ["mkbackuponly"], ["BACKUP_DUPLICITY_INCLUDE=( /nonexistent-rescue-x )"], {}, 2,
      "nothing to back up: none of BACKUP_DUPLICITY_INCLUDE exists"),
+    ("unknown-duplicity-option", ["mkbackuponly"], ['BACKUP_DUPLICITY_OPTIONS="--no-such-option"'], {}, 1,
+     "duplicity rejected its command line (an option in BACKUP_DUPLICITY_OPTIONS?)"),
+    ("non-utf8-url-in-config", ["dump"], [b"BACKUP_DUPLICITY_URL=file:///b/t\xff"], {}, 2,
+     "not a text file (not UTF-8 at byte"),
+    ("non-utf8-restore-target", ["restoreonly", "--target", "{tmp}/r\udcff"], [], {}, 2,
+     "--target {tmp}/r\\xff: the name is not UTF-8"),
 ]
 
 
@@ -247,7 +253,8 @@ BAD_INPUTS = [
 def test_every_bad_input_is_one_line_with_its_exit_code(tmp_path, conf_dir, workflow, lines, files, code, needle):
     site = bad_input_site(tmp_path)
     (conf_dir / "site.conf").write_text("\n".join(site) + "\n")
-    (conf_dir / "case.conf").write_text("\n".join(lines) + "\n", encoding="utf-8")     # after local.conf
+    (conf_dir / "case.conf").write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n"
+                                                  for line in lines))     # after local.conf
     for path, data in files.items():
         (tmp_path / path).write_bytes(data)
     args = [a.replace("{tmp}", str(tmp_path)) for a in workflow]
@@ -256,6 +263,50 @@ def test_every_bad_input_is_one_line_with_its_exit_code(tmp_path, conf_dir, work
     assert len(errors) == 1 and needle.replace("{tmp}", str(tmp_path)) in errors[0], proc.stderr
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr and "internal error" not in proc.stderr
+    assert not any(line.startswith('  File "') for line in proc.stderr.splitlines()), proc.stderr
+
+
+def delete_manifests(target):
+    for manifest in target.glob("duplicity-full.*.manifest.gpg"):
+        manifest.unlink()
+
+
+def delete_part_chains(target):
+    parts = list(target.glob("part-*"))
+    assert parts
+    for part in parts:
+        shutil.rmtree(part)
+
+
+AFTER_A_BACKUP = [
+    # (id, extra configuration, what is deleted on the target, the error line, status' warning)
+    ("deleted-manifest", [], delete_manifests, "the backup has no complete set",
+     "warning: there are orphaned or incomplete backup sets"),
+    ("deleted-part-chain", ["BACKUP_DUPLICITY_PARALLEL=2", "BACKUP_DUPLICITY_PART_MIN_MB=0"], delete_part_chains,
+     "has no complete set (its backups were interrupted, or files of them were deleted)",
+     "has no complete set: a restore of the whole backup fails"),
+]
+
+
+@pytest.mark.parametrize("lines,damage,needle,warning", [row[1:] for row in AFTER_A_BACKUP],
+                         ids=[row[0] for row in AFTER_A_BACKUP])
+def test_a_damaged_target_is_one_line_for_restore_and_verify_and_a_warning_in_status(
+        tmp_path, conf_dir, lines, damage, needle, warning):
+    site = bad_input_site(tmp_path)
+    (tmp_path / "src/sub").mkdir()
+    (tmp_path / "src/sub/g").write_text("more\n")
+    (conf_dir / "site.conf").write_text("\n".join(site + lines) + "\n")
+    env = {"HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    proc = run_rescue("-c", conf_dir, "mkbackuponly", env=env)
+    assert proc.returncode == 0, proc.stderr
+    damage(tmp_path / "target" / socket.gethostname())
+    for workflow, code in ((["restoreonly", "--target", str(tmp_path / "r")], 1), (["verify"], 2)):
+        proc = run_rescue("-c", conf_dir, *workflow, env=env)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("rescue: error: ")]
+        assert len(errors) == 1 and needle in errors[0], proc.stderr
+        assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr
+    proc = run_rescue("-c", conf_dir, "status", env=env)
+    assert proc.returncode == 0 and warning in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_a_restore_into_a_read_only_mount_is_one_line(tmp_path, conf_dir):

@@ -371,6 +371,7 @@ def test_sigterm_during_a_split_backup_stops_every_duplicity_and_a_rerun_complet
     alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
     assert alive == []
     assert not list(site.work.glob("rescue-backup-*"))                # its work directory is gone
+    assert not list((site.home / ".cache/duplicity").glob("*/duplicity-*-tempdir"))   # and duplicity's (issue 11 C)
     rerun = site.run("mkbackuponly")
     assert rerun.returncode == 0, rerun.stderr
     target = site.tmp / "after-sigterm"
