@@ -44,10 +44,11 @@ O=/job/out
 RESCUE="python3 /job/rescue/rescue.py -C /job/test.conf"
 mkdir -p /run /var/lib/rescue
 
-disk_by_serial() {
-    local d
+disk_by_serial() {     # virtio: /sys/block/X/serial; NVMe: /sys/block/X/device/serial (padded)
+    local d s
     for d in /sys/block/*; do
-        if [ "$(cat "$d/serial" 2>/dev/null)" = "$1" ]; then echo "/dev/${d##*/}"; return 0; fi
+        s=$(cat "$d/serial" 2>/dev/null || cat "$d/device/serial" 2>/dev/null)
+        if [ "$(echo $s)" = "$1" ]; then echo "/dev/${d##*/}"; return 0; fi
     done
     return 1
 }

@@ -70,6 +70,7 @@ def run_drill(spec_name, golden, drill_backup, rescue_pyz, make_standin, make_ma
     how = drill.recover(s, targets, g.spec.firmware, timer, tmp_path,
                         restore_time=source["restore_time"] if point_in_time else "", options=options)
     leaks = s.run("grep -rl -- %s /var/lib/rescue /var/log/rescue /tmp 2>/dev/null" % drill.PASSPHRASE).stdout
+    s.get("/var/log/rescue", tmp_path / "standin-var-log-rescue")   # rescue's own log, per step
     with timer.step("stand-in: poweroff"):
         s.shutdown()
 
