@@ -1112,3 +1112,15 @@ def test_serials_from_sysfs_when_lsblk_has_none():
 def test_recordings_without_sysfs_answers_still_replay():
     here = rescue.probe_disks_here(rescue.Probe(replay_dir=LAYOUTS / "bios-lvm"), default_config())
     assert [d.serial for d in here if d.path == "/dev/vda"] == ["disk0"]
+
+
+def test_a_layout_needing_a_tool_this_system_lacks_is_refused_before_anything_runs(monkeypatch):
+    lay, vgcfg = replayed("raid1-luks")
+    here = [blank(d.id, d.size) for d in lay.disks]
+    plan = plan_for(lay, here, vgcfg=vgcfg)
+    lacking = {"mdadm", "cryptsetup"}
+    monkeypatch.setattr(rescue, "shutil_which", lambda p: None if p in lacking else "/usr/sbin/" + p)
+    with pytest.raises(rescue.RescueError) as caught:
+        rescue.check_programs(plan.steps)
+    assert caught.value.message == "this system lacks what the layout needs: cryptsetup, mdadm"
+    assert "mdadm" in caught.value.hint and "cryptsetup" in caught.value.hint
