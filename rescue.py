@@ -2166,6 +2166,7 @@ class Context:
     runner: Runner
     ssh: "SshSharing" = field(default_factory=lambda: SshSharing())
     typed: Dict[str, str] = field(default_factory=dict)   # passphrases typed in this run, by purpose
+    backup_opened: bool = False    # this run fetched the layout chain: the backup is there and decrypts
 
     def ssh_options(self) -> str:
         return self.ssh.options(self.config)
@@ -7032,6 +7033,7 @@ def fetch_layout(ctx: "Context", destination: Path, time_: Optional[str]) -> Non
         returncode, output = restore_layout_chain(ctx, opts, home, work, destination, time_)
         if returncode != 0:
             raise duplicity_failure("fetching the layout", returncode, output, ctx.log)
+    ctx.backup_opened = True
 
 
 # =============================================================================================
@@ -8358,6 +8360,9 @@ def read_recover_state(path: Path) -> Optional[RecoverState]:
 def check_backup_readable(ctx: Context, time_: Optional[str]) -> None:
     """The backup is there and the passphrase opens it (by fetching its small layout chain),
     before anything is wiped. A typed passphrase that does not open it is asked again."""
+    if ctx.backup_opened:
+        ctx.log.say("The backup is there and the passphrase opens it (the layout came from it)")
+        return
     url = backup_url(ctx.config)
     check_backup_there(ctx, url)
     for attempt in range(1, PASSPHRASE_TRIES + 1):

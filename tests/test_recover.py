@@ -126,3 +126,18 @@ def test_the_passphrase_from_a_file_opens_the_backup_and_stays_out_of_the_log(si
     proc = site.run("--non-interactive", "restoreonly", "--target", site.tmp / "r2", "--passphrase-file",
                     site.tmp / "missing")
     assert_clean_error(proc, "cannot read the passphrase file")
+
+
+def test_a_layout_fetched_from_the_backup_is_its_check_the_backup_is_not_opened_twice(site):
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="the-right-one").returncode == 0
+    # No layout in the rescue system: recover fetches it (which proves the passphrase), then
+    # stops at the disks of this host (in use) or at the confirmation, answered no.
+    proc = site.run("recover", input="no\n", LAYOUT_DIR=str(site.tmp / "no-layout-here"),
+                    BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="the-right-one")
+    out = proc.stdout + proc.stderr
+    assert "No layout here: fetching the one stored beside the backup" in out, out
+    assert "The backup is there and the passphrase opens it (the layout came from it)" in out
+    log = (site.tmp / "log/rescue.log").read_text()
+    assert log.count("--name") and log.count(" restore ") == 1, "the layout chain was restored more than once"
+    assert proc.returncode != 0 and "Traceback" not in out
+    assert not (site.var / rescue.RECREATE_STATE).exists()
