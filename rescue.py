@@ -1735,7 +1735,6 @@ TOOLS = _tools(
     ("xfs_admin",         "xfsprogs",        "xfsprogs",          "xfsprogs",        ("recreate",)),
     ("xfs_db",            "xfsprogs",        "xfsprogs",          "xfsprogs",        ("recreate",)),
     ("mkfs.ext4",         "e2fsprogs",       "e2fsprogs",         "e2fsprogs",       ("recreate",)),
-    ("chroot",            "coreutils",       "coreutils",         "coreutils",       ("finalize",)),
     ("ldd",               "libc-bin",        "glibc-common",      "glibc",           ("mkrescue",)),
     ("modinfo",           "kmod",            "kmod",              "kmod",            ("mkrescue",)),
     ("depmod",            "kmod",            "kmod",              "kmod",            ("mkrescue",)),
@@ -1828,6 +1827,25 @@ def tool_of(argv0: str) -> str:
     return "python3" if argv0 == sys.executable else os.path.basename(argv0)
 
 
+# The kinds of work a run's time is told apart by (recover's "Time:" line): the tools that do
+# the heavy lifting, by program; everything else rescue runs counts as its own orchestration.
+TOOL_KINDS = {"duplicity": "duplicity", "gpg": "duplicity", "gpg-agent": "duplicity", "gpgconf": "duplicity",
+              "mke2fs": "mkfs", "mkfs.ext4": "mkfs", "mkfs.xfs": "mkfs", "mkfs.vfat": "mkfs", "mkfs.btrfs": "mkfs",
+              "mkswap": "mkfs", "dracut": "initramfs", "update-initramfs": "initramfs", "mkinitrd": "initramfs",
+              "lsinitramfs": "initramfs", "lsinitrd": "initramfs", "grub-install": "bootloader",
+              "grub2-install": "bootloader", "grub-mkconfig": "bootloader", "grub2-mkconfig": "bootloader",
+              "update-grub": "bootloader", "efibootmgr": "bootloader"}
+
+
+def tool_kind(argv: Sequence[str], program: Optional[str] = None) -> str:
+    """The kind of work argv is (TOOL_KINDS; "other" for the rest): a command run in a chroot
+    is the kind of the program it runs there."""
+    name = program or tool_of(argv[0])
+    if name == "chroot" and len(argv) > 2:
+        name = os.path.basename(argv[2])
+    return TOOL_KINDS.get(name, "other")
+
+
 def missing_program(program: str) -> RescueError:
     tool = TOOLS.get(tool_of(program))
     packages = [f"{family}{package}" for family, package in
@@ -1903,6 +1921,8 @@ class Runner:
         self.busy = 0.0              # seconds during which at least one command ran
         self.waited = 0.0            # seconds spent waiting for devices (wait())
         self._busy_since = 0.0
+        self.kinds: Dict[str, float] = {}    # seconds during which a command of each tool_kind ran
+        self._kind_running: Dict[str, Tuple[int, float]] = {}   # kind -> (commands running, since)
 
     def wait(self, seconds: float) -> None:
         """Sleep while polling for a device, counted apart from rescue's own time."""
@@ -1959,10 +1979,13 @@ class Runner:
         except PermissionError:
             raise RescueError(f"cannot execute {argv[0]}: permission denied",
                               "check that it is an executable file") from None
+        kind = tool_kind(argv, program)
         with self._lock:
             if not self.active:
                 self._busy_since = started
             self.active.add(proc)
+            running, since = self._kind_running.get(kind, (0, started))
+            self._kind_running[kind] = (running + 1, since)
         try:
             if on_line is not None:
                 stdout, stderr = self._stream(proc, on_line, timeout, line), ""
@@ -1971,8 +1994,14 @@ class Runner:
         finally:
             with self._lock:
                 self.active.discard(proc)
+                now = time.monotonic()
                 if not self.active:
-                    self.busy += time.monotonic() - self._busy_since
+                    self.busy += now - self._busy_since
+                running, since = self._kind_running.pop(kind)
+                if running > 1:
+                    self._kind_running[kind] = (running - 1, since)
+                else:
+                    self.kinds[kind] = self.kinds.get(kind, 0.0) + now - since
         result = Result(argv, proc.returncode, stdout, stderr, time.monotonic() - started)
         self.log.debug(f"exit code {proc.returncode} after {result.duration:.2f}s")
         if check and proc.returncode != 0:
@@ -8500,12 +8529,16 @@ def unmount_tree(ctx: Context, layout: Layout, root: str) -> None:
 
 
 def time_split(runner: Runner) -> str:
-    """Where the run's time went (since the runner was made, at the start): in the tools it
-    ran, waiting for devices, in rescue itself."""
+    """Where the run's time went (since the runner was made, at the start): in the heavy
+    tools (TOOL_KINDS), waiting for devices, and rescue's own orchestration: the rest, its
+    small tools (sfdisk, lvm, blkid, …) included."""
     total = time.monotonic() - runner.started
-    own = max(0.0, total - runner.busy - runner.waited)
-    return (f"Time: {total:.1f} s: tools {runner.busy:.1f} s, waiting for devices {runner.waited:.1f} s, "
-            f"rescue itself {own:.1f} s ({100 * own / total if total else 0:.1f} %)")
+    heavy = {k: v for k, v in sorted(runner.kinds.items()) if k != "other"}
+    own = max(0.0, total - sum(heavy.values()) - runner.waited)
+    parts = ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in heavy.items())
+    return (f"Time: {total:.1f} s: {parts + ', ' if parts else ''}waiting for devices {runner.waited:.1f} s, "
+            f"orchestration {own:.1f} s ({100 * own / total if total else 0:.1f} %; "
+            f"other tools {runner.kinds.get('other', 0.0):.1f} s of it)")
 
 
 def recover(ctx: Context) -> int:

@@ -164,5 +164,24 @@ def test_busy_time_counts_commands_running_side_by_side_once_and_waits_apart(tmp
     runner.wait(0.1)
     assert runner.waited == pytest.approx(0.1)
     split = rescue.time_split(runner)
-    total, own = re.match(r"Time: ([0-9.]+) s: tools .* rescue itself ([0-9.]+) s", split).groups()
-    assert float(total) >= 0.6 and float(own) < float(total) and "waiting for devices 0.1 s" in split
+    total, own, other = re.match(r"Time: ([0-9.]+) s: waiting for devices 0.1 s, orchestration ([0-9.]+) s "
+                                 r"\([0-9.]+ %; other tools ([0-9.]+) s of it\)", split).groups()
+    assert float(total) >= 0.6 and float(own) < float(total) and 0.45 < float(other) <= float(own)
+
+
+def test_time_goes_to_the_kind_of_the_program_a_chroot_runs_and_the_rest_is_orchestration(tmp_path):
+    assert rescue.tool_kind(["chroot", "/mnt/local", "update-initramfs", "-u"]) == "initramfs"
+    assert rescue.tool_kind([sys.executable, "-m", "duplicity"], program="duplicity") == "duplicity"
+    assert rescue.tool_kind(["/usr/sbin/mkfs.xfs", "-f", "/dev/sda1"]) == "mkfs"
+    assert rescue.tool_kind(["chroot", "/mnt/local", "/usr/sbin/grub-install", "/dev/sda"]) == "bootloader"
+    assert rescue.tool_kind(["sfdisk", "/dev/sda"]) == "other"
+    runner = rescue.Runner(rescue.Log())
+    mkfs = tmp_path / "mkswap"          # a program named like a heavy tool: its time is its kind's
+    mkfs.write_text("#!/bin/sh\nsleep 0.4\n")
+    mkfs.chmod(0o755)
+    runner.run([str(mkfs)])
+    runner.run(["sleep", "0.2"])
+    assert 0.35 < runner.kinds["mkfs"] < 0.9 and 0.15 < runner.kinds["other"] < 0.6
+    split = rescue.time_split(runner)
+    seconds = float(re.search(r"orchestration ([0-9.]+) s", split).group(1))
+    assert "mkfs 0." in split and seconds < (time.monotonic() - runner.started) - 0.35

@@ -67,8 +67,8 @@ def run_drill(spec_name, golden, drill_backup, rescue_pyz, make_standin, make_ma
             s.run("echo LUKS_KEY_FILE=%s/luks.key > %s/luks.conf" % (drill.DRILL_DIR, drill.DRILL_DIR), check=True)
             options = "-C %s/luks.conf" % drill.DRILL_DIR
     recover_started = time.monotonic()
-    how = drill.recover(s, targets, g.spec.firmware, timer, tmp_path,
-                        restore_time=source["restore_time"] if point_in_time else "", options=options)
+    split = drill.recover(s, targets, timer, tmp_path,
+                          restore_time=source["restore_time"] if point_in_time else "", options=options)
     leaks = s.run("grep -rl -- %s /var/lib/rescue /var/log/rescue /tmp 2>/dev/null" % drill.PASSPHRASE).stdout
     s.get("/var/log/rescue", tmp_path / "standin-var-log-rescue")   # rescue's own log, per step
     with timer.step("stand-in: poweroff"):
@@ -93,14 +93,15 @@ def run_drill(spec_name, golden, drill_backup, rescue_pyz, make_standin, make_ma
     with timer.step("recovered: poweroff"):
         m.shutdown()
 
-    report = {"spec": spec_name, "how": how, "rto_s": rto, "steps": timer.as_dict(),
+    report = {"spec": spec_name, "rto_s": rto, "recover_time_split": split, "steps": timer.as_dict(),
               "backup_steps": source["timings"], "standin_ready_s": s.timings.get("ready_s"),
               "recovered_ssh_s": m.timings.get("ssh_s"), "recovered_booted_s": m.timings.get("booted_s")}
     (tmp_path / "drill-timings.json").write_text(json.dumps(report, indent=1) + "\n")
-    print("\n" + timer.table("drill %s (%s), per step:" % (spec_name, how)))
+    print("\n" + timer.table("drill %s, per step:" % spec_name))
     print("  backup (cached per golden + rescue.pyz): " +
           ", ".join("%s %.1f s" % kv for kv in source["timings"].items()))
     print("  RTO (recover started -> recovered system booted): %.1f s" % rto)
+    print("  rescue recover's own account: " + split)
 
     differences = drill.compare_manifests(backup.manifest, recovered)
     (tmp_path / "differences.txt").write_text("\n".join(differences) + "\n")

@@ -349,3 +349,12 @@ def test_drill_identity_keys_ignore_names_and_sizes():
     assert identity_keys(a) == identity_keys(b)
     b[1]["LABEL"] = "boot"
     assert identity_keys(a) != identity_keys(b)
+
+
+def test_the_drill_reads_recovers_own_account_of_its_time_from_its_output():
+    from vmlib.drill import time_line
+    out = ("rescue: Restore done: 1.2 GiB written\n"
+           "rescue: Time: 700.1 s: duplicity 170.0 s, initramfs 420.0 s, waiting for devices 3.0 s, "
+           "orchestration 20.0 s (2.9 %; other tools 15.0 s of it)\nrescue: Unmounted /mnt/local\n")
+    assert time_line(out).startswith("Time: 700.1 s: duplicity 170.0 s") and time_line(out).endswith("of it)")
+    assert time_line("no such line\n") == ""

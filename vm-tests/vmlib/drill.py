@@ -291,47 +291,24 @@ def _build(golden: Golden, rescue_pyz: Path, out: Path, second: bool = False) ->
     log.info("%s", timer.table("backup of %s" % golden.spec.name))
 
 
-def rescue_has(m: Machine, workflow: str) -> bool:
-    """Whether this rescue.pyz has a workflow (recover is being written while drills exist)."""
-    r = m.run(RESCUE + " --help", check=True)
-    return any(line.split()[:1] == [workflow] for line in r.stdout.splitlines())
-
-
-def recover(standin: Machine, targets: Dict[str, str], firmware: str, timer: Timer, log_dir: Path,
+def recover(standin: Machine, targets: Dict[str, str], timer: Timer, log_dir: Path,
             restore_time: str = "", options: str = "") -> str:
-    """Run the recovery in the stand-in (rescue and local.conf installed, backup mounted).
-
-    `rescue recover` when this rescue has it; until then the same through its parts:
-    layoutonly, restoreonly into /mnt/local, and the harness installs the boot loader (what
-    recover's finalize will do) and unmounts. targets: spec disk name -> /dev node of its new
-    disk, in boot order; options: rescue's global options (e.g. -C FILE). Returns the way it
-    recovered ("recover" or "layoutonly+restoreonly").
-    """
+    """Run `rescue recover --yes --unmount` in the stand-in (rescue and local.conf installed,
+    backup mounted); its output goes to log_dir/rescue-recover.log. targets: spec disk name ->
+    /dev node of its new disk, in boot order; options: rescue's global options (e.g. -C FILE).
+    Returns recover's own account of its time (its "Time:" line)."""
     when = " --restore-time %s" % restore_time if restore_time else ""
+    args = "--yes --unmount" + when
+    with timer.step("recover: rescue recover"):
+        r = standin.run("%s --non-interactive %s recover %s" % (RESCUE, options, args), timeout=2400)
+    (log_dir / "rescue-recover.log").write_text(
+        "$ rescue recover %s\nexit %d in %.1f s\n--- stdout\n%s--- stderr\n%s"
+        % (args, r.returncode, r.seconds, r.stdout, r.stderr))
+    r.check()
+    return time_line(r.stdout + r.stderr)
 
-    def rescue(name: str, args: str, timeout: float) -> None:
-        with timer.step("recover: rescue " + name):
-            r = standin.run("%s --non-interactive %s %s %s" % (RESCUE, options, name, args), timeout=timeout)
-        (log_dir / ("rescue-%s.log" % name)).write_text(
-            "$ rescue %s %s\nexit %d in %.1f s\n--- stdout\n%s--- stderr\n%s"
-            % (name, args, r.returncode, r.seconds, r.stdout, r.stderr))
-        r.check()
 
-    if rescue_has(standin, "recover"):
-        rescue("recover", "--yes --unmount" + when, 2400)
-        return "recover"
-    rescue("layoutonly", "--yes" + when, 900)
-    rescue("restoreonly", "--target /mnt/local" + when, 1800)
-    with timer.step("recover: boot loader and unmount (harness, until recover exists)"):
-        script = ["set -e", "R=/mnt/local", "for d in dev proc sys run; do mount --rbind /$d $R/$d; done"]
-        if firmware == "uefi":
-            script.append("chroot $R grub-install --target=x86_64-efi --efi-directory=/boot/efi "
-                          "--bootloader-id=debian --no-nvram --removable")
-            script.append("chroot $R grub-install --target=x86_64-efi --efi-directory=/boot/efi "
-                          "--bootloader-id=debian")
-        else:
-            script += ["chroot $R grub-install --target=i386-pc %s" % node for node in targets.values()]
-        script += ["sync", "umount -R $R", "vgchange -an >/dev/null 2>&1 || true",
-                   "for md in /dev/md[0-9]*; do [ -b $md ] && mdadm --stop $md; done 2>/dev/null || true"]
-        standin.run("\n".join(script), timeout=600, check=True)
-    return "layoutonly+restoreonly"
+def time_line(output: str) -> str:
+    """recover's "Time: …" line (where its time went), or "" when it printed none."""
+    lines = [line for line in output.splitlines() if "Time: " in line]
+    return lines[-1][lines[-1].index("Time: "):] if lines else ""
