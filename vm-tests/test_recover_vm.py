@@ -34,7 +34,7 @@ def drill_backup(golden, rescue_pyz):
 
 def run_drill(spec_name, golden, drill_backup, rescue_pyz, make_standin, make_machine, tmp_path,
               bus=None, size_factor=1, same_serials=True, check_layout=True, point_in_time=False,
-              in_recovered=None):
+              in_recovered=None, recover=drill.recover):
     """The whole drill; in_recovered(machine, source_info) adds checks in the booted recovered
     system. Returns the report (also in drill-timings.json) and the recovered disks."""
     g = golden(spec_name)
@@ -67,8 +67,8 @@ def run_drill(spec_name, golden, drill_backup, rescue_pyz, make_standin, make_ma
             s.run("echo LUKS_KEY_FILE=%s/luks.key > %s/luks.conf" % (drill.DRILL_DIR, drill.DRILL_DIR), check=True)
             options = "-C %s/luks.conf" % drill.DRILL_DIR
     recover_started = time.monotonic()
-    split = drill.recover(s, targets, timer, tmp_path,
-                          restore_time=source["restore_time"] if point_in_time else "", options=options)
+    split = recover(s, targets, timer, tmp_path,
+                    restore_time=source["restore_time"] if point_in_time else "", options=options)
     leaks = s.run("grep -rl -- %s /var/lib/rescue /var/log/rescue /tmp 2>/dev/null" % drill.PASSPHRASE).stdout
     s.get("/var/log/rescue", tmp_path / "standin-var-log-rescue")   # rescue's own log, per step
     with timer.step("stand-in: poweroff"):
@@ -183,3 +183,14 @@ def test_recover_point_in_time_restores_the_first_of_two_backups(golden, drill_b
     report, _ = run_drill("bios-lvm", golden, drill_backup, rescue_pyz, make_standin, make_machine, tmp_path,
                           point_in_time=True, in_recovered=later)
     assert report["extra"] == 1, "%s of the second backup is in the recovered system" % drill.LATER_ROOT
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_recover_killed_during_recreate_restore_and_finalize_resumes_to_a_booting_machine(
+        golden, drill_backup, rescue_pyz, make_standin, make_machine, tmp_path):
+    """SIGKILL `rescue recover` while it makes the first filesystem, while duplicity restores,
+    and while the initramfs is rebuilt; each time run it again: the machine that boots is the
+    one the backup holds (the whole comparison of run_drill)."""
+    run_drill("bios-lvm", golden, drill_backup, rescue_pyz, make_standin, make_machine, tmp_path,
+              recover=drill.recover_killed)

@@ -312,3 +312,55 @@ def time_line(output: str) -> str:
     """recover's "Time: …" line (where its time went), or "" when it printed none."""
     lines = [line for line in output.splitlines() if "Time: " in line]
     return lines[-1][lines[-1].index("Time: "):] if lines else ""
+
+
+# Where `rescue recover` is killed (SIGKILL) by recover_killed: a pattern of a line of rescue's
+# log that starts the moment, and how long after it.
+KILL_POINTS = (
+    ("recreate", r"running: mke2fs ", 0),                    # the first filesystem is being made
+    ("restore", r"running duplicity as: ", 20),              # duplicity has written for a while
+    ("finalize", r"running: chroot /mnt/local update-initramfs ", 15),   # the initramfs is half built
+)
+
+KILL_SCRIPT = r"""
+mkdir -p {dir}
+log=/var/log/rescue/rescue-$(hostname).log
+from=$(stat -c %s "$log" 2>/dev/null || echo 0)
+setsid sh -c 'echo $$ > {dir}/rescue.pid; exec {rescue} --non-interactive {options} recover {args}' \
+    > {dir}/recover-{n}.out 2>&1 < /dev/null &
+sleep 1
+pid=$(cat {dir}/rescue.pid)
+until tail -c +$((from + 1)) "$log" | grep -q -E '{pattern}'; do
+    kill -0 "$pid" 2>/dev/null || {{ echo "rescue ended before: {pattern}"; exit 3; }}
+    sleep 0.5
+done
+sleep {delay}
+kill -9 "$pid"
+while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+echo killed
+"""
+
+
+def recover_killed(standin: Machine, targets: Dict[str, str], timer: Timer, log_dir: Path,
+                   restore_time: str = "", options: str = "") -> str:
+    """`rescue recover` SIGKILLed at each of KILL_POINTS in turn (each time run again), then run
+    to its end: what the drill then boots and compares is what the resumed runs made. Each
+    resumed run must say it resumes where the killed one stopped."""
+    when = " --restore-time %s" % restore_time if restore_time else ""
+    args = "--yes --unmount" + when
+    for n, (point, pattern, delay) in enumerate(KILL_POINTS, 1):
+        with timer.step("recover: killed during %s" % point):
+            r = standin.run(KILL_SCRIPT.format(dir=DRILL_DIR, rescue=RESCUE, options=options, args=args, n=n,
+                                               pattern=pattern, delay=delay), timeout=2400)
+        out = standin.run("cat %s/recover-%d.out" % (DRILL_DIR, n)).stdout
+        (log_dir / ("rescue-recover-%d-killed-during-%s.log" % (n, point))).write_text(out)
+        if r.stdout.strip() != "killed":
+            raise GuestError("recover was not killed during %s: %s\n%s" % (point, r.stdout, out[-3000:]))
+    split = recover(standin, targets, timer, log_dir, restore_time, options)
+    resumed = [(log_dir / ("rescue-recover-%d-killed-during-%s.log" % (n + 1, KILL_POINTS[n][0]))).read_text()
+               for n in range(1, len(KILL_POINTS))] + [(log_dir / "rescue-recover.log").read_text()]
+    expected = ("Resuming the interrupted run at step", "The interrupted restore is started again", "The restore into /mnt/local is done already")
+    for (point, _, _), text, said in zip(KILL_POINTS, resumed, expected):
+        if said not in text:
+            raise GuestError("the run after the kill during %s did not say %r:\n%s" % (point, said, text[-3000:]))
+    return split
