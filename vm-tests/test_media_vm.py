@@ -6,7 +6,7 @@ The bios-lvm guest runs `rescue.pyz mkrescue` with a configuration that holds a 
 passphrase; the ISO and the initramfs are copied out, the initramfs is scanned for the canary,
 and the ISO boots with SeaBIOS and with OVMF: the banner appears on the serial console with the
 network up, and `rescue --version` answers at the shell and over ssh; with SeaBIOS, `rescue layoutonly
---plan` plans the recreation onto a blank disk.
+--plan` plans the recreation onto a blank disk and `rescue recover --plan` the whole recovery.
 """
 
 import subprocess
@@ -66,6 +66,11 @@ def boot_rescue_iso(make_machine, iso: Path, firmware: str, record_property, pla
         r = machine.run(["rescue", "layoutonly", "--plan"], timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "sfdisk" in r.stdout and "vg0" in r.stdout
+        # the whole recover, planned from the image's own layout (the backup is not needed to plan)
+        r = machine.run(["rescue", "recover", "--plan"], timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "the rescue system's copy" in r.stdout + r.stderr and "vg0" in r.stdout
+        assert "restore the backup at file:///var/backup" in r.stdout and "finalize in the restored system" in r.stdout
     machine.kill()
 
 
