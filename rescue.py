@@ -6868,9 +6868,47 @@ def restore_steps(url: str, target: str, filesystems: Sequence[str], parts: Sequ
     return steps
 
 
+PART_STAGING = ".rescue-part-"        # + a digest of the part's path: a part's staging directory
+PART_DONE = ".done"                   # beside it, once duplicity restored all of it (part_fingerprint)
+MAIN_STAGING = ".rescue-restore-"
+
+
+def part_staging(onto: str, label: str) -> Path:
+    """Where the part label is restored to, on the filesystem onto: the same name in every
+    run, so that a run after an interrupted one finds what that one finished."""
+    return Path(onto) / (PART_STAGING + hashlib.sha256(label.encode("utf-8", "surrogateescape")).hexdigest()[:16])
+
+
+def sweep_stagings(filesystems: Sequence[str]) -> List[str]:
+    """Remove what interrupted restores left at the top of each filesystem of the tree: the
+    main chain's staging directories and the parts' that were not finished (a finished
+    part, with its PART_DONE record, stays for the run to take). Returns what went."""
+    gone = []
+    for top in filesystems:
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(top):
+                if entry.name.startswith(MAIN_STAGING) and entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                elif entry.name.startswith(PART_STAGING) and entry.name.endswith(PART_DONE):
+                    if not os.path.isdir(entry.path[:-len(PART_DONE)]):
+                        os.unlink(entry.path)
+                        continue
+                    continue
+                elif entry.name.startswith(PART_STAGING) and not os.path.isfile(entry.path + PART_DONE):
+                    shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+                else:
+                    continue
+                gone.append(entry.path)
+    return gone
+
+
 class RestoreRun:
     """Runs restore steps (each duplicity into its own staging directory) and then puts what
-    they restored into place. Several steps may run at once, from different threads."""
+    they restored into place. Several steps may run at once, from different threads.
+
+    A part restored completely is recorded (PART_DONE, with the sets of its chain and the
+    restore time): when the run fails or is killed, the next one takes it as it is, if its
+    chain and the restore time are still the same, and restores only the unfinished chains."""
 
     def __init__(self, ctx: "Context", opts: DuplicityOptions, target: Path, work: Path,
                  home: Dict[str, str], time_: Optional[str]) -> None:
@@ -6878,17 +6916,47 @@ class RestoreRun:
         self.staged: Dict[str, Path] = {}         # step label -> its staging directory
         self.lock = threading.Lock()
 
-    def run(self, step: RestoreStep) -> DuplicityOutput:
-        prefix = ".rescue-restore-" if step.label == "main" else ".rescue-part-"
-        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=step.onto))
+    def fingerprint(self, step: RestoreStep) -> Optional[Dict[str, object]]:
+        """What a finished part was restored from: its chain's sets and the restore time (None
+        for a backend whose sets rescue cannot list: such a part is never taken again)."""
+        sets = chain_sets(self.ctx, step.url)
+        if sets is None:
+            return None
+        return json.loads(json.dumps({"part": step.label, "url": step.url, "time": self.time_,
+                                      "sets": sorted([t, complete] for t, complete in sets.items())}))
+
+    def run(self, step: RestoreStep) -> Optional[DuplicityOutput]:
+        """Restore step's chain into its staging directory; None when an earlier run had
+        restored this part and it is taken as that run left it."""
+        if step.label == "main":
+            staging = Path(tempfile.mkdtemp(prefix=MAIN_STAGING, dir=step.onto))
+        else:
+            staging = part_staging(step.onto, step.label)
+            done = Path(str(staging) + PART_DONE)
+            if staging.is_dir() and done.is_file():
+                with contextlib.suppress(OSError, ValueError):
+                    if json.loads(done.read_text()) == self.fingerprint(step):
+                        with self.lock:
+                            self.staged[step.label] = staging
+                        self.ctx.log.say(f"{step.label}: restored completely by an interrupted run, taken as it is")
+                        return None
+            with contextlib.suppress(FileNotFoundError):
+                done.unlink()
+            shutil.rmtree(str(staging), ignore_errors=True)
+            staging.mkdir(mode=0o700)
         with self.lock:
             self.staged[step.label] = staging
         args = restore_command(self.opts, step.url, str(staging), str(self.work), self.time_, step.renames,
                                step.name_suffix, each_file=self.ctx.log.debug_enabled)
         what = "Restore" if step.label == "main" else f"Restore of {step.label}"
-        return run_checked(self.ctx, args, self.opts.crypt, what, env=self.home, shared_console=True)  # WriteProgress
+        output = run_checked(self.ctx, args, self.opts.crypt, what, env=self.home, shared_console=True)  # WriteProgress
+        if step.label != "main":
+            fingerprint = self.fingerprint(step)
+            if fingerprint is not None:
+                write_file(Path(str(staging) + PART_DONE), json.dumps(fingerprint) + "\n")
+        return output
 
-    def attempt(self, step: RestoreStep) -> Union[DuplicityOutput, RescueError]:
+    def attempt(self, step: RestoreStep) -> Union[Optional[DuplicityOutput], RescueError]:
         """run(), with a failure returned instead of raised (for a step that may turn out unneeded)."""
         try:
             return self.run(step)
@@ -6899,6 +6967,8 @@ class RestoreRun:
         with self.lock:
             staging = self.staged.pop(label, None)
         if staging is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(staging) + PART_DONE)
             shutil.rmtree(str(staging), ignore_errors=True)
 
     def place(self) -> os.stat_result:
@@ -6909,11 +6979,16 @@ class RestoreRun:
         for label, staging in self.staged.items():
             if label != "main":
                 place_part(staging, self.target, label)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(str(staging) + PART_DONE)
         return root
 
     def clean_up(self) -> None:
-        for label in list(self.staged):
-            self.discard(label)
+        """After the run, failed or not: what is left of the staging directories goes, but
+        for the parts restored completely (a next run takes them)."""
+        for label, staging in list(self.staged.items()):
+            if not os.path.isfile(str(staging) + PART_DONE):
+                self.discard(label)
 
 
 def restore_parts(ctx: "Context", run: RestoreRun, url: str, filesystems: Sequence[str], workers: int) -> None:
@@ -6982,6 +7057,8 @@ def restore_backup(ctx: "Context", target: Path, time_: Optional[str]) -> int:
                           "give a directory that can be made there") from None
     crypt = backup_encryption(ctx, "restore")
     filesystems = [str(target)] + [m for m in mounts if path_within(m, str(target))]
+    for path in sweep_stagings(filesystems):
+        ctx.log.info(f"Removed what an interrupted restore left: {path}")
     workers = parallel_workers(ctx.config)
     with private_gnupg_home(ctx.runner, crypt) as home, restore_workspace(ctx.config, target) as work:
         opts = duplicity_options(ctx.config, crypt, str(work / "archive"), ctx.ssh_options(), url)
@@ -8416,13 +8493,17 @@ def check_backup_readable(ctx: Context, time_: Optional[str]) -> None:
 
 def empty_restored_tree(target: Path, mountpoints: Sequence[str]) -> int:
     """Remove what an interrupted restore wrote, keeping the mountpoints (and lost+found at
-    each filesystem's root); returns the entries removed."""
+    each filesystem's root) and the parts it restored completely (at a filesystem's root,
+    with their PART_DONE record); returns the entries removed."""
     removed = 0
     mounts = set(mountpoints) | {str(target)}
     for entry in os.scandir(str(target)):
         holds_mount = any(path_within(m, entry.path) for m in mounts)
         if entry.name == "lost+found" and str(target) in mounts:
             continue
+        if str(target) in mounts and entry.name.startswith(PART_STAGING) and (
+                os.path.isfile(entry.path + PART_DONE) or entry.name.endswith(PART_DONE)):
+            continue              # a part restored completely: the restore takes it (RestoreRun)
         if holds_mount and entry.is_dir(follow_symlinks=False):
             removed += empty_restored_tree(Path(entry.path), mountpoints)
         elif entry.is_dir(follow_symlinks=False):

@@ -451,3 +451,54 @@ def test_chains_asking_for_ssh_options_at_once_share_one_connection_directory():
     assert len(set(seen)) == 1 and f"-oControlPath={directory}/%C" in seen[0]
     sharing.close(rescue.Runner(rescue.Log()))
     assert not os.path.exists(directory) and sharing.directory is None
+
+
+def test_a_restore_that_failed_restores_only_its_unfinished_chains_when_run_again(split_site):
+    """The main chain cannot be read (a volume is away): the parts, restored completely, stay
+    with their record; the next run takes them and restores the main chain alone. A part
+    whose chain changed since (a new backup) is restored again."""
+    site = split_site
+    assert site.run("mkbackuponly").returncode == 0
+    volume = next(p for p in (site.target_dir()).iterdir() if p.name.startswith("duplicity-full.")
+                  and ".vol1." in p.name)
+    away = site.tmp / volume.name
+    target = site.tmp / "restored"
+    (target / ".rescue-restore-killed").mkdir(parents=True)            # left by a killed run
+    os.rename(volume, away)
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    kept = sorted(p for p in os.listdir(target) if p.startswith(".rescue"))
+    assert len(kept) == 4 and all(p.startswith(".rescue-part-") for p in kept), kept    # 2 parts, 2 records
+    assert not (restored(site, target) / "part-a").exists()
+
+    os.rename(away, volume)
+    proc = site.run("restoreonly", "--target", target)
+    assert proc.returncode == 0, proc.stderr
+    for part in ("part-a", "part-b"):
+        assert f"{site.src / part}: restored completely by an interrupted run, taken as it is" in proc.stdout
+    run_log = (site.tmp / "log/rescue.log").read_text()        # this run's
+    restores = [line for line in run_log.splitlines() if "' restore -v" in line]     # duplicity's argv
+    assert len(restores) == 2, restores         # the layout chain (the stored plan) and the main chain
+    assert not [line for line in restores for part in ("part-a", "part-b")
+                if rescue.part_id(str(site.src / part)) in line]
+    assert_same_tree(site.src, restored(site, target))
+    assert not [p for p in os.listdir(target) if p.startswith(".rescue")]
+
+    # a record of a part whose chain has another set now is not taken
+    again = site.tmp / "again"
+    assert site.run("restoreonly", "--target", again).returncode == 0
+    staging = rescue.part_staging(str(again), str(site.src / "part-a"))
+    staging.mkdir()
+    (staging / "stale").write_text("from an older backup\n")
+    record = {"part": str(site.src / "part-a"), "url": "elsewhere", "time": None, "sets": []}
+    Path(str(staging) + rescue.PART_DONE).write_text(json.dumps(record))
+    shutil_target = site.tmp / "third"
+    os.rename(again, shutil_target)
+    for entry in os.listdir(shutil_target):
+        if not entry.startswith(".rescue"):
+            subprocess.run(["rm", "-rf", str(shutil_target / entry)], check=True)
+    proc = site.run("restoreonly", "--target", shutil_target)
+    assert proc.returncode == 0, proc.stderr
+    assert "taken as it is" not in proc.stdout
+    assert not (restored(site, shutil_target) / "part-a/stale").exists()
+    assert_same_tree(site.src, restored(site, shutil_target))

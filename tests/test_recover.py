@@ -89,6 +89,21 @@ def test_an_interrupted_restore_is_emptied_but_mountpoints_and_lost_found_stay(t
     assert removed == 7
 
 
+def test_an_interrupted_restore_keeps_the_parts_it_restored_completely_and_only_those(tmp_path):
+    root = tmp_path / "mnt-local"
+    home = root / "home"
+    done = rescue.part_staging(str(home), "/home/big")
+    half = rescue.part_staging(str(home), "/home/other")
+    for d in (done / "big", half / "other", root / (rescue.MAIN_STAGING + "x1") / "etc"):
+        d.mkdir(parents=True)
+    Path(str(done) + rescue.PART_DONE).write_text("{}\n")
+    removed = rescue.empty_restored_tree(root, [str(home)])
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert left == sorted(["home", "home/" + done.name, "home/" + done.name + "/big",
+                           "home/" + done.name + rescue.PART_DONE])
+    assert removed == 2
+
+
 def test_the_recover_journal_round_trips_and_a_broken_one_is_a_clear_error(tmp_path):
     state = rescue.RecoverState("digest", "2026-12-01T10:00:00", "started", ["a", "b"], reported=True, timings={"restore": 12.5})
     path = tmp_path / "recover.json"

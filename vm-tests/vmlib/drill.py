@@ -240,6 +240,14 @@ def _short(value):
     return value if value is None or len(value) <= 40 else value[:37] + "..."
 
 
+def keep_guest_log(m: Machine, r, out: Path) -> None:
+    """A failed rescue run: its whole log (duplicity's and gpg's output) is kept beside the
+    harness's, then the failure raised."""
+    if r.returncode != 0:
+        m.get("/var/log/rescue", out / "guest-var-log-rescue")
+    r.check()
+
+
 def _build(golden: Golden, rescue_pyz: Path, out: Path, second: bool = False) -> None:
     timer = Timer()
     (out / "local.conf").write_text(local_conf())
@@ -261,7 +269,7 @@ def _build(golden: Golden, rescue_pyz: Path, out: Path, second: bool = False) ->
         with timer.step("source: rescue mkbackuponly"):
             r = m.run(RESCUE + " mkbackuponly", timeout=1500)
         (out / "mkbackuponly.log").write_text("exit %d\n--- stdout\n%s--- stderr\n%s" % (r.returncode, r.stdout, r.stderr))
-        r.check()
+        keep_guest_log(m, r, out)
         roots = sorted(m.run("findmnt -n -l -o TARGET -t xfs,ext4,vfat,btrfs", check=True).stdout.split())
         roots = [p for p in roots if p != BACKUP_MOUNT]
         with timer.step("source: manifest"):
@@ -274,7 +282,7 @@ def _build(golden: Golden, rescue_pyz: Path, out: Path, second: bool = False) ->
                 r = m.run(RESCUE + " mkbackuponly", timeout=1500)
             (out / "mkbackuponly-2.log").write_text("exit %d\n--- stdout\n%s--- stderr\n%s"
                                                      % (r.returncode, r.stdout, r.stderr))
-            r.check()
+            keep_guest_log(m, r, out)
         identity = storage_identity(m)
         leaks = m.run("grep -rl -- %s /var/lib/rescue /var/log/rescue %s 2>/dev/null" % (PASSPHRASE, BACKUP_MOUNT)).stdout
         hostname = m.run("hostname", check=True).stdout.strip()
