@@ -358,3 +358,15 @@ def test_the_drill_reads_recovers_own_account_of_its_time_from_its_output():
            "orchestration 20.0 s (2.9 %; other tools 15.0 s of it)\nrescue: Unmounted /mnt/local\n")
     assert time_line(out).startswith("Time: 700.1 s: duplicity 170.0 s") and time_line(out).endswith("of it)")
     assert time_line("no such line\n") == ""
+
+
+def test_a_loader_on_the_esp_may_have_a_new_mtime_but_not_other_bytes():
+    from vmlib.drill import compare_manifests
+    entry = {"type": "file", "mode": 0o700, "uid": 0, "gid": 0, "mtime": 1, "sha256": "aa"}
+    source = {"files": {"/boot/efi/EFI/debian/grubx64.efi": dict(entry), "/etc/x": dict(entry)}, "hardlinks": []}
+    same = {"files": {"/boot/efi/EFI/debian/grubx64.efi": dict(entry, mtime=2), "/etc/x": dict(entry)}, "hardlinks": []}
+    assert compare_manifests(source, same) == []
+    other = {"files": {"/boot/efi/EFI/debian/grubx64.efi": dict(entry, mtime=2, sha256="bb"),
+                       "/etc/x": dict(entry, mtime=2)}, "hardlinks": []}
+    assert compare_manifests(source, other) == ["/boot/efi/EFI/debian/grubx64.efi: sha256 aa -> bb",
+                                                "/etc/x: mtime 1 -> 2"]
