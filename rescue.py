@@ -5591,9 +5591,6 @@ class DuplicityOutput:
     def text(self, now: float) -> str:
         return f"{self.what}: {self.files} files, {self.volumes} volumes, {now - self.started:.0f} s"
 
-    def tail(self, count: int = 15) -> str:
-        return "\n".join(self.lines[-count:])
-
 
 class WriteProgress:
     """How far a restore is, which duplicity tells only at -v5, with a line for each file
@@ -6170,9 +6167,13 @@ def gpg_agent_running(runner: Runner) -> bool:
 
 @contextlib.contextmanager
 def own_gpg_agent(runner: Runner) -> "Iterator[None]":
-    """The gpg-agent that gpg starts for the keyring during a run is stopped after it, when none
-    was running before (one that was, the user's, is left alone)."""
+    """The keyring's gpg-agent for a run: started first when none runs (the chains side by side
+    would each start one at once, and gpg waits only seconds for an agent another gpg is
+    starting: too short on a loaded machine), and then stopped after the run (one that was
+    running before, the user's, is left alone)."""
     before = gpg_agent_running(runner)
+    if not before:
+        runner.run(["gpgconf", "--launch", "gpg-agent"], check=False, timeout=60)
     try:
         yield
     finally:
@@ -6299,21 +6300,31 @@ def duplicity_run(ctx: "Context", args: Sequence[str], crypt: Encryption, what: 
 
 
 def without_traceback(text: str) -> str:
-    """duplicity's output with a Python traceback cut to its last line (the whole is in the log)."""
-    lines = text.splitlines()
-    # "Traceback (most recent call last)" or duplicity's "(innermost last)"; a tail may begin inside the frames.
-    start = next((n for n, line in enumerate(lines) if line.lstrip().startswith("Traceback (")
-                  or line.startswith('  File "')), None)
-    if start is None:
-        return text
-    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
-    return "\n".join(lines[:start] + [last])
+    """duplicity's output without the frames of a Python traceback (the whole is in the log):
+    the exception's message stays, all of it (a GPGError carries the GnuPG log, which says why)."""
+    out, in_frame = [], False
+    for line in text.splitlines():
+        at = line.find("Traceback (")     # "(most recent call last)" or duplicity's "(innermost last)"
+        if at >= 0 and line[at:].rstrip().endswith("last):"):
+            if line[:at].strip():
+                out.append(line[:at].rstrip())
+            in_frame = True
+            continue
+        if line.startswith('  File "'):
+            in_frame = True                # a tail may begin inside the frames
+            continue
+        if in_frame and line.startswith("    "):
+            continue                       # the frame's source line and its ^^^^ marks
+        in_frame = False
+        out.append(line)
+    return "\n".join(out)
 
 
 def duplicity_failure(what: str, returncode: int, output: DuplicityOutput, log: Log) -> RescueError:
     found = diagnose("\n".join(output.lines))
     cause = f": {found[0]}" if found else ""
-    hint = (found[1] + "\n" if found else "") + "duplicity's last output:\n" + without_traceback(output.tail())
+    last = "\n".join(without_traceback("\n".join(output.lines)).splitlines()[-15:])
+    hint = (found[1] + "\n" if found else "") + "duplicity's last output:\n" + last
     if log.path:
         hint += f"\nthe whole output is in {log.path}"
     return RescueError(f"{what} failed (duplicity exit code {returncode}){cause}", hint)
@@ -6737,6 +6748,8 @@ def keyring_copy(runner: Runner, home: Path, crypt: Optional[Encryption]) -> "It
             for key in crypt.keys:
                 runner.run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase-fd", "0", "--passwd", key],
                            env=env, input=f"{passphrase}\n{passphrase}\n", check=False, timeout=60)
+        # one agent, up before the chains side by side ask for it (own_gpg_agent says why)
+        runner.run(["gpgconf", "--launch", "gpg-agent"], env=env, check=False, timeout=60)
         yield env
     finally:
         try:

@@ -21,6 +21,7 @@ from backup_fixtures import ENC_PASSPHRASE, SIGN_PASSPHRASE, make_tree
 from conftest import RESCUE, run_rescue
 
 HOST = socket.gethostname()
+DATA = Path(__file__).parent / "data"
 
 
 def config(text="", **values):
@@ -867,3 +868,35 @@ def test_canary_passphrase_is_in_no_argv_log_output_or_file(tmp_path, conf_dir, 
         assert canary not in proc.stdout + proc.stderr
     assert watcher.polls > 20 and watcher.seen == []
     assert files_containing(tmp_path, canary) == [str(conf_dir / "site.conf")]
+
+
+def test_a_gpg_failure_names_what_gpg_said_not_only_the_end_of_its_log():
+    """duplicity -v5 prints a traceback, then the GnuPG log inside the exception's message
+    (real output: tests/data/duplicity/gpg-error-v5.txt); the hint keeps the log's lines."""
+    output = rescue.DuplicityOutput(rescue.Log(), "Backup", False, 1.0)
+    for line in (DATA / "duplicity/gpg-error-v5.txt").read_text().splitlines():
+        output(line)
+    error = rescue.duplicity_failure("the backup", 31, output, rescue.Log())
+    assert "gpg: DEADBEEFDEADBEEF: skipped: No public key" in error.hint
+    assert 'File "' not in error.hint and "^^^" not in error.hint and "Traceback" not in error.hint
+    assert error.hint.splitlines()[-1] == "===== End GnuPG log ====="
+
+
+def test_a_run_starts_the_keyrings_agent_before_its_chains_and_stops_it_after(tmp_path):
+    """Chains side by side would each start an agent at once (and gpg waits only seconds for
+    one another gpg is starting): the run's agent is up before anything runs in it."""
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    old = os.environ.get("GNUPGHOME")
+    os.environ["GNUPGHOME"] = str(home)
+    try:
+        runner = rescue.Runner(rescue.Log())
+        assert not rescue.gpg_agent_running(runner)
+        with rescue.own_gpg_agent(runner):
+            assert rescue.gpg_agent_running(runner)
+        assert not rescue.gpg_agent_running(runner)
+    finally:
+        if old is None:
+            del os.environ["GNUPGHOME"]
+        else:
+            os.environ["GNUPGHOME"] = old
