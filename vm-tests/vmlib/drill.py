@@ -334,9 +334,9 @@ def time_line(output: str) -> str:
 # Where `rescue recover` is killed (SIGKILL) by recover_killed: a pattern of a line of rescue's
 # log that starts the moment, and how long after it.
 KILL_POINTS = (
-    ("recreate", r"running: mke2fs ", 0),                    # the first filesystem is being made
+    ("recreate", r"running: (.* )?mke2fs ", 0),                    # the first filesystem is being made
     ("restore", r"running duplicity as: ", 20),              # duplicity has written for a while
-    ("finalize", r"running: chroot /mnt/local update-initramfs ", 15),   # the initramfs is half built
+    ("finalize", r"running: (.* )?chroot /mnt/local update-initramfs ", 15),   # the initramfs is half built
 )
 
 KILL_SCRIPT = r"""
