@@ -335,7 +335,8 @@ def time_line(output: str) -> str:
 # log that starts the moment, and how long after it.
 KILL_POINTS = (
     ("recreate", r"running: (.* )?mke2fs ", 0),                    # the first filesystem is being made
-    ("restore", r"running duplicity as: ", 20),              # duplicity has written for a while
+    # duplicity's argv for the main chain (the backup check before it runs duplicity too)
+    ("restore", r"restore -v.* /mnt/local/\.rescue-restore-", 20),   # and it has written for a while
     ("finalize", r"running: (.* )?chroot /mnt/local update-initramfs ", 15),   # the initramfs is half built
 )
 
