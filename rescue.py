@@ -1918,9 +1918,7 @@ class Runner:
         self._lock = threading.Lock()
         self.started = time.monotonic()
         self._preexec = die_with_parent()
-        self.busy = 0.0              # seconds during which at least one command ran
         self.waited = 0.0            # seconds spent waiting for devices (wait())
-        self._busy_since = 0.0
         self.kinds: Dict[str, float] = {}    # seconds during which a command of each tool_kind ran
         self._kind_running: Dict[str, Tuple[int, float]] = {}   # kind -> (commands running, since)
 
@@ -1981,8 +1979,6 @@ class Runner:
                               "check that it is an executable file") from None
         kind = tool_kind(argv, program)
         with self._lock:
-            if not self.active:
-                self._busy_since = started
             self.active.add(proc)
             running, since = self._kind_running.get(kind, (0, started))
             self._kind_running[kind] = (running + 1, since)
@@ -1995,8 +1991,6 @@ class Runner:
             with self._lock:
                 self.active.discard(proc)
                 now = time.monotonic()
-                if not self.active:
-                    self.busy += now - self._busy_since
                 running, since = self._kind_running.pop(kind)
                 if running > 1:
                     self._kind_running[kind] = (running - 1, since)
@@ -6882,7 +6876,7 @@ def restore_steps(url: str, target: str, filesystems: Sequence[str], parts: Sequ
 
 
 PART_STAGING = ".rescue-part-"        # + a digest of the part's path: a part's staging directory
-PART_DONE = ".done"                   # beside it, once duplicity restored all of it (part_fingerprint)
+PART_DONE = ".done"                   # beside it, once duplicity restored all of it (RestoreRun.fingerprint)
 MAIN_STAGING = ".rescue-restore-"
 
 
@@ -6890,6 +6884,22 @@ def part_staging(onto: str, label: str) -> Path:
     """Where the part label is restored to, on the filesystem onto: the same name in every
     run, so that a run after an interrupted one finds what that one finished."""
     return Path(onto) / (PART_STAGING + hashlib.sha256(label.encode("utf-8", "surrogateescape")).hexdigest()[:16])
+
+
+def part_record(staging: Union[str, Path]) -> Path:
+    """The PART_DONE record beside a part's staging directory."""
+    return Path(str(staging) + PART_DONE)
+
+
+def finished_part(path: str) -> bool:
+    """Whether path (at the top of a filesystem) is a part restored completely: its staging
+    directory with its record, or the record of such a directory."""
+    name = os.path.basename(path)
+    if not name.startswith(PART_STAGING):
+        return False
+    if name.endswith(PART_DONE):
+        return os.path.isdir(path[:-len(PART_DONE)])
+    return part_record(path).is_file()
 
 
 def sweep_stagings(filesystems: Sequence[str]) -> List[str]:
@@ -6900,18 +6910,11 @@ def sweep_stagings(filesystems: Sequence[str]) -> List[str]:
     for top in filesystems:
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(top):
-                if entry.name.startswith(MAIN_STAGING) and entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                elif entry.name.startswith(PART_STAGING) and entry.name.endswith(PART_DONE):
-                    if not os.path.isdir(entry.path[:-len(PART_DONE)]):
-                        os.unlink(entry.path)
-                        continue
-                    continue
-                elif entry.name.startswith(PART_STAGING) and not os.path.isfile(entry.path + PART_DONE):
-                    shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
-                else:
-                    continue
-                gone.append(entry.path)
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if (entry.name.startswith(MAIN_STAGING) and is_dir) or \
+                        (entry.name.startswith(PART_STAGING) and not finished_part(entry.path)):
+                    shutil.rmtree(entry.path) if is_dir else os.unlink(entry.path)
+                    gone.append(entry.path)
     return gone
 
 
@@ -6945,7 +6948,7 @@ class RestoreRun:
             staging = Path(tempfile.mkdtemp(prefix=MAIN_STAGING, dir=step.onto))
         else:
             staging = part_staging(step.onto, step.label)
-            done = Path(str(staging) + PART_DONE)
+            done = part_record(staging)
             if staging.is_dir() and done.is_file():
                 with contextlib.suppress(OSError, ValueError):
                     if json.loads(done.read_text()) == self.fingerprint(step):
@@ -6966,7 +6969,7 @@ class RestoreRun:
         if step.label != "main":
             fingerprint = self.fingerprint(step)
             if fingerprint is not None:
-                write_file(Path(str(staging) + PART_DONE), json.dumps(fingerprint) + "\n")
+                write_file(part_record(staging), json.dumps(fingerprint) + "\n")
         return output
 
     def attempt(self, step: RestoreStep) -> Union[Optional[DuplicityOutput], RescueError]:
@@ -6981,7 +6984,7 @@ class RestoreRun:
             staging = self.staged.pop(label, None)
         if staging is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(str(staging) + PART_DONE)
+                part_record(staging).unlink()
             shutil.rmtree(str(staging), ignore_errors=True)
 
     def place(self) -> os.stat_result:
@@ -6993,14 +6996,14 @@ class RestoreRun:
             if label != "main":
                 place_part(staging, self.target, label)
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(str(staging) + PART_DONE)
+                    part_record(staging).unlink()
         return root
 
     def clean_up(self) -> None:
         """After the run, failed or not: what is left of the staging directories goes, but
         for the parts restored completely (a next run takes them)."""
         for label, staging in list(self.staged.items()):
-            if not os.path.isfile(str(staging) + PART_DONE):
+            if not part_record(staging).is_file():
                 self.discard(label)
 
 
@@ -8514,8 +8517,7 @@ def empty_restored_tree(target: Path, mountpoints: Sequence[str]) -> int:
         holds_mount = any(path_within(m, entry.path) for m in mounts)
         if entry.name == "lost+found" and str(target) in mounts:
             continue
-        if str(target) in mounts and entry.name.startswith(PART_STAGING) and (
-                os.path.isfile(entry.path + PART_DONE) or entry.name.endswith(PART_DONE)):
+        if str(target) in mounts and finished_part(entry.path):
             continue              # a part restored completely: the restore takes it (RestoreRun)
         if holds_mount and entry.is_dir(follow_symlinks=False):
             removed += empty_restored_tree(Path(entry.path), mountpoints)
