@@ -314,8 +314,7 @@ def recover(standin: Machine, targets: Dict[str, str], timer: Timer, log_dir: Pa
     backup mounted); its output goes to log_dir/rescue-recover.log. targets: spec disk name ->
     /dev node of its new disk, in boot order; options: rescue's global options (e.g. -C FILE).
     Returns recover's own account of its time (its "Time:" line)."""
-    when = " --restore-time %s" % restore_time if restore_time else ""
-    args = "--yes --unmount" + when
+    args = recover_args(restore_time)
     with timer.step("recover: rescue recover"):
         r = standin.run("%s --non-interactive %s recover %s" % (RESCUE, options, args), timeout=2400)
     (log_dir / "rescue-recover.log").write_text(
@@ -325,6 +324,10 @@ def recover(standin: Machine, targets: Dict[str, str], timer: Timer, log_dir: Pa
     return time_line(r.stdout + r.stderr)
 
 
+def recover_args(restore_time: str) -> str:
+    return "--yes --unmount" + (" --restore-time %s" % restore_time if restore_time else "")
+
+
 def time_line(output: str) -> str:
     """recover's "Time: …" line (where its time went), or "" when it printed none."""
     lines = [line for line in output.splitlines() if "Time: " in line]
@@ -332,23 +335,28 @@ def time_line(output: str) -> str:
 
 
 # Where `rescue recover` is killed (SIGKILL) by recover_killed: a pattern of a line of rescue's
-# log that starts the moment, and how long after it.
+# log that starts the moment, how long after it, and what the next run must say.
 KILL_POINTS = (
-    ("recreate", r"running: (.* )?mke2fs ", 0),                    # the first filesystem is being made
-    # duplicity's argv for the main chain (the backup check before it runs duplicity too)
-    ("restore", r"restore -v.* /mnt/local/\.rescue-restore-", 20),   # and it has written for a while
-    ("finalize", r"running: (.* )?chroot /mnt/local update-initramfs ", 15),   # the initramfs is half built
+    # the first filesystem is being made
+    ("recreate", r"running: (.* )?mke2fs ", 0, "Resuming the interrupted run at step"),
+    # duplicity's argv for the main chain (the backup check before it runs duplicity too), and
+    # it has written for a while
+    ("restore", r"restore -v.* /mnt/local/\.rescue-restore-", 20, "The interrupted restore is started again"),
+    # the initramfs is half built
+    ("finalize", r"running: (.* )?chroot /mnt/local update-initramfs ", 15,
+     "The restore into /mnt/local is done already"),
 )
 
 KILL_SCRIPT = r"""
 mkdir -p {dir}
 log=/var/log/rescue/rescue-$(hostname).log
-from=$(stat -c %s "$log" 2>/dev/null || echo 0)
+# each run starts its log anew: the one of the run before must not answer for this one
+if [ -f "$log" ]; then mv "$log" {dir}/rescue-before-{n}.log; fi
 setsid sh -c 'echo $$ > {dir}/rescue.pid; exec {rescue} --non-interactive {options} recover {args}' \
     > {dir}/recover-{n}.out 2>&1 < /dev/null &
 sleep 1
 pid=$(cat {dir}/rescue.pid)
-until tail -c +$((from + 1)) "$log" | grep -q -E '{pattern}'; do
+until grep -q -E '{pattern}' "$log" 2>/dev/null; do
     kill -0 "$pid" 2>/dev/null || {{ echo "rescue ended before: {pattern}"; exit 3; }}
     sleep 0.5
 done
@@ -364,21 +372,19 @@ def recover_killed(standin: Machine, targets: Dict[str, str], timer: Timer, log_
     """`rescue recover` SIGKILLed at each of KILL_POINTS in turn (each time run again), then run
     to its end: what the drill then boots and compares is what the resumed runs made. Each
     resumed run must say it resumes where the killed one stopped."""
-    when = " --restore-time %s" % restore_time if restore_time else ""
-    args = "--yes --unmount" + when
-    for n, (point, pattern, delay) in enumerate(KILL_POINTS, 1):
+    outputs = []                  # of each run: the killed ones, then the last
+    for n, (point, pattern, delay, _) in enumerate(KILL_POINTS, 1):
         with timer.step("recover: killed during %s" % point):
-            r = standin.run(KILL_SCRIPT.format(dir=DRILL_DIR, rescue=RESCUE, options=options, args=args, n=n,
-                                               pattern=pattern, delay=delay), timeout=2400)
+            r = standin.run(KILL_SCRIPT.format(dir=DRILL_DIR, rescue=RESCUE, options=options, n=n, pattern=pattern,
+                                               args=recover_args(restore_time), delay=delay), timeout=2400)
         out = standin.run("cat %s/recover-%d.out" % (DRILL_DIR, n)).stdout
         (log_dir / ("rescue-recover-%d-killed-during-%s.log" % (n, point))).write_text(out)
         if r.stdout.strip() != "killed":
             raise GuestError("recover was not killed during %s: %s\n%s" % (point, r.stdout, out[-3000:]))
+        outputs.append(out)
     split = recover(standin, targets, timer, log_dir, restore_time, options)
-    resumed = [(log_dir / ("rescue-recover-%d-killed-during-%s.log" % (n + 1, KILL_POINTS[n][0]))).read_text()
-               for n in range(1, len(KILL_POINTS))] + [(log_dir / "rescue-recover.log").read_text()]
-    expected = ("Resuming the interrupted run at step", "The interrupted restore is started again", "The restore into /mnt/local is done already")
-    for (point, _, _), text, said in zip(KILL_POINTS, resumed, expected):
+    outputs.append((log_dir / "rescue-recover.log").read_text())
+    for (point, _, _, said), text in zip(KILL_POINTS, outputs[1:]):
         if said not in text:
             raise GuestError("the run after the kill during %s did not say %r:\n%s" % (point, said, text[-3000:]))
     return split
