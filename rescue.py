@@ -261,7 +261,8 @@ SECRET_NAME_PARTS = ("PASSPHRASE", "PASSWORD", "SECRET")
 # Names that contain a secret-looking word but hold a flag, a device name or (ReaR's
 # SECRET_VARIABLES) the names of secrets, not a secret:
 # redacting "true" or "null" everywhere would garble every log line.
-NOT_SECRET_NAMES = frozenset({"BACKUP_DUPLICITY_ASK_PASSPHRASE", "SECRET_OUTPUT_DEV", "SECRET_VARIABLES"})
+NOT_SECRET_NAMES = frozenset({"BACKUP_DUPLICITY_ASK_PASSPHRASE", "SECRET_OUTPUT_DEV", "SECRET_VARIABLES",
+                              "RESCUE_GPG_PASSPHRASE"})
 
 # bash maintains these itself (or refuses to assign them); we cannot reproduce their values.
 BASH_INTERNAL = frozenset({
@@ -1472,6 +1473,8 @@ SETTINGS = _settings(
     Setting("MODULES", LIST, "kernel modules for the rescue system", [], whole=True),
     Setting("FIRMWARE_FILES", LIST, "firmware files for the rescue system", [], whole=True),
     Setting("RESCUE_GPG_PRIVATE_KEYS", bool_value, "root's GPG private keys go into the rescue system"),
+    Setting("RESCUE_GPG_PASSPHRASE", bool_value, "the duplicity passphrase goes into the rescue system "
+            "(for rescue.auto=recover with no one at the console)"),
     Setting("SSH_UNPROTECTED_PRIVATE_KEYS", LIST, "root's ssh private keys that go into the rescue system",
             ["no"], whole=True),
     Setting("USE_STATIC_NETWORKING", bool_value, "the rescue system's network as this machine's"),
@@ -1635,13 +1638,14 @@ def backup_host(config: Config) -> str:
     return config.setting("HOSTNAME")
 
 
-def config_without_secrets(config: Config) -> str:
-    """The effective configuration as a file rescue can load again (-C), secrets left empty."""
+def config_without_secrets(config: Config, keep: FrozenSet[str] = frozenset()) -> str:
+    """The effective configuration as a file rescue can load again (-C), secrets left empty
+    (but those named in keep)."""
     lines = [f"# rescue {__version__}: the configuration of {backup_host(config)} at backup time.",
              "# Secret values are not stored: set them again before using this file."]
     for name in sorted(config.values):
         value = config.values[name]
-        if config.is_secret(name) and value:
+        if config.is_secret(name) and value and name not in keep:
             lines.append(f"{name}=''    # secret, not stored")
         else:
             lines.append(f"{name}={format_value(value)}")
@@ -2534,6 +2538,16 @@ class Network:
 
 
 @dataclass
+class BackupFilesystem:
+    """The filesystem that held a file:// backup (a USB or second disk) when the layout was
+    saved: the rescue system mounts it where it was, and no plan may wipe its disk."""
+    mountpoint: str
+    uuid: str
+    fstype: str
+    label: Optional[str] = None
+
+
+@dataclass
 class Layout:
     hostname: str
     boot: Boot
@@ -2550,6 +2564,7 @@ class Layout:
     excluded: List[Exclusion] = field(default_factory=list)
     unsupported: List[Exclusion] = field(default_factory=list)
     network: Network = field(default_factory=Network)
+    backup_filesystem: Optional[BackupFilesystem] = None
     version: int = LAYOUT_VERSION
 
 
@@ -2692,9 +2707,12 @@ def layout_from_json(text: str, source: str = "layout.json") -> Layout:
                  for kind in KINDS}
         boot = item_from_dict(Boot, data["boot"], "boot")
         network = item_from_dict(Network, data.get("network", {}), "network")
+        backup_fs = data.get("backup_filesystem")
+        if backup_fs is not None:
+            backup_fs = item_from_dict(BackupFilesystem, backup_fs, "backup_filesystem")
         if not isinstance(data["hostname"], str):
             raise ValueError("hostname: not a string")
-        return Layout(hostname=data["hostname"], boot=boot, network=network, **items)
+        return Layout(hostname=data["hostname"], boot=boot, network=network, backup_filesystem=backup_fs, **items)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RescueError(f"{source} is not a valid layout: {exc}",
                           "recreate it with rescue savelayout") from None
@@ -3250,6 +3268,7 @@ class LayoutCapture:
         self.excluded: List[Exclusion] = []
         self.unsupported: List[Exclusion] = []
         self.warnings: List[str] = []
+        self.backup_entry: Optional[dict] = None      # findmnt's entry of a file:// backup's filesystem
         self.nodes = parse_lsblk(probe_output(probe, ["lsblk", "-J", "-b", "-p", "-o", LSBLK_COLUMNS], True))
         self.by_majmin = {n.majmin: n for n in self.nodes.values() if n.majmin}
         self.by_kname = {n.kname: n for n in self.nodes.values()}
@@ -3327,6 +3346,7 @@ class LayoutCapture:
         if target_dir:
             candidates = [e["target"] for e in entries if path_within(target_dir, e["target"])]
             target_mount = max(candidates, key=len) if candidates else None
+        self.backup_entry = next((e for e in entries if e["target"] == target_mount and target_mount != "/"), None)
         chosen: Dict[str, Tuple[Mount, BlockNode]] = {}
         first_mount: Dict[Tuple[str, Optional[str]], str] = {}
         for entry in entries:
@@ -3531,9 +3551,21 @@ class LayoutCapture:
         layout.boot = self.boot(layout)
         layout.network = self.network()
         layout.excluded, layout.unsupported = self.excluded, self.unsupported
+        layout.backup_filesystem = self.backup_filesystem()
         self.uuid_warnings(layout)
         vgcfg = {vg.name: self.vgcfg(vg.name) for vg in layout.volume_groups}
         return Captured(sort_layout(layout), {k: v for k, v in vgcfg.items() if v}, self.warnings)
+
+    def backup_filesystem(self) -> Optional[BackupFilesystem]:
+        """The local filesystem a file:// backup is on, when it is not the root's (by its UUID)."""
+        entry = self.backup_entry
+        node = self.node_for(entry.get("source") or "", entry.get("maj:min") or "") if entry else None
+        if entry is None or node is None:
+            return None
+        self.fill_from_blkid({node.name: node})
+        if not node.uuid or not node.fstype:
+            return None
+        return BackupFilesystem(entry["target"], node.uuid, node.fstype, node.label or None)
 
     def components(self, layout: Layout, needed: Dict[str, BlockNode]) -> None:
         by_id = self.probe.links("/dev/disk/by-id")
@@ -3860,8 +3892,9 @@ def fill_serials(nodes: Dict[str, BlockNode], read: Callable[[str], Optional[str
 
 def disks_here(nodes: Dict[str, BlockNode], mounts: Sequence[Dict[str, object]],
                swaps: Sequence[Tuple[str, str]], by_id: Dict[str, str], vg_of_pv: Dict[str, str],
-               backup_dir: Optional[str]) -> List[DiskHere]:
-    """The disks of this machine, each with what stands on it now and whether it may be used."""
+               backup_dir: Optional[str], backup_fs: Optional[BackupFilesystem] = None) -> List[DiskHere]:
+    """The disks of this machine, each with what stands on it now and whether it may be used
+    (backup_fs: the layout's record of a file:// backup's filesystem, mounted here or not)."""
     by_majmin = {n.majmin: n.name for n in nodes.values() if n.majmin}
     mounted: Dict[str, str] = {}
     for entry in mounts:
@@ -3879,7 +3912,7 @@ def disks_here(nodes: Dict[str, BlockNode], mounts: Sequence[Dict[str, object]],
                         node.tran, node.removable,
                         sorted(n for n, target in by_id.items() if target in (node.name, node.kname)),
                         [n.name for n in below if n.type == "part" and node.name in n.parents])
-        disk.in_use = disk_in_use(node, below, mounted, swapping, backup_mount)
+        disk.in_use = disk_in_use(node, below, mounted, swapping, backup_mount, backup_fs)
         disk.excluded = disk_exclusion(node, below)
         disk.holders = stale_holders(below, vg_of_pv)
         out.append(disk)
@@ -3887,7 +3920,8 @@ def disks_here(nodes: Dict[str, BlockNode], mounts: Sequence[Dict[str, object]],
 
 
 def disk_in_use(node: BlockNode, below: Sequence[BlockNode], mounted: Dict[str, str],
-                swapping: Set[str], backup_mount: Optional[str]) -> Optional[str]:
+                swapping: Set[str], backup_mount: Optional[str],
+                backup_fs: Optional[BackupFilesystem] = None) -> Optional[str]:
     """Why nothing may touch the disk, not even by --map: the backup or the running system first
     (the reasons a user most needs to read), then any mount, the rescue medium (an ISO image
     need not be mounted to be what the rescue system runs from), swap (/proc/swaps names LVs
@@ -3896,6 +3930,10 @@ def disk_in_use(node: BlockNode, below: Sequence[BlockNode], mounted: Dict[str, 
     for n in users if backup_mount else []:
         if mounted.get(n.name) == backup_mount:
             return f"it holds the backup ({n.name} is mounted at {backup_mount})"
+    for n in users if backup_fs else []:
+        if n.uuid == backup_fs.uuid:
+            return (f"it holds the backup ({n.name}, filesystem UUID {backup_fs.uuid}, was mounted at "
+                    f"{backup_fs.mountpoint} when the layout was saved)")
     for n in users:
         if mounted.get(n.name) == "/":
             return f"it holds the running system ({n.name} is mounted at /)"
@@ -8287,11 +8325,17 @@ def vgcfg_files(layout: Layout, layout_file: Path) -> Dict[str, Tuple[str, str]]
     return out
 
 
-def probe_disks_here(probe: Probe, config: Config, own_root: Optional[str] = None) -> List[DiskHere]:
+def probe_disks_here(probe: Probe, config: Config, own_root: Optional[str] = None,
+                     backup_fs: Optional[BackupFilesystem] = None) -> List[DiskHere]:
     """The disks here, from the same questions savelayout asks (so its recording can answer).
-    Mounts below own_root (the tree an earlier run mounted) do not make a disk busy."""
+    Mounts below own_root (the tree an earlier run mounted) do not make a disk busy; the disk
+    of backup_fs (found by its UUID, by blkid where udev has not told lsblk) is the backup's."""
     nodes = parse_lsblk(probe_output(probe, ["lsblk", "-J", "-b", "-p", "-o", LSBLK_COLUMNS], True))
     fill_serials(nodes, probe.read_text_optional)
+    if backup_fs and not any(n.uuid == backup_fs.uuid for n in nodes.values()):
+        for path in (probe_output(probe, ["blkid", "-U", backup_fs.uuid]) or "").split():
+            if path in nodes:
+                nodes[path].uuid = backup_fs.uuid
     mounts = parse_findmnt(probe_output(probe, ["findmnt", "-J", "-l", "-b", "-o", FINDMNT_COLUMNS], True))
     if own_root:
         mounts = [m for m in mounts if not path_within(str(m.get("target")), own_root)]
@@ -8301,7 +8345,7 @@ def probe_disks_here(probe: Probe, config: Config, own_root: Optional[str] = Non
         report = probe_output(probe, ["lvm", "pvs", *LVM_REPORT, "-o", PV_FIELDS]) or '{"report": []}'
         vg_of_pv = {r["pv_name"]: r["vg_name"] for r in parse_lvm_report(report, "pv") if r.get("vg_name")}
     return disks_here(nodes, mounts, swaps, probe.links("/dev/disk/by-id"), vg_of_pv,
-                      url_path(config.setting("BACKUP_DUPLICITY_URL")))
+                      url_path(config.setting("BACKUP_DUPLICITY_URL")), backup_fs)
 
 
 def explicit_mapping(ctx: Context) -> Dict[str, str]:
@@ -8365,7 +8409,8 @@ def recreate(ctx: Context, resume_command: str, chosen: Optional[Tuple[Layout, P
             ctx.log.say(f"Nothing to do: the storage of {layout.hostname} was recreated already (journal "
                         f"{state_path}); --restart does it again")
             return state
-        check_same_disks(state, probe_disks_here(probe, config, config.setting("TARGET_FS_ROOT")))
+        check_same_disks(state, probe_disks_here(probe, config, config.setting("TARGET_FS_ROOT"),
+                                                 layout.backup_filesystem))
         ctx.log.say(f"Resuming the interrupted run at step {len(steps) - len(left) + 1} of {len(steps)}: {left[0].title}")
         check_programs(left)
         secrets = luks_secrets(ctx, [(str(name), str(what)) for name, what in state.plan["secrets_asked"]
@@ -8373,7 +8418,7 @@ def recreate(ctx: Context, resume_command: str, chosen: Optional[Tuple[Layout, P
         with (contextlib.nullcontext() if chosen else Lock(Path(config.setting("LOCKFILE")), "layoutonly")):
             run_plan_steps(ctx, steps, state, state_path, secrets, resume_command)
         return state
-    here = probe_disks_here(probe, config)
+    here = probe_disks_here(probe, config, backup_fs=layout.backup_filesystem)
     mapping = map_disks(layout, here, explicit_mapping(ctx))
     plan = recreate_plan(layout, here, mapping, recreate_options(config, layout, layout_file))
     if reviewing:
@@ -8507,6 +8552,32 @@ def check_backup_readable(ctx: Context, time_: Optional[str]) -> None:
         raise duplicity_failure("opening the backup (before any disk is touched)", returncode, output, ctx.log)
 
 
+def reach_backup_filesystem(ctx: Context, layout: Layout) -> None:
+    """A file:// backup on a disk of its own (USB, a second disk) is not mounted in a rescue
+    system: mount the filesystem the layout recorded for it, found by its UUID, read-only
+    where it was. Nothing is done when something is mounted there (or at the backup's
+    directory) already, or when the layout records no such filesystem."""
+    fs = layout.backup_filesystem
+    place = url_path(ctx.config.setting("BACKUP_DUPLICITY_URL"))
+    if fs is None or place is None or not path_within(place, fs.mountpoint):
+        return
+    here = Path(place)
+    for directory in [here] + [p for p in here.parents if path_within(str(p), fs.mountpoint)]:
+        if os.path.ismount(str(directory)):
+            return
+    result = ctx.runner.run(["blkid", "-U", fs.uuid], check=False, timeout=120)
+    device = (result.stdout.split() or [""])[0] if result.returncode == 0 else ""
+    label = f" (label {fs.label})" if fs.label else ""
+    if not device:
+        raise RescueError(f"the backup is on the {fs.fstype} filesystem UUID={fs.uuid}{label}, which was mounted "
+                          f"at {fs.mountpoint} when the layout was saved, and no disk here has it",
+                          f"attach the disk that holds the backup (or mount the backup at {fs.mountpoint}) "
+                          "and run again: no disk was touched")
+    Path(fs.mountpoint).mkdir(parents=True, exist_ok=True)
+    ctx.runner.run(["mount", "-o", "ro", "-t", fs.fstype, device, fs.mountpoint], timeout=300)
+    ctx.log.say(f"Mounted the backup's filesystem {device}{label} read-only at {fs.mountpoint}")
+
+
 def empty_restored_tree(target: Path, mountpoints: Sequence[str]) -> int:
     """Remove what an interrupted restore wrote, keeping the mountpoints (and lost+found at
     each filesystem's root) and the parts it restored completely (at a filesystem's root,
@@ -8586,6 +8657,7 @@ def restore_and_finalize(ctx: Context, time_: Optional[str]) -> int:
     if recreated is None or recreated.layout_digest != digest:
         recreated = RecreateState(digest, {d.id: {"path": d.id} for d in layout.disks}, {})
         ctx.log.say("No recreate journal of this layout: the disks are taken to have their original names")
+    reach_backup_filesystem(ctx, layout)
     check_backup_readable(ctx, time_)
     state = RecoverState(digest, time_)
     state_path = var_dir(ctx.config) / RESTOREONLY_STATE
@@ -8652,6 +8724,7 @@ def recover(ctx: Context) -> int:
         raise RescueError(f"{state_path} is the journal of a recover with another layout or restore time",
                           "start over with --restart (the disks are planned and confirmed anew)")
     if not reviewing and (state is None or state.restore != "done"):
+        reach_backup_filesystem(ctx, layout)
         check_backup_readable(ctx, time_)
     resume = "rescue recover" + (f" --restore-time {shlex.quote(time_)}" if time_ else "")
     if reviewing:
@@ -9260,11 +9333,14 @@ def ssh_private_keys(setting: List[str], names: List[str]) -> List[str]:
 
 def image_config(config: Config) -> str:
     """The configuration the rescue system loads: the host's, secrets left empty, and any
-    secret value that hides inside another value (a password in a URL) removed."""
-    text = config_without_secrets(config)
+    secret value that hides inside another value (a password in a URL) removed; with
+    RESCUE_GPG_PASSPHRASE=yes the duplicity passphrase stays."""
+    keep = frozenset({"BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE"} if config.setting("RESCUE_GPG_PASSPHRASE") else ())
+    text = config_without_secrets(config, keep)
     if "HOSTNAME" not in config.values:
         text += f"HOSTNAME={shlex.quote(backup_host(config))}\n"
-    for secret in sorted(config.secret_values(), key=len, reverse=True):
+    kept = {str(config.values.get(name) or "") for name in keep}
+    for secret in sorted(config.secret_values() - kept, key=len, reverse=True):
         text = text.replace(secret, "")
     return text
 
@@ -9923,6 +9999,9 @@ def mkrescue(ctx: Context) -> int:
         return 0
     for warning in manifest.warnings:
         ctx.log.warn(warning)
+    if ctx.config.setting("RESCUE_GPG_PASSPHRASE") and ctx.config.get("BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE"):
+        ctx.log.warn("RESCUE_GPG_PASSPHRASE=yes: the duplicity passphrase goes into the rescue media; "
+                     "whoever holds them can read the backup")
     ctx.log.say(f"Making the rescue system: {len(manifest.files)} files, {len(manifest.tools)} tools, "
                 f"{len(manifest.modules)} kernel modules, {len(manifest.firmware)} firmware files")
     result = make_rescue_media(ctx, manifest)

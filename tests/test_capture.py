@@ -212,3 +212,55 @@ def test_a_failed_dumpe2fs_and_an_unknown_uuid_are_warnings_naming_the_device(tm
     assert "None" not in saved
     fs = by(rescue.layout_from_json(saved).filesystems, "device", "/dev/vda1")
     assert fs.uuid is None and fs.options == {}
+
+
+BACKUP_UUID = "0f5e4a4c-2b1d-4c53-9a3e-7d8b1c2e3f40"
+
+
+def with_backup_disk(recording):
+    """The recording with a second disk whose one ext4 filesystem is mounted at /backup."""
+    manifest = json.loads((recording / "manifest.json").read_text())
+
+    def add_disk(text):
+        data = json.loads(text)
+        disk = dict(data["blockdevices"][0], name="/dev/vdb", kname="/dev/vdb", serial="backup")
+        part = dict(disk["children"][0], name="/dev/vdb1", kname="/dev/vdb1", pkname="/dev/vdb",
+                    uuid=BACKUP_UUID, label="drill-backup", partflags=None, **{"maj:min": "254:17"})
+        disk.update(children=[part], **{"maj:min": "254:16"})
+        data["blockdevices"].append(disk)
+        return json.dumps(data)
+
+    def add_mount(text):
+        data = json.loads(text)
+        data["filesystems"].append({"target": "/backup", "source": "/dev/vdb1", "maj:min": "254:17", "fstype": "ext4",
+                                    "options": "rw,relatime", "size": 3 << 30, "used": 1 << 30, "fsroot": "/"})
+        return json.dumps(data)
+    edit_answer(recording, next(k for k in manifest if k.startswith("run: lsblk -J")), add_disk)
+    edit_answer(recording, next(k for k in manifest if k.startswith("run: findmnt -J")), add_mount)
+    return recording
+
+
+@pytest.mark.parametrize("url, recorded", [("file:///backup", True), ("file:///backup/hosts", True),
+                                           ("file:///var/backup", False), ("rsync://h/backup", False)])
+def test_the_filesystem_of_a_file_backup_on_its_own_disk_is_recorded_by_its_uuid(tmp_path, url, recorded):
+    """The rescue system mounts it from there (and no plan wipes its disk); a backup on the
+    root filesystem or on a server records nothing."""
+    recording = copy_recording("bios-lvm", tmp_path)
+    if recorded:
+        with_backup_disk(recording)
+    conf = tmp_path / "b.conf"
+    conf.write_text(f"BACKUP=DUPLICITY\nBACKUP_DUPLICITY_URL={url}\n")
+    cfg = rescue.load_config([rescue.DEFAULT_CONF, conf], {"PATH": "/bin"}, rescue.Log())
+    lay = rescue.capture_layout(rescue.Probe(replay_dir=recording), cfg, "guest").layout
+    if not recorded:
+        assert lay.backup_filesystem is None
+        return
+    assert lay.backup_filesystem == rescue.BackupFilesystem("/backup", BACKUP_UUID, "ext4", "drill-backup")
+    assert {e.what: e.reason for e in lay.excluded}["/backup"].startswith("holds the backup target")
+    assert "/dev/vdb" not in {d.id for d in lay.disks}
+    text = rescue.layout_to_json(lay)
+    assert rescue.layout_from_json(text) == lay
+    # a layout saved before the field existed still reads (and has none)
+    old = json.loads(text)
+    del old["backup_filesystem"], old["digest"]
+    assert rescue.layout_from_json(json.dumps(old)).backup_filesystem is None

@@ -1124,3 +1124,17 @@ def test_a_layout_needing_a_tool_this_system_lacks_is_refused_before_anything_ru
         rescue.check_programs(plan.steps)
     assert caught.value.message == "this system lacks what the layout needs: cryptsetup, mdadm"
     assert "mdadm" in caught.value.hint and "cryptsetup" in caught.value.hint
+
+
+def test_the_disk_of_a_file_backup_is_in_use_by_its_uuid_even_unmounted():
+    """--plan in a rescue system that has not mounted the backup's disk yet: the layout's
+    record of its filesystem (the UUID) keeps that disk out of the plan all the same."""
+    nodes = rescue_machine_nodes()
+    nodes["/dev/vda1"].uuid = "b4c6d1e2-0000-4000-8000-000000000001"
+    fs = rescue.BackupFilesystem("/media/backup", "b4c6d1e2-0000-4000-8000-000000000001", "ext4")
+    here = {d.path: d for d in rescue.disks_here(nodes, [], [], {}, {}, "/media/backup/rescue", fs)}
+    assert here["/dev/vda"].in_use == ("it holds the backup (/dev/vda1, filesystem UUID "
+                                       "b4c6d1e2-0000-4000-8000-000000000001, was mounted at /media/backup "
+                                       "when the layout was saved)")
+    assert here["/dev/vdb"].in_use is None
+    assert {d.path: d for d in here_from(nodes)}["/dev/vda"].in_use is None   # without the record: blank

@@ -3,7 +3,9 @@ QEMU: vm-tests/test_recover_vm.py): the backup is checked before any disk is tou
 passphrase that does not open it is asked again, an interrupted restore is started again on
 emptied filesystems, and the unmount undoes the mount in reverse order."""
 
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,63 @@ def test_a_layout_fetched_from_the_backup_is_its_check_the_backup_is_not_opened_
     assert log.count("--name") and log.count(" restore ") == 1, "the layout chain was restored more than once"
     assert proc.returncode != 0 and "Traceback" not in out
     assert not (site.var / rescue.RECREATE_STATE).exists()
+
+
+def with_backup_filesystem(layout_file, mountpoint, uuid):
+    data = json.loads(layout_file.read_text())
+    data.pop("digest")
+    data["backup_filesystem"] = {"mountpoint": str(mountpoint), "uuid": uuid, "fstype": "ext4", "label": "rbk"}
+    layout_file.write_text(json.dumps(data))
+    return layout_file
+
+
+@pytest.fixture
+def backup_disk(tmp_path):
+    """A real ext4 filesystem on a loop device (the disk a file:// backup is on), unmounted."""
+    image, mountpoint = tmp_path / "backup.img", tmp_path / "backup-disk"
+    uuid = "5b0c7e62-8f8e-4a51-b3f4-1c2d3e4f5a6b"
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-U", uuid, "-L", "rbk", str(image)], check=True)
+    loop = subprocess.run(["losetup", "--show", "-f", str(image)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    mountpoint.mkdir()
+    try:
+        yield loop, mountpoint, uuid
+    finally:
+        subprocess.run(["umount", str(mountpoint)], capture_output=True)
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+def test_recover_mounts_the_disk_of_a_file_backup_read_only_by_the_uuid_the_layout_recorded(site, backup_disk):
+    """In a rescue system nothing mounts the USB or second disk a file:// backup is on: recover
+    finds its filesystem by UUID and mounts it where it was, read-only, before it checks the
+    backup (and so before any disk is touched); that disk is then in use for the mapping."""
+    loop, mountpoint, uuid = backup_disk
+    subprocess.run(["mount", loop, str(mountpoint)], check=True)
+    url = f"file://{mountpoint}/backups"
+    assert site.run("mkbackuponly", BACKUP_DUPLICITY_URL=url, BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="pw").returncode == 0
+    subprocess.run(["umount", str(mountpoint)], check=True)
+    layout = with_backup_filesystem(replayed_layout(site.tmp, "bios-lvm"), mountpoint, uuid)
+    proc = site.run("--non-interactive", "recover", "--yes", "--layout", layout, "--map", f"/dev/vda={loop}")
+    out = proc.stdout + proc.stderr
+    assert f"Mounted the backup's filesystem {loop} (label rbk) read-only at {mountpoint}" in out, out
+    assert "The backup is there and the passphrase opens it" in out
+    assert_clean_error(proc, f"{loop} cannot take the place of /dev/vda", "it holds the backup")
+    options = subprocess.run(["findmnt", "-n", "-o", "OPTIONS", str(mountpoint)], capture_output=True,
+                             text=True).stdout
+    assert options.split(",")[0] == "ro", options
+    # mounted already (by the user, or the run before): left as it is
+    proc = site.run("--non-interactive", "recover", "--yes", "--layout", layout, "--map", "/dev/vda=/dev/no-such")
+    assert "Mounted the backup's filesystem" not in proc.stdout + proc.stderr
+    assert "The backup is there and the passphrase opens it" in proc.stdout + proc.stderr
+
+
+def test_recover_says_which_disk_to_attach_when_the_backup_filesystem_is_not_here(site, backup_disk):
+    _, mountpoint, _ = backup_disk
+    layout = with_backup_filesystem(replayed_layout(site.tmp, "bios-lvm"), mountpoint,
+                                    "00000000-1111-2222-3333-444444444444")
+    proc = site.run("--non-interactive", "recover", "--yes", "--layout", layout,
+                    BACKUP_DUPLICITY_URL=f"file://{mountpoint}/backups", BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE="pw")
+    assert_clean_error(proc, "the backup is on the ext4 filesystem UUID=00000000-1111-2222-3333-444444444444 "
+                       f"(label rbk), which was mounted at {mountpoint}", "attach the disk that holds the backup")
+    assert not (site.var / rescue.RECREATE_STATE).exists() and not (site.var / rescue.RECOVER_STATE).exists()
