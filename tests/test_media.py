@@ -255,6 +255,20 @@ def test_the_image_config_has_no_secret_values(tmp_path):
     assert "HOSTNAME=host" in text and "BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE=''" in text
 
 
+def test_the_passphrase_goes_into_the_image_config_only_when_the_user_says_so_by_name(tmp_path):
+    """RESCUE_GPG_PASSPHRASE=yes keeps the duplicity passphrase (for an unattended
+    rescue.auto=recover), and only it: another secret stays out."""
+    values = {"HOSTNAME": "host", "BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE": CANARY,
+              "BACKUP_DUPLICITY_GPG_SIGN_PASSPHRASE": CANARY + "-sign", "RESCUE_GPG_PASSPHRASE": "yes"}
+    text = rescue.image_config(rescue.config_from_values(values))
+    assert f"BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE={CANARY}" in text and CANARY + "-sign" not in text
+    conf = tmp_path / "image.conf"
+    conf.write_text(text)
+    loaded = rescue.load_config([rescue.DEFAULT_CONF, conf], {"PATH": "/bin"}, rescue.Log())
+    assert loaded.get("BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE") == CANARY
+    assert CANARY not in rescue.image_config(rescue.config_from_values(dict(values, RESCUE_GPG_PASSPHRASE="no")))
+
+
 # --- cpio --------------------------------------------------------------------------------------
 
 def sample_entries():
