@@ -10,6 +10,7 @@ Fixtures:
   rescue_py       path of the rescue.py of the checkout under test
   rescue_pyz      session: dist/rescue.pyz (rescue + duplicity) built from the checkout by
                   build_zipapp.py into the session's tmp dir; $RESCUE_PYZ names a ready one
+  drill_backup    session: drill_backup("bios-lvm") -> the recovery drills' cached backup
 
 Tests marked `vm` are skipped, with the reason, only when qemu-system-x86_64 or debootstrap
 is missing or the run is not root. Anything else that goes wrong is a failure: a broken image
@@ -28,7 +29,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vmlib import Golden, Machine, StandIn, get_golden, get_image, rescue_standin  # noqa: E402
-from vmlib import procs  # noqa: E402
+from vmlib import drill, procs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -176,6 +177,19 @@ def rescue_pyz(tmp_path_factory) -> Path:
     procs.run([sys.executable, REPO / "build_zipapp.py", "-o", out], timeout=600, env=dict(os.environ),
               log_file=out.parent / "build.log")
     return out
+
+
+@pytest.fixture(scope="session")
+def drill_backup(golden, rescue_pyz):
+    """drill_backup(spec_name, second=False) -> vmlib.drill.Backup: the drills' shared backup
+    of that golden with the drill data (second: two backups, for point in time), cached."""
+    made: Dict[tuple, object] = {}
+
+    def get(spec_name: str, second: bool = False):
+        if (spec_name, second) not in made:
+            made[spec_name, second] = drill.get_backup(golden(spec_name), rescue_pyz, second)
+        return made[spec_name, second]
+    return get
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import rescue  # noqa: E402
+from vmlib import create_disk_image, drill  # noqa: E402
 
 CANARY = "canary-Vm-Passphrase-51c0ffee-never-in-media"
 OUT = "/var/lib/rescue/output"
@@ -109,3 +110,76 @@ def test_mkrescue_in_the_guest_and_its_iso_boots(make_machine, tmp_path, record_
 
     boot_rescue_iso(make_machine, iso, "bios", record_property, plan=True)
     boot_rescue_iso(make_machine, iso, "uefi", record_property)
+
+
+def mkrescue_for_the_drill(make_machine, backup, rescue_pyz, tmp_path) -> Path:
+    """The rescue ISO of the drills' source machine, made by `rescue mkrescue` in it with the
+    drill backup's disk mounted where the backup was (so the layout records that disk), for an
+    unattended recover: the passphrase goes in (RESCUE_GPG_PASSPHRASE, by name) and the boot
+    menu starts `rescue.auto=recover,reboot`."""
+    guest = make_machine("bios-lvm", name="source")
+    guest.add_overlay(backup.disk, drill.BACKUP_DISK)
+    guest.start()
+    assert guest.wait_booted() == "running"
+    conf = tmp_path / "iso.conf"
+    conf.write_text(backup.conf.read_text() + "RESCUE_GPG_PASSPHRASE=yes\n"
+                    "KERNEL_CMDLINE='rescue.auto=recover,reboot'\n")
+    guest.run("mkdir -p {b} && mount /dev/disk/by-id/virtio-{d} {b}".format(b=drill.BACKUP_MOUNT, d=drill.BACKUP_DISK),
+              check=True)
+    drill.install_rescue(guest, rescue_pyz, conf)
+    r = guest.run([drill.RESCUE, "mkrescue"], timeout=1200)
+    (tmp_path / "mkrescue.log").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "RESCUE_GPG_PASSPHRASE=yes: the duplicity passphrase goes into the rescue media" in r.stderr
+    iso = tmp_path / "rescue-bios-lvm.iso"
+    guest.get(f"{OUT}/{iso.name}", iso)
+    guest.shutdown()
+    return iso
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_a_whole_recover_from_the_iso_with_rescue_auto_onto_a_blank_disk_then_the_machine_boots(
+        make_machine, golden, drill_backup, rescue_pyz, tmp_path):
+    """The drills' backup and an ISO of the same machine: the ISO boots a machine with a blank
+    disk and the backup's disk, its boot menu runs `rescue recover` by itself (it mounts the
+    backup's disk by the UUID its layout recorded), reboots when done, and the recovered disk
+    boots to multi-user with every file of the backup (the drills' comparison)."""
+    g, backup = golden("bios-lvm"), drill_backup("bios-lvm")
+    iso = mkrescue_for_the_drill(make_machine, backup, rescue_pyz, tmp_path)
+    m = make_machine(None, name="rescue-auto", firmware="bios", memory_mb=2048, lifetime=2700)
+    m.add_cdrom(iso)
+    disks = []
+    for d in g.spec.disks:
+        path = create_disk_image(tmp_path / (d.name + ".qcow2"), "%dM" % d.size_mib)
+        disks.append(m.add_disk(path, d.name, bus=d.bus))
+    m.add_overlay(backup.disk, drill.BACKUP_DISK)
+    started = time.monotonic()
+    m.start()
+    done = m.wait_console(r"RESCUE-AUTO-RECOVER-DONE rc=(\d+)", timeout=2400)
+    (tmp_path / "rescue-console.log").write_text(m.console_text())
+    assert done.group(1) == "0", m.console_tail(80)
+    text = m.console_text()
+    assert "read-only at %s" % drill.BACKUP_MOUNT in text and drill.PASSPHRASE not in text
+    m.wait_exit(180)          # the reboot (QEMU runs with -no-reboot: it ends)
+    assert "rescue: rebooting" in m.console_text()
+
+    r = make_machine(None, name="recovered", firmware="bios")
+    for index, d in enumerate(disks):
+        r.add_disk(d.path, d.name, bus=d.bus, bootindex=index if g.spec.disks[index].boot else None)
+    r.start()
+    state = r.wait_booted()
+    rto = time.monotonic() - started
+    with open(tmp_path / "timings.txt", "a") as timings:
+        timings.write(f"ISO boot to recovered system booted (RTO): {rto:.1f} s\n")
+    print("\n  RTO from the rescue ISO (rescue.auto=recover,reboot) to the recovered system booted: %.1f s" % rto)
+    drill.put_drill_scripts(r)
+    recovered = drill.take_manifest(r, backup.info["roots"], tmp_path / "recovered-manifest.json")
+    identity = drill.storage_identity(r)
+    checklayout = r.run(drill.RESCUE + " checklayout", timeout=300)
+    r.shutdown()
+    assert state == "running", state
+    differences = drill.compare_manifests(backup.manifest, recovered)
+    assert not differences, "%d differences, first ones:\n%s" % (len(differences), "\n".join(differences[:40]))
+    assert drill.identity_keys(identity) == drill.identity_keys(backup.info["identity"])
+    assert checklayout.returncode == 0, checklayout.stdout + checklayout.stderr

@@ -12,24 +12,12 @@ golden and rescue.pyz (vmlib.drill.get_backup, cached).
 
 import json
 import time
-from typing import Dict
 
 import pytest
 
 from vmlib import create_disk_image
 from vmlib import drill
 from vmlib.drill import Timer
-
-
-@pytest.fixture(scope="session")
-def drill_backup(golden, rescue_pyz):
-    made: Dict[str, object] = {}
-
-    def get(spec_name: str, second: bool = False) -> drill.Backup:
-        if (spec_name, second) not in made:
-            made[spec_name, second] = drill.get_backup(golden(spec_name), rescue_pyz, second)
-        return made[spec_name, second]
-    return get
 
 
 def run_drill(spec_name, golden, drill_backup, rescue_pyz, make_standin, make_machine, tmp_path,
