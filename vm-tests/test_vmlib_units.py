@@ -66,6 +66,9 @@ def test_luks_raid_spec_renders_keyfile_crypttab_and_arrays():
     spec = load_spec("raid1-luks")
     ids = install.stable_uuids(spec)
     files = install.etc_files(spec, ids)
+    assert re.fullmatch(r"[0-9a-f]{32}\n", files["etc/machine-id"])
+    assert files["etc/machine-id"] != install.etc_files(load_spec("bios-lvm"), install.stable_uuids(load_spec("bios-lvm")))[
+        "etc/machine-id"]
     assert files["etc/crypttab"] == ("cryptroot UUID=%s /etc/cryptsetup-keys.d/cryptroot.key "
                                      "luks,discard,initramfs\n" % ids["luks:cryptroot"])
     arrays = [line for line in files["etc/mdadm/mdadm.conf"].splitlines() if line.startswith("ARRAY")]

@@ -57,6 +57,10 @@ def etc_files(spec: Spec, ids: Dict[str, str]) -> Dict[str, str]:
         "etc/hostname": spec.hostname + "\n",
         "etc/hosts": "127.0.0.1\tlocalhost\n127.0.1.1\t%s\n" % spec.hostname,
         "etc/mdadm/mdadm.conf": mdadm_conf(spec, ids),
+        # The image leaves it empty; a golden gets its own. Else every boot makes a transient
+        # one and systemd-machine-id-commit (TimeoutSec=30s) writes it to disk: on a loaded
+        # machine under TCG that timed out, and the boot counted as "degraded".
+        "etc/machine-id": uuid.uuid5(_NAMESPACE, spec.name + "/machine-id").hex + "\n",
     }
     if spec.luks:
         files["etc/crypttab"] = crypttab(spec, ids)
