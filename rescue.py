@@ -9053,9 +9053,10 @@ MEDIA_DATA = HERE / "conf" / "media"
 
 
 def rescue_pyz() -> Path:
-    """The zipapp the image carries: the one running, else dist/rescue.pyz beside rescue.py."""
+    """The zipapp the image carries: the one running (by any name: it is often installed as
+    /usr/local/sbin/rescue), else dist/rescue.pyz beside rescue.py."""
     running = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-    if running and running.suffix == ".pyz" and zipfile.is_zipfile(str(running)):
+    if running and running.is_file() and zipfile.is_zipfile(str(running)):
         return running
     built = HERE / "dist" / "rescue.pyz"
     if built.is_file():

@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import argparse
 import json
 from pathlib import Path
@@ -425,6 +426,27 @@ def test_mkrescue_manifest_of_this_machine_as_json(tmp_path, conf_dir):
     assert manifest["kernel"] == str(kernel) and "python3" in manifest["tools"] and "sfdisk" in manifest["tools"]
     assert paths["/init"]["kind"] == "data" and paths[rescue.IMAGE_PYZ]["source"].endswith("rescue.pyz")
     assert CANARY not in r.stdout
+
+
+def test_mkrescue_from_the_zipapp_installed_under_another_name_carries_that_zipapp(tmp_path, conf_dir):
+    """The one file is often installed as /usr/local/sbin/rescue: mkrescue refused to find itself
+    there ("no rescue.pyz to put into the rescue system"), found by the ISO drill."""
+    built = rescue.HERE / "dist" / "rescue.pyz"
+    if not built.is_file():
+        pytest.skip("dist/rescue.pyz is not built (python3 build_zipapp.py)")
+    installed = tmp_path / "sbin" / "rescue"
+    installed.parent.mkdir()
+    shutil.copyfile(built, installed)
+    installed.chmod(0o755)
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    with open(conf_dir / "local.conf", "a") as conf:
+        conf.write(f'KERNEL_FILE="{kernel}"\n')
+    r = subprocess.run([sys.executable, str(installed), "-c", str(conf_dir), "mkrescue", "--manifest", "--json"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, HOME=str(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    files = {f["path"]: f for f in json.loads(r.stdout)["files"]}
+    assert files[rescue.IMAGE_PYZ]["source"] == str(installed)
 
 
 def test_output_url_over_ssh_gets_the_media(tmp_path, sshd_server):
