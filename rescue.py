@@ -6197,12 +6197,24 @@ def gpg_agent_running(runner: Runner) -> bool:
             return False
 
 
+def gnupg_home() -> Path:
+    """The keyring's directory: $GNUPGHOME, else ~/.gnupg."""
+    return Path(os.environ.get("GNUPGHOME") or Path(os.environ.get("HOME") or "/root") / ".gnupg")
+
+
 @contextlib.contextmanager
 def own_gpg_agent(runner: Runner) -> "Iterator[None]":
     """The keyring's gpg-agent for a run: started first when none runs (the chains side by side
     would each start one at once, and gpg waits only seconds for an agent another gpg is
     starting: too short on a loaded machine), and then stopped after the run (one that was
-    running before, the user's, is left alone)."""
+    running before, the user's, is left alone). A ~/.gnupg that does not exist yet is made
+    first (0700, as gpg makes it): each gpg of the chains side by side checks for it and makes
+    it, and the one that loses the race stops with "Fatal: can't create directory
+    '/root/.gnupg': File exists" (a drill's backup failed so, duplicity exit 31)."""
+    home = gnupg_home()
+    if not home.exists() and home.parent.is_dir():
+        with contextlib.suppress(FileExistsError):
+            home.mkdir(mode=0o700)
     before = gpg_agent_running(runner)
     if not before:
         runner.run(["gpgconf", "--launch", "gpg-agent"], check=False, timeout=60)
@@ -6764,7 +6776,7 @@ def private_gnupg_home(runner: Runner, crypt: Optional[Encryption] = None) -> "I
 def keyring_copy(runner: Runner, home: Path, crypt: Optional[Encryption]) -> "Iterator[Dict[str, str]]":
     """The keyring copied into home/.gnupg, its keys protected anew; its agent stopped afterwards."""
     gnupg = home / ".gnupg"
-    source = Path(os.environ.get("GNUPGHOME") or Path(os.environ.get("HOME") or "/root") / ".gnupg")
+    source = gnupg_home()
     if source.is_dir():
         shutil.copytree(str(source), str(gnupg), symlinks=True,
                         ignore=shutil.ignore_patterns("S.*", "*.lock", ".#*", "random_seed"))

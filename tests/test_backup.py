@@ -4,6 +4,7 @@ builders without processes first, then mkbackuponly / status / verify end to end
 import fcntl
 import json
 import os
+import stat
 import re
 import signal
 import socket
@@ -900,3 +901,19 @@ def test_a_run_starts_the_keyrings_agent_before_its_chains_and_stops_it_after(tm
             del os.environ["GNUPGHOME"]
         else:
             os.environ["GNUPGHOME"] = old
+
+
+def test_a_run_makes_the_keyrings_directory_before_its_chains_race_to_make_it(tmp_path, monkeypatch):
+    """Without ~/.gnupg each gpg of the chains side by side makes it, and the loser stops with
+    "gpg: Fatal: can't create directory '/root/.gnupg': File exists" (exit 31 in a drill)."""
+    home = tmp_path / "root"
+    home.mkdir()
+    monkeypatch.delenv("GNUPGHOME", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    runner = rescue.Runner(rescue.Log())
+    with rescue.own_gpg_agent(runner):
+        assert stat.S_IMODE((home / ".gnupg").stat().st_mode) == 0o700
+    # a HOME that is not there is not made (gpg says what is wrong)
+    monkeypatch.setenv("HOME", str(tmp_path / "nowhere"))
+    with rescue.own_gpg_agent(runner):
+        assert not (tmp_path / "nowhere").exists()
