@@ -61,6 +61,10 @@ def etc_files(spec: Spec, ids: Dict[str, str]) -> Dict[str, str]:
         # one and systemd-machine-id-commit (TimeoutSec=30s) writes it to disk: on a loaded
         # machine under TCG that timed out, and the boot counted as "degraded".
         "etc/machine-id": uuid.uuid5(_NAMESPACE, spec.name + "/machine-id").hex + "\n",
+        # systemd waits 90 s for a device or a start job: on a machine loaded by other VMs
+        # udevd itself took longer to start, /boot timed out and the boot ended in emergency mode
+        "etc/systemd/system.conf.d/vm-tests.conf": "[Manager]\nDefaultTimeoutStartSec=300s\n"
+                                                   "DefaultDeviceTimeoutSec=300s\n",
     }
     if spec.luks:
         files["etc/crypttab"] = crypttab(spec, ids)
