@@ -1471,6 +1471,8 @@ SETTINGS = _settings(
     Setting("KERNEL_FILE", path_value, "the kernel of the rescue system (empty: /boot/vmlinuz-$(uname -r))"),
     Setting("KERNEL_CMDLINE", TEXT, "more kernel arguments for the rescue system"),
     Setting("MODULES", LIST, "kernel modules for the rescue system", [], whole=True),
+    Setting("MODULES_LOAD", LIST, "kernel modules the rescue system loads at boot (besides those its "
+            "storage needs)", [], whole=True),
     Setting("FIRMWARE_FILES", LIST, "firmware files for the rescue system", [], whole=True),
     Setting("RESCUE_GPG_PRIVATE_KEYS", bool_value, "root's GPG private keys go into the rescue system"),
     Setting("RESCUE_GPG_PASSPHRASE", bool_value, "the duplicity passphrase goes into the rescue system "
@@ -8804,6 +8806,7 @@ class Manifest:
     files: Dict[str, MediaFile] = field(default_factory=dict)
     tools: Dict[str, str] = field(default_factory=dict)       # TOOLS name -> host path
     modules: List[str] = field(default_factory=list)
+    load: List[str] = field(default_factory=list)              # modules /init loads at boot
     firmware: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
 
@@ -8813,7 +8816,7 @@ class Manifest:
     def as_dict(self) -> dict:
         return {"kernel_release": self.kernel_release, "kernel": self.kernel, "compression": self.compression,
                 "cmdline": self.cmdline, "hostname": self.hostname, "tools": dict(sorted(self.tools.items())),
-                "modules": self.modules, "firmware": self.firmware, "warnings": self.warnings,
+                "modules": self.modules, "load": self.load, "firmware": self.firmware, "warnings": self.warnings,
                 "files": [{"path": f.path, "kind": f.kind, "source": f.source, "why": f.why}
                           for f in sorted(self.files.values(), key=lambda f: f.path)]}
 
@@ -9222,6 +9225,13 @@ class ManifestBuilder:
             if not index.resolve(name) and name.replace("-", "_") not in index.builtin:
                 self.m.warnings.append(f"kernel module {name} is neither a module of {self.release} nor built in")
         self.m.modules = index.closure(wanted)
+        # What no driver core asks for by itself (udev loads a disk's or NIC's driver; nothing
+        # loads dm_mod, md or a filesystem before lvm, mdadm or mount need it): /init loads
+        # these, else "/dev/mapper/control: open failed" (ReaR #1202, #2677: present, never loaded).
+        self.m.load = [name for name in dict.fromkeys(layout_modules(self.layout) + self.config.setting("MODULES_LOAD"))
+                       if any(m in self.m.modules for m in index.resolve(name))]
+        self.m.add(MediaFile("/etc/rescue/modules-load", "data", mode=0o644, why="modules /init loads",
+                             data="".join(f"{name}\n" for name in self.m.load).encode()))
         for name in self.m.modules:
             self.add_host(f"{moddir}/{index.paths[name]}", f"module {name}")
         for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):

@@ -205,6 +205,10 @@ def test_the_manifest_of_a_host(tmp_path):
     assert "raid1" not in m.modules and "btrfs" not in m.modules
     assert f"/usr/lib/modules/{KVER}/kernel/fs/xfs/xfs.ko" in files
     assert m.firmware == ["virtio-fw.bin"]
+    # what no driver asks for, /init loads: the layout's device-mapper and filesystems (the ISO
+    # drill stopped at "/dev/mapper/control: open failed" with dm_mod in the image, not loaded)
+    assert m.load == ["xfs", "dm_mod"] and files["/etc/rescue/modules-load"].data == b"xfs\ndm_mod\n"   # ext4: built in
+    assert "/etc/rescue/modules-load" in (rescue.MEDIA_DATA / "init").read_text()
     # the standard library rescue imports, not the rest of it
     assert {"/usr/lib/python3.11/os.py", "/usr/lib/python3.11/json/decoder.py",
             "/usr/lib/python3.11/encodings/utf_8.py", "/usr/lib/python3.11/lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so"} <= set(files)
@@ -237,6 +241,12 @@ def test_a_tool_the_layout_needs_is_an_error_an_optional_one_a_warning(tmp_path)
     assert "recover needs lvm" in error.value.message and "lvm2" in error.value.hint
     m, _ = manifest_for(tmp_path / "b")
     assert any("no udevd" in w for w in m.warnings) and any("no DHCP client" in w for w in m.warnings)
+
+
+def test_modules_load_are_loaded_at_boot_when_the_image_has_them(tmp_path):
+    m, _ = manifest_for(tmp_path, {"MODULES": ["raid10"], "MODULES_LOAD": ["raid10", "no_such_module"]})
+    assert m.load[-1] == "raid10" and "no_such_module" not in m.load
+    assert m.files["/etc/rescue/modules-load"].data.decode().split() == m.load
 
 
 def test_all_modules_and_explicit_modules(tmp_path):
