@@ -3561,8 +3561,10 @@ class LayoutCapture:
     def backup_filesystem(self) -> Optional[BackupFilesystem]:
         """The local filesystem a file:// backup is on, when it is not the root's (by its UUID)."""
         entry = self.backup_entry
-        node = self.node_for(entry.get("source") or "", entry.get("maj:min") or "") if entry else None
-        if entry is None or node is None:
+        if entry is None:
+            return None
+        node = self.node_for(entry.get("source") or "", entry.get("maj:min") or "")
+        if node is None:
             return None
         self.fill_from_blkid({node.name: node})
         if not node.uuid or not node.fstype:
@@ -8469,17 +8471,23 @@ def show_plan(ctx: Context, plan: Plan, layout: Layout, here: Sequence[DiskHere]
         print(describe_plan(plan, layout, here) + then)
 
 
+def device_with_uuid(ctx: Context, uuid: str) -> Optional[str]:
+    """The device whose filesystem (or LUKS header, md superblock) has this UUID, by blkid."""
+    result = ctx.runner.run(["blkid", "-U", uuid], check=False, timeout=120)
+    found = result.stdout.strip().splitlines()
+    return found[0] if result.returncode == 0 and found else None
+
+
 def resolve_uuid(ctx: Context, device: str) -> str:
     """A device given as UUID=… (mountonly: names may have changed, UUIDs may not)."""
     if not device.startswith("UUID="):
         return device
     uuid = device[len("UUID="):]
-    result = ctx.runner.run(["blkid", "-U", uuid], check=False, timeout=120)
-    found = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not found:
+    found = device_with_uuid(ctx, uuid)
+    if found is None:
         raise RescueError(f"nothing here has the UUID {uuid} that the layout names",
                           "mountonly mounts storage recover recreated (the same UUIDs); check with blkid")
-    return found[0]
+    return found
 
 
 def action_open_luks(ctx: Context, uuid: str, name: str, secret: str) -> None:
@@ -8579,8 +8587,7 @@ def reach_backup_filesystem(ctx: Context, layout: Layout) -> None:
     for directory in [here] + [p for p in here.parents if path_within(str(p), fs.mountpoint)]:
         if os.path.ismount(str(directory)):
             return
-    result = ctx.runner.run(["blkid", "-U", fs.uuid], check=False, timeout=120)
-    device = (result.stdout.split() or [""])[0] if result.returncode == 0 else ""
+    device = device_with_uuid(ctx, fs.uuid)
     label = f" (label {fs.label})" if fs.label else ""
     if not device:
         raise RescueError(f"the backup is on the {fs.fstype} filesystem UUID={fs.uuid}{label}, which was mounted "

@@ -124,8 +124,7 @@ def mkrescue_for_the_drill(make_machine, backup, rescue_pyz, tmp_path) -> Path:
     conf = tmp_path / "iso.conf"
     conf.write_text(backup.conf.read_text() + "RESCUE_GPG_PASSPHRASE=yes\n"
                     "KERNEL_CMDLINE='rescue.auto=recover,reboot'\n")
-    guest.run("mkdir -p {b} && mount /dev/disk/by-id/virtio-{d} {b}".format(b=drill.BACKUP_MOUNT, d=drill.BACKUP_DISK),
-              check=True)
+    drill.mount_backup_disk(guest)
     drill.install_rescue(guest, rescue_pyz, conf)
     r = guest.run([drill.RESCUE, "mkrescue"], timeout=1200)
     (tmp_path / "mkrescue.log").write_text(r.stdout + r.stderr)

@@ -42,8 +42,7 @@ def run_drill(spec_name, golden, drill_backup, rescue_pyz, make_standin, make_ma
         s.start()
         s.wait_ready()
     with timer.step("stand-in: mount backup, install rescue"):
-        s.run("mkdir -p {b} && mount /dev/disk/by-id/virtio-{d} {b}".format(b=drill.BACKUP_MOUNT, d=drill.BACKUP_DISK),
-              check=True)
+        drill.mount_backup_disk(s)
         drill.install_rescue(s, rescue_pyz, backup.conf)
         targets = {d.name: s.disk_path(d) for d in disks}
         options = ""

@@ -146,6 +146,11 @@ def install_rescue(m: Machine, rescue_pyz: Path, conf: Path) -> None:
     m.put(conf, "/etc/rescue/local.conf")
 
 
+def mount_backup_disk(m: Machine) -> None:
+    """The backup disk (attached as BACKUP_DISK) mounted at BACKUP_MOUNT, where the backup was made."""
+    m.run("mkdir -p {b} && mount /dev/disk/by-id/virtio-{d} {b}".format(b=BACKUP_MOUNT, d=BACKUP_DISK), check=True)
+
+
 def put_drill_scripts(m: Machine) -> None:
     m.run("mkdir -p %s" % DRILL_DIR, check=True)
     for name in ("drill-data.py", "manifest.py"):
@@ -271,8 +276,8 @@ def _build(golden: Golden, rescue_pyz: Path, out: Path, second: bool = False) ->
             raise GuestError("source: systemd is %s:\n%s" % (state, m.run("systemctl --failed").stdout))
         with timer.step("source: test data, rescue.pyz, backup disk"):
             put_drill_scripts(m)
-            m.run("mkfs.ext4 -q -L {d} /dev/disk/by-id/virtio-{d} && mkdir -p {b} && "
-                  "mount /dev/disk/by-id/virtio-{d} {b}".format(d=BACKUP_DISK, b=BACKUP_MOUNT), check=True)
+            m.run("mkfs.ext4 -q -L {d} /dev/disk/by-id/virtio-{d}".format(d=BACKUP_DISK), check=True)
+            mount_backup_disk(m)
             data = m.run("python3 %s/drill-data.py %s" % (DRILL_DIR, " ".join(DATA_ROOTS)), check=True).stdout
             install_rescue(m, rescue_pyz, out / "local.conf")
         with timer.step("source: rescue mkbackuponly"):
