@@ -3607,20 +3607,7 @@ class LayoutCapture:
         return []
 
     def network(self) -> Network:
-        """Interfaces that have a device behind them (a NIC), their global addresses, the
-        default gateway and the name servers."""
-        result = self.probe.run(["ip", "-j", "addr", "show"], optional=True)
-        routes = self.probe.run(["ip", "-j", "route", "show", "default"], optional=True)
-        links = loads_lenient(result.stdout) if result is not None and result.returncode == 0 else []
-        interfaces = [Interface(link["ifname"], link.get("address") or "",
-                                [f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])
-                                 if a.get("scope") == "global" and "local" in a])
-                      for link in links if link.get("link_type") == "ether"
-                      and self.probe.exists(f"/sys/class/net/{link['ifname']}/device", optional=True)]
-        default = loads_lenient(routes.stdout) if routes is not None and routes.returncode == 0 else []
-        resolv = self.probe.read_text_optional("/etc/resolv.conf") or ""
-        return Network(interfaces, next((r.get("gateway") for r in default if r.get("gateway")), None),
-                       re.findall(r"^nameserver\s+(\S+)", resolv, re.M))
+        return probe_network(self.probe)
 
     def vgcfg(self, vg: str) -> Optional[str]:
         result = self.probe.run(["vgcfgbackup", "-f", "OUTPUT", vg], output_arg=2)
@@ -3646,6 +3633,24 @@ class LayoutCapture:
         has_grub = boot.grub_disks or any(self.probe.exists(p) for p in ("/boot/grub/grub.cfg", "/boot/grub2/grub.cfg"))
         boot.bootloader = "grub2" if has_grub else None
         return boot
+
+
+def probe_network(probe: "Probe") -> Network:
+    """Interfaces that have a device behind them (a NIC), their global addresses, the default
+    gateway and the name servers (capture, and finalize's look at the NICs of the machine
+    being recovered)."""
+    result = probe.run(["ip", "-j", "addr", "show"], optional=True)
+    routes = probe.run(["ip", "-j", "route", "show", "default"], optional=True)
+    links = loads_lenient(result.stdout) if result is not None and result.returncode == 0 else []
+    interfaces = [Interface(link["ifname"], link.get("address") or "",
+                            [f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])
+                             if a.get("scope") == "global" and "local" in a])
+                  for link in links if link.get("link_type") == "ether"
+                  and probe.exists(f"/sys/class/net/{link['ifname']}/device", optional=True)]
+    default = loads_lenient(routes.stdout) if routes is not None and routes.returncode == 0 else []
+    resolv = probe.read_text_optional("/etc/resolv.conf") or ""
+    return Network(interfaces, next((r.get("gateway") for r in default if r.get("gateway")), None),
+                   re.findall(r"^nameserver\s+(\S+)", resolv, re.M))
 
 
 def virtual_disk_kind(node: BlockNode) -> Optional[str]:
@@ -7391,6 +7396,18 @@ NAMING_FILES = ("/etc/fstab", "/etc/crypttab", "/etc/mdadm/mdadm.conf", "/etc/md
 TREE_PROGRAM_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 TREE_PROGRAMS = ("update-initramfs", "dracut", "mkinitrd", "lsinitramfs", "lsinitrd", "grub-install", "grub2-install",
                  "grub-mkconfig", "grub2-mkconfig", "update-grub", "lvmdevices", "setfiles", "efibootmgr")
+# Where a restored system names its NICs by MAC or name: (directory, file name prefix, suffixes).
+# udev rules only those about network devices (SUBSYSTEM=="net").
+NETWORK_FILE_DIRS = (("/etc/udev/rules.d", "", (".rules",)),
+                     ("/etc/NetworkManager/system-connections", "", ()),
+                     ("/etc/sysconfig/network-scripts", "ifcfg-", ()),          # RHEL
+                     ("/etc/sysconfig/network", "ifcfg-", ()),                  # SUSE
+                     ("/etc/netplan", "", (".yaml", ".yml")),
+                     ("/etc/systemd/network", "", (".link", ".network", ".netdev")),
+                     ("/etc/network/interfaces.d", "", ()))
+NETWORK_FILES = ("/etc/network/interfaces",)
+# Lines of network files whose values are secrets (Wi-Fi keys, 802.1x passwords): never logged.
+SECRET_LINE = re.compile(r"^\s*[-+]?\s*[\w.-]*(psk|password|passwd|secret|wep-key\d?|pin)[\w.-]*\s*[=:]", re.I)
 # Files whose security.selinux label says whether the restore kept labels.
 LABEL_SAMPLES = ("/etc/passwd", "/etc/selinux/config", "/usr/bin/ls", "/usr/sbin/init", "/var/log")
 BIND_MOUNTS = ("/proc", "/sys", "/dev", "/run")
@@ -7490,6 +7507,7 @@ class RestoredSystem:
     removable: bool                                # \EFI\BOOT\BOOTX64.EFI is there
     grub_cfg: str                                  # the GRUB configuration grub-mkconfig writes
     tools: Dict[str, str]                          # program -> its path in the tree
+    network_texts: Dict[str, str] = field(default_factory=dict)   # network configuration file -> its text
 
 
 def probe_restored(probe: TreeProbe) -> RestoredSystem:
@@ -7520,7 +7538,22 @@ def probe_restored(probe: TreeProbe) -> RestoredSystem:
         labels_present=all(probe.has_xattr(p, "security.selinux") for p in LABEL_SAMPLES if probe.exists(p)),
         esp_dir=esp_dir, efi_dirs=efi_dirs,
         removable=bool(esp_dir) and probe.is_file(f"{esp_dir}/{REMOVABLE_LOADER}"),
-        grub_cfg=system_grub_cfg(probe, family, esp_dir, efi_dirs), tools=tools)
+        grub_cfg=system_grub_cfg(probe, family, esp_dir, efi_dirs), tools=tools,
+        network_texts=network_texts(probe))
+
+
+def network_texts(probe: TreeProbe) -> Dict[str, str]:
+    """The restored network configuration (NETWORK_FILE_DIRS, NETWORK_FILES): path -> text."""
+    paths = list(NETWORK_FILES)
+    for directory, prefix, suffixes in NETWORK_FILE_DIRS:
+        paths += [f"{directory}/{name}" for name in probe.listdir(directory)
+                  if name.startswith(prefix) and (not suffixes or name.endswith(suffixes)) and not name.startswith(".")]
+    out = {}
+    for path in paths:
+        text = probe.read_text(path) if probe.is_file(path) else None
+        if text is not None and (not path.startswith("/etc/udev/") or re.search(r'SUBSYSTEM\s*==\s*"net"', text)):
+            out.setdefault(probe.resolve(path), text)
+    return out
 
 
 def naming_files(probe: TreeProbe, esp_dir: str, efi_dirs: Sequence[str]) -> List[str]:
@@ -7596,6 +7629,7 @@ class FinalizeOptions:
     drivers: List[str] = field(default_factory=list)       # the storage drivers of the disks here
     rebuild_initramfs: bool = True                         # REBUILD_INITRAMFS
     selinux_relabel: str = "auto"                          # SELINUX_RELABEL: auto | yes | no
+    nic_changes: Dict[str, str] = field(default_factory=dict)   # old MAC or NIC name -> new (nic_changes)
 
 
 def finalize_plan(system: RestoredSystem, options: FinalizeOptions) -> List[Step]:
@@ -7607,7 +7641,8 @@ def finalize_plan(system: RestoredSystem, options: FinalizeOptions) -> List[Step
         raise RescueError(f"the restored system's distribution ({system.os_release.get('pretty_name') or 'no /etc/os-release'}) "
                           "is not one rescue can finalize", "finalize supports the Debian/Ubuntu, RHEL and SUSE families")
     root = options.target_root
-    steps = rename_steps(system, options.changes, root)
+    steps = rename_steps(system.texts, options.changes, root)
+    steps += rename_steps(system.network_texts, options.nic_changes, root, kind="network")
     steps += bind_steps(root, options.boot_mode == "uefi")
     steps += lvm_devices_steps(system, options, root)
     if options.rebuild_initramfs:
@@ -7625,16 +7660,19 @@ def in_root(root: str, *argv: str) -> List[str]:
     return ["chroot", root] + list(argv)
 
 
-def rename_steps(system: RestoredSystem, changes: Dict[str, str], root: str) -> List[Step]:
-    """One step per file that names something that changed (none when nothing changed)."""
+def rename_steps(texts: Dict[str, str], changes: Dict[str, str], root: str, kind: str = "names") -> List[Step]:
+    """One step per file that names something that changed (none when nothing changed).
+    kind: names (devices, UUIDs) or network (NIC MACs and names: their diffs leave secrets out)."""
     steps = []
-    for path, text in sorted(system.texts.items()):
+    what = "the NICs that changed" if kind == "network" else "the names that changed"
+    for path, text in sorted(texts.items()):
         new = rewrite_file_text(path, text, changes) if changes else text
         if new != text:
-            steps.append(Step(f"finalize names {path}", f"Rewrite the names that changed in {path}",
-                              action="rewrite_names",
-                              params={"path": root + path, "changes": dict(changes),
-                                      "before": text_digest(text), "after": text_digest(new)}))
+            params = {"path": root + path, "changes": dict(changes), "before": text_digest(text), "after": text_digest(new)}
+            if kind == "network":
+                params["secrets"] = True
+            steps.append(Step(f"finalize {kind} {path}", f"Rewrite {what} in {path}", action="rewrite_names",
+                              params=params))
     return steps
 
 
@@ -7790,11 +7828,11 @@ def selinux_steps(system: RestoredSystem, options: FinalizeOptions) -> List[Step
 def names_pattern(changes: Dict[str, str]) -> "re.Pattern[str]":
     """One pattern for all old names, the longest first, each a whole word (/dev/sda is not in
     /dev/sda1); a by-id or by-path disk name also matches as its partitions' prefix
-    (…-part2); UUIDs in either case."""
+    (…-part2); UUIDs and MAC addresses in either case."""
     alternatives = []
     for n, old in enumerate(sorted(changes, key=len, reverse=True)):
         escaped = re.escape(old)
-        if re.fullmatch(r"[0-9A-Fa-f-]+", old):
+        if re.fullmatch(r"[0-9A-Fa-f:-]+", old):                # UUIDs, MAC addresses
             escaped = f"(?i:{escaped})"
         suffix = r"(?:-part\d+)?" if old.startswith(("/dev/disk/by-id/", "/dev/disk/by-path/")) else ""
         alternatives.append(f"(?P<k{n}>{escaped}{suffix})")
@@ -7803,7 +7841,8 @@ def names_pattern(changes: Dict[str, str]) -> "re.Pattern[str]":
 
 def rewrite_names(text: str, changes: Dict[str, str]) -> str:
     """text with each old name replaced by its new one, in one pass (a swap of two names is
-    a swap, not a chain)."""
+    a swap, not a chain); a hex name found in upper case (HWADDR=52:54:00:AB:…) is replaced in
+    upper case."""
     if not changes:
         return text
     ordered = sorted(changes, key=len, reverse=True)
@@ -7813,7 +7852,9 @@ def rewrite_names(text: str, changes: Dict[str, str]) -> str:
         found = match.group(0)
         old = ordered[int(match.lastgroup[1:])]
         new = changes.get(found) or lowered.get(found.lower())
-        return new if new is not None else changes[old] + found[len(old):]    # …-partN of a by-id disk
+        if new is None:
+            return changes[old] + found[len(old):]    # …-partN of a by-id disk
+        return new.upper() if re.fullmatch(r"[0-9A-F:-]*[A-F][0-9A-F:-]*", found) else new
 
     return names_pattern(changes).sub(replace, text)
 
@@ -7833,8 +7874,98 @@ def rewrite_file_text(path: str, text: str, changes: Dict[str, str]) -> str:
     return new + "#" * padding if new != content else text
 
 
-def file_diff(path: str, old: str, new: str) -> str:
-    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"a{path}", f"b{path}"))
+def file_diff(path: str, old: str, new: str, secrets: bool = False) -> str:
+    """A unified diff; secrets: of a file that may hold secrets (a Wi-Fi key): the changed
+    lines only, a secret's value hidden."""
+    lines = difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"a{path}", f"b{path}", n=0 if secrets else 3)
+    if secrets:
+        lines = (re.sub(r"([=:]).*", r"\1(hidden)", line) if SECRET_LINE.match(line) else line for line in lines)
+    return "".join(lines)
+
+
+# -- the NICs: old -> new ---------------------------------------------------------------------------
+
+MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+@dataclass(frozen=True)
+class NicPair:
+    """A NIC of the layout and the one here that takes its place (another MAC)."""
+    old_name: str
+    old_mac: str
+    new_name: str                                  # "" when the mapping names a MAC no NIC here has
+    new_mac: str
+    how: str                                       # why these two
+
+
+def parse_mac_mapping(text: str, source: str) -> Dict[str, str]:
+    """ReaR's mappings/mac: `OLD-MAC NEW-MAC [INTERFACE]` per line, '#' comments -> old -> new."""
+    out: Dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        macs = [w.lower() for w in words[:2]]
+        if len(words) not in (2, 3) or not all(MAC_RE.fullmatch(m) for m in macs):
+            raise RescueError(f"{source}:{n}: expected 'OLD-MAC NEW-MAC [INTERFACE]', got {line.strip()!r}",
+                              "one NIC per line, e.g. 00:11:85:c2:b8:d5 00:50:56:b3:75:ad eth0")
+        out[macs[0]] = macs[1]
+    return out
+
+
+def pair_nics(old: Sequence[Interface], here: Sequence[Interface],
+              configured: Dict[str, str]) -> Tuple[List[NicPair], List[str]]:
+    """Which NIC here takes the place of each NIC of the layout whose MAC is not here: the
+    configured mapping (ReaR's mappings/mac), else the NIC of the same name, else the only one
+    left when one is missing and one is new. NICs whose MAC is here are themselves (no pair).
+    Returns the pairs and, for the NICs left without one, what to do about them."""
+    mac = lambda nic: nic.mac.lower()                                      # noqa: E731
+    by_mac = {mac(n): n for n in here if n.mac}
+    ours = {mac(n) for n in old if n.mac}
+    pairs: List[NicPair] = []
+    missing = []
+    for nic in (n for n in old if n.mac):
+        if mac(nic) in configured:
+            new = by_mac.get(configured[mac(nic)])
+            pairs.append(NicPair(nic.name, mac(nic), new.name if new else "", configured[mac(nic)], "the mapping file"))
+        elif mac(nic) not in by_mac:
+            missing.append(nic)
+    taken = set(configured.values()) | ours
+    free = [n for n in here if n.mac and mac(n) not in taken]
+    for nic in list(missing):
+        same = next((n for n in free if n.name == nic.name), None)
+        if same is not None:
+            pairs.append(NicPair(nic.name, mac(nic), same.name, mac(same), "the same name"))
+            missing.remove(nic)
+            free.remove(same)
+    if len(missing) == 1 and len(free) == 1:
+        pairs.append(NicPair(missing[0].name, mac(missing[0]), free[0].name, mac(free[0]), "the only NIC missing and the only one new"))
+        missing = []
+    notes = [f"the NIC {n.name} ({mac(n)}) is not here and rescue cannot tell which NIC takes its place "
+             f"({', '.join(f'{f.name} {mac(f)}' for f in free) or 'no NIC here is free'}): its configuration is left "
+             "as restored; name the new MAC in the mappings/mac file of the configuration directory "
+             "(OLD-MAC NEW-MAC per line) to have it moved" for n in missing]
+    return pairs, notes
+
+
+def nic_name_scheme(name: str) -> str:
+    """kernel (eth0) or stable (enp1s0, ens3, eno1, em1, …): how names are given."""
+    return "kernel" if re.fullmatch(r"eth\d+", name) else "stable"
+
+
+def nic_changes(pairs: Sequence[NicPair]) -> Dict[str, str]:
+    """The rewrites for the restored network configuration: each old MAC -> the new one, and
+    the old name -> the new one where both are names of the same scheme (a rescue system that
+    names NICs eth0 while the restored system names them enp1s0 says nothing about the name
+    the restored system will give: its names are kept)."""
+    out = {}
+    for pair in pairs:
+        if pair.new_mac != pair.old_mac:
+            out[pair.old_mac] = pair.new_mac
+        if pair.new_name and pair.new_name != pair.old_name and \
+                nic_name_scheme(pair.new_name) == nic_name_scheme(pair.old_name):
+            out[pair.old_name] = pair.new_name
+    return out
 
 
 # -- efibootmgr --------------------------------------------------------------------------------------
@@ -7870,7 +8001,8 @@ def mounted_at(path: str) -> Optional[str]:
     return found
 
 
-def finalize_action_rewrite_names(ctx: Context, path: str, changes: Dict[str, str], before: str, after: str) -> None:
+def finalize_action_rewrite_names(ctx: Context, path: str, changes: Dict[str, str], before: str, after: str,
+                                  secrets: bool = False) -> None:
     """Rewrite one file atomically, keeping its mode and owner; the diff goes to the log. A
     re-run finds it rewritten already and leaves it (a swap of two names stays a swap)."""
     target = Path(path)
@@ -7885,7 +8017,7 @@ def finalize_action_rewrite_names(ctx: Context, path: str, changes: Dict[str, st
     info = os.stat(path)
     with atomic_output(target, stat.S_IMODE(info.st_mode), owner=(info.st_uid, info.st_gid)) as stream:
         stream.write(new.encode("utf-8", "surrogateescape"))
-    ctx.log.info(f"rewrote {path}:\n{file_diff(path, old, new)}")
+    ctx.log.info(f"rewrote {path}:\n{file_diff(path, old, new, secrets)}")
 
 
 def finalize_action_bind(ctx: Context, source: str, path: str) -> None:
@@ -7993,12 +8125,13 @@ FINALIZE_ACTIONS: Dict[str, Callable[..., None]] = {
 # -- from the layout -------------------------------------------------------------------------------
 
 def finalize_options(layout: Layout, mapping: Mapping, config: Config, drivers: Sequence[str] = (),
-                     changes: Optional[Dict[str, str]] = None, here: Sequence[DiskHere] = ()) -> FinalizeOptions:
+                     changes: Optional[Dict[str, str]] = None, here: Sequence[DiskHere] = (),
+                     nics: Optional[Dict[str, str]] = None) -> FinalizeOptions:
     """FinalizeOptions for a recovery of layout onto the disks of mapping: the boot disks
     (GRUB2_INSTALL_DEVICES, mapped as ReaR's MIGRATION_MODE does, else the disks GRUB was on,
     else those under /boot), each ESP (RAID1 members too) with its original entry's label and
     loader, the device and by-id names that changed (by-id: with here, the disks here), plus
-    changes (e.g. UUIDs recreate could not keep)."""
+    changes (e.g. UUIDs recreate could not keep); nics: the NIC rewrites (nic_changes)."""
     configured = config.setting("GRUB2_INSTALL_DEVICES")
     if configured:
         boot_disks = [mapping.new_name(d, layout) for d in configured]
@@ -8011,7 +8144,7 @@ def finalize_options(layout: Layout, mapping: Mapping, config: Config, drivers: 
         esps=esp_targets(layout, mapping), changes={**renamed, **by_id_changes(layout, mapping, here), **(changes or {})},
         pvs=[mapping.new_name(pv.device, layout) for pv in layout.physical_volumes],
         drivers=list(drivers), rebuild_initramfs=config.setting("REBUILD_INITRAMFS"),
-        selinux_relabel=config.setting("SELINUX_RELABEL"))
+        selinux_relabel=config.setting("SELINUX_RELABEL"), nic_changes=dict(nics or {}))
 
 
 def by_id_changes(layout: Layout, mapping: Mapping, here: Sequence[DiskHere]) -> Dict[str, str]:
@@ -8647,7 +8780,8 @@ def finalize_phase(ctx: Context, layout: Layout, recreated: RecreateState, state
     mapping = Mapping({old: str(identity["path"]) for old, identity in recreated.mapping.items()}, {}, [])
     system = probe_restored(TreeProbe(str(root)))
     here = probe_disks_here(Probe(ctx.runner), ctx.config, str(root))
-    options = finalize_options(layout, mapping, ctx.config, storage_drivers(list(mapping.disks.values())), here=here)
+    options = finalize_options(layout, mapping, ctx.config, storage_drivers(list(mapping.disks.values())), here=here,
+                               nics=nics_here(ctx, layout))
     steps = finalize_plan(system, options)
     check_programs(steps)
     left = [s for s in steps if s.id not in state.finalized]
@@ -8660,6 +8794,36 @@ def finalize_phase(ctx: Context, layout: Layout, recreated: RecreateState, state
                   "rescue recover", again=("bind", "unbind"))
     state.timings["finalize"] = round(time.monotonic() - started, 1)
     write_file(state_path, state.to_json())
+
+
+def mac_mapping(ctx: Context) -> Dict[str, str]:
+    """ReaR's CONFIG_DIR/mappings/mac (old MAC -> new), {} without one; recover reads it before
+    any disk is touched, so that a mistake in it stops nothing half-way."""
+    path = config_directory(ctx.args.config_dir) / "mappings" / "mac"
+    return parse_mac_mapping(path.read_text(errors="replace"), str(path)) if path.is_file() else {}
+
+
+def nics_here(ctx: Context, layout: Layout) -> Dict[str, str]:
+    """The NIC rewrites for the restored network configuration: the layout's NICs paired with
+    those of this machine (pair_nics), each pair said; {} when every MAC is here."""
+    if not layout.network.interfaces:
+        return {}
+    configured = mac_mapping(ctx)
+    here = probe_network(Probe(ctx.runner)).interfaces
+    if not here and not configured:
+        ctx.log.warn("no NIC is to be seen here (is `ip` there?): the restored network configuration is left as it is")
+        return {}
+    pairs, notes = pair_nics(layout.network.interfaces, here, configured)
+    for pair in pairs:
+        ctx.log.say(f"NIC {pair.old_name} {pair.old_mac} -> {pair.new_name or '(not here)'} {pair.new_mac} ({pair.how})")
+    for note in notes:
+        ctx.log.warn(note)
+    changes = nic_changes(pairs)
+    kept = [p for p in pairs if p.new_name and p.new_name != p.old_name and p.old_name not in changes]
+    for pair in kept:
+        ctx.log.say(f"The restored system keeps the name {pair.old_name}: this rescue system names NICs "
+                    f"another way ({pair.new_name})")
+    return changes
 
 
 RESTOREONLY_STATE = "restoreonly.json"
@@ -8744,6 +8908,7 @@ def recover(ctx: Context) -> int:
     if state is not None and (state.layout_digest != digest or state.restore_time != time_):
         raise RescueError(f"{state_path} is the journal of a recover with another layout or restore time",
                           "start over with --restart (the disks are planned and confirmed anew)")
+    mac_mapping(ctx)
     if not reviewing and (state is None or state.restore != "done"):
         reach_backup_filesystem(ctx, layout)
         check_backup_readable(ctx, time_)
@@ -8779,7 +8944,7 @@ def recover_outline(ctx: Context, time_: Optional[str]) -> List[str]:
     root = ctx.config.setting("TARGET_FS_ROOT")
     return [f"restore the backup at {ctx.log.redact(backup_url(ctx.config))}"
             + (f" as of {time_}" if time_ else " (the latest)") + f" into {root}",
-            "finalize in the restored system: device names, the initramfs of each kernel, the bootloader",
+            "finalize in the restored system: device names, NICs, the initramfs of each kernel, the bootloader",
             f"write a report and the log into {root}/var/log/rescue"]
 
 

@@ -579,3 +579,171 @@ def test_the_devices_file_is_made_anew_with_only_the_recreated_pvs(tmp_path, rhe
     assert seen == [False] and devices.read_text() == written
     log = (tmp_path / "log" / "rescue.log").read_text()
     assert "-IDTYPE=sys_serial IDNAME=/dev/vda1" in log                 # the old disk's entry, in the diff
+
+
+# -- the network: NICs of the layout -> NICs here, and the restored files rewritten ----------------
+# tests/data/network: files the real tools wrote (cloud-init's renderers, nmcli, netplan), see SOURCE.md.
+
+NET = Path(__file__).parent / "data" / "network"
+OLD1, OLD2, WIFI = "52:54:00:12:34:56", "52:54:00:ab:cd:ef", "52:54:00:c0:ff:ee"
+NEW1, NEW2 = "52:54:00:aa:00:01", "52:54:00:aa:00:02"
+PSK = "psk-CANARY-9d2e"
+
+
+def nic(name, mac):
+    return rescue.Interface(name, mac, [])
+
+
+def net_tree(tmp_path, name):
+    root = tmp_path / ("net-" + name)
+    shutil.copytree(NET / name, root, symlinks=True)
+    return root
+
+
+def test_the_probe_finds_every_kind_of_network_file_and_only_network_udev_rules(tmp_path):
+    root = net_tree(tmp_path, "rhel9")
+    (root / "etc/udev/rules.d/60-disk.rules").write_text('SUBSYSTEM=="block", ATTR{queue/scheduler}="none"\n')
+    (root / "etc/sysconfig/network-scripts/readme").write_text("not a NIC's file\n")
+    assert sorted(rescue.network_texts(rescue.TreeProbe(root))) == [
+        "/etc/NetworkManager/system-connections/Wired connection 1.nmconnection",
+        "/etc/NetworkManager/system-connections/office.nmconnection",
+        "/etc/sysconfig/network-scripts/ifcfg-enp1s0", "/etc/sysconfig/network-scripts/ifcfg-enp2s0",
+        "/etc/udev/rules.d/70-persistent-net.rules"]
+    assert sorted(rescue.network_texts(rescue.TreeProbe(NET / "sles15"))) == [
+        "/etc/sysconfig/network/ifcfg-enp1s0", "/etc/sysconfig/network/ifcfg-enp2s0",
+        "/etc/udev/rules.d/85-persistent-net-cloud-init.rules"]
+    assert sorted(rescue.network_texts(rescue.TreeProbe(NET / "ubuntu"))) == [
+        "/etc/netplan/50-cloud-init.yaml", "/etc/systemd/network/10-netplan-enp1s0.link"]
+    assert sorted(rescue.network_texts(rescue.TreeProbe(NET / "debian"))) == [
+        "/etc/network/interfaces.d/50-cloud-init", "/etc/systemd/network/10-cloud-init-enp1s0.network"]
+
+
+def test_nics_whose_macs_are_here_are_themselves_and_nothing_changes():
+    old = [nic("enp1s0", OLD1), nic("enp2s0", OLD2)]
+    pairs, notes = rescue.pair_nics(old, [nic("eth1", OLD2.upper()), nic("eth0", OLD1)], {})
+    assert (pairs, notes) == ([], [])
+    assert rescue.nic_changes(pairs) == {}
+    system = rescue.probe_restored(rescue.TreeProbe(NET / "rhel9"))
+    assert system.network_texts and not rescue.rename_steps(system.network_texts, {}, "/mnt/local", "network")
+
+
+def test_a_replaced_nic_is_paired_by_name_then_as_the_only_one_left():
+    old = [nic("enp1s0", OLD1), nic("enp2s0", OLD2)]
+    pairs, notes = rescue.pair_nics(old, [nic("enp1s0", NEW1), nic("enp2s0", OLD2)], {})
+    assert [(p.old_name, p.new_name, p.new_mac, p.how) for p in pairs] == [("enp1s0", "enp1s0", NEW1, "the same name")]
+    assert rescue.nic_changes(pairs) == {OLD1: NEW1} and notes == []
+    # another slot: another name of the same scheme, the only NIC missing and the only one new
+    pairs, notes = rescue.pair_nics(old, [nic("enp7s0", NEW1), nic("enp2s0", OLD2)], {})
+    assert rescue.nic_changes(pairs) == {OLD1: NEW1, "enp1s0": "enp7s0"} and notes == []
+
+
+def test_names_of_another_scheme_in_the_rescue_system_are_not_taken_for_the_restored_system():
+    pairs, _ = rescue.pair_nics([nic("enp1s0", OLD1)], [nic("eth0", NEW1)], {})
+    assert rescue.nic_changes(pairs) == {OLD1: NEW1}
+    pairs, _ = rescue.pair_nics([nic("eth0", OLD1)], [nic("ens3", NEW1)], {})
+    assert rescue.nic_changes(pairs) == {OLD1: NEW1}
+    pairs, _ = rescue.pair_nics([nic("eth1", OLD1)], [nic("eth0", NEW1)], {})
+    assert rescue.nic_changes(pairs) == {OLD1: NEW1, "eth1": "eth0"}
+
+
+def test_two_nics_replaced_by_two_of_other_names_are_not_guessed_but_the_mapping_file_decides():
+    old = [nic("enp1s0", OLD1), nic("enp2s0", OLD2)]
+    here = [nic("enp8s0", NEW1), nic("enp9s0", NEW2)]
+    pairs, notes = rescue.pair_nics(old, here, {})
+    assert pairs == [] and len(notes) == 2
+    assert "enp1s0 (52:54:00:12:34:56) is not here" in notes[0] and "enp8s0 52:54:00:aa:00:01" in notes[0]
+    assert "mappings/mac" in notes[0]
+    mapping = rescue.parse_mac_mapping(f"# old new interface\n{OLD1.upper()} {NEW2} enp1s0\n{OLD2} {NEW1}\n", "mac")
+    pairs, notes = rescue.pair_nics(old, here, mapping)
+    assert notes == [] and rescue.nic_changes(pairs) == {OLD1: NEW2, "enp1s0": "enp9s0", OLD2: NEW1, "enp2s0": "enp8s0"}
+    # a mapping to a MAC no NIC here has: the MAC is rewritten as told, the name kept
+    pairs, _ = rescue.pair_nics(old[:1], here, {OLD1: "52:54:00:ff:ff:ff"})
+    assert rescue.nic_changes(pairs) == {OLD1: "52:54:00:ff:ff:ff"} and pairs[0].new_name == ""
+
+
+def test_a_bad_mac_mapping_line_is_one_clear_error():
+    for line in ("00:11:85:c2:b8:d5", "00:11:85:c2:b8 00:50:56:b3:75:ad eth0", "a b c d"):
+        with pytest.raises(rescue.RescueError, match=r"mac:1: expected 'OLD-MAC NEW-MAC \[INTERFACE\]'"):
+            rescue.parse_mac_mapping(line + "\n", "mac")
+
+
+def test_a_swap_of_two_nics_is_one_pass_over_real_files():
+    text = (NET / "rhel9/etc/udev/rules.d/70-persistent-net.rules").read_text()
+    swapped = rescue.rewrite_names(text, {OLD1: OLD2, OLD2: OLD1})
+    assert f'ATTR{{address}}=="{OLD2}", NAME="enp1s0"' in swapped
+    assert f'ATTR{{address}}=="{OLD1}", NAME="enp2s0"' in swapped
+
+
+def migrate(tmp_path, name, changes):
+    root = net_tree(tmp_path, name)
+    ctx = context(tmp_path)
+    ctx.log.add_secret(PSK)
+    system = rescue.probe_restored(rescue.TreeProbe(root))
+    steps = [s for s in rescue.finalize_plan(system, rescue.FinalizeOptions(target_root=str(root), boot_disks=["/dev/sda"],
+                                                                            nic_changes=changes))
+             if s.id.startswith("finalize network ")] if system.family != "unknown" else \
+        rescue.rename_steps(system.network_texts, changes, str(root), "network")
+    run_steps(ctx, steps)
+    return root, steps, (tmp_path / "log" / "rescue.log").read_text()
+
+
+def test_rhel_ifcfg_keyfiles_and_persistent_net_rules_move_to_the_new_nic(tmp_path):
+    changes = {OLD1: NEW1, "enp1s0": "enp7s0", WIFI: NEW2}
+    root, steps, log = migrate(tmp_path, "rhel9", changes)
+    assert sorted(s.id for s in steps) == [
+        "finalize network /etc/NetworkManager/system-connections/Wired connection 1.nmconnection",
+        "finalize network /etc/NetworkManager/system-connections/office.nmconnection",
+        "finalize network /etc/sysconfig/network-scripts/ifcfg-enp1s0",
+        "finalize network /etc/udev/rules.d/70-persistent-net.rules"]
+    ifcfg = (root / "etc/sysconfig/network-scripts/ifcfg-enp1s0").read_text()
+    assert f"HWADDR={NEW1}\n" in ifcfg and "DEVICE=enp7s0\n" in ifcfg
+    assert (root / "etc/sysconfig/network-scripts/ifcfg-enp2s0").read_text() == \
+        (NET / "rhel9/etc/sysconfig/network-scripts/ifcfg-enp2s0").read_text()
+    rules = (root / "etc/udev/rules.d/70-persistent-net.rules").read_text()
+    assert f'ATTR{{address}}=="{NEW1}", NAME="enp7s0"' in rules and f'=="{OLD2}", NAME="enp2s0"' in rules
+    wired = (root / "etc/NetworkManager/system-connections/Wired connection 1.nmconnection").read_text()
+    assert f"mac-address={NEW1}\n" in wired and "interface-name=enp7s0\n" in wired
+    office = root / "etc/NetworkManager/system-connections/office.nmconnection"
+    assert f"mac-address={NEW2.upper()}\n" in office.read_text()          # NetworkManager's upper case kept
+    assert f"psk={PSK}\n" in office.read_text()
+    assert "-HWADDR=52:54:00:12:34:56" in log and f"+HWADDR={NEW1}" in log and "+DEVICE=enp7s0" in log
+    assert PSK not in log and "psk=" not in log                          # changed lines only, no secret
+
+
+def test_the_diff_of_a_secret_line_hides_its_value():
+    diff = rescue.file_diff("/x", "psk=old-secret\nid=a\n", "psk=new-secret\nid=b\n", secrets=True)
+    assert "old-secret" not in diff and "new-secret" not in diff and "-psk=(hidden)" in diff and "+id=b" in diff
+
+
+def test_sles_ubuntu_and_debian_files_move_to_the_new_nic(tmp_path):
+    changes = {OLD1: NEW1, "enp1s0": "enp7s0"}
+    root, _, _ = migrate(tmp_path, "sles15", changes)
+    assert f"LLADDR={NEW1}\n" in (root / "etc/sysconfig/network/ifcfg-enp1s0").read_text()
+    assert f'=="{NEW1}", NAME="enp7s0"' in (root / "etc/udev/rules.d/85-persistent-net-cloud-init.rules").read_text()
+    root, _, _ = migrate(tmp_path, "ubuntu", changes)
+    netplan = (root / "etc/netplan/50-cloud-init.yaml").read_text()
+    assert f"macaddress: '{NEW1}'" in netplan and "        enp7s0:\n" in netplan and "set-name: enp7s0" in netplan
+    assert f"macaddress: {OLD2}" in netplan                              # the other NIC as it was
+    link = (root / "etc/systemd/network/10-netplan-enp1s0.link").read_text()
+    assert f"PermanentMACAddress={NEW1}\n" in link and "Name=enp7s0\n" in link
+    root, _, _ = migrate(tmp_path, "debian", changes)
+    eni = (root / "etc/network/interfaces.d/50-cloud-init").read_text()
+    assert "auto enp7s0\niface enp7s0 inet static" in eni and "auto enp2s0\n" in eni
+    networkd = (root / "etc/systemd/network/10-cloud-init-enp1s0.network").read_text()
+    assert f"MACAddress={NEW1}\nName=enp7s0\n" in networkd
+
+
+def test_finalize_pairs_the_nics_here_and_says_so(tmp_path, monkeypatch, capsys):
+    ctx = context(tmp_path)
+    ctx.args.config_dir = str(tmp_path / "conf")
+    layout = rescue.Layout(hostname="h", boot=rescue.Boot(firmware="bios"))
+    layout.network = rescue.Network([nic("ens3", OLD1)])
+    monkeypatch.setattr(rescue, "probe_network", lambda probe: rescue.Network([nic("ens3", NEW1)]))
+    assert rescue.nics_here(ctx, layout) == {OLD1: NEW1}
+    assert f"NIC ens3 {OLD1} -> ens3 {NEW1} (the same name)" in capsys.readouterr().out
+    monkeypatch.setattr(rescue, "probe_network", lambda probe: rescue.Network([nic("ens3", OLD1)]))
+    assert rescue.nics_here(ctx, layout) == {}
+    (tmp_path / "conf" / "mappings").mkdir(parents=True)
+    (tmp_path / "conf" / "mappings" / "mac").write_text("nonsense\n")
+    with pytest.raises(rescue.RescueError, match="mappings/mac:1"):
+        rescue.mac_mapping(ctx)

@@ -20,6 +20,7 @@ of a mountpoint (the source shows the mounted filesystem's root there).
 import hashlib
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from . import cache
 from .image import GUEST_DIR
-from .machine import GuestError, Machine, create_disk_image
+from .machine import MAC, GuestError, Machine, create_disk_image
 from .provision import Golden
 
 log = logging.getLogger("vmlib")
@@ -41,6 +42,14 @@ DRILL_DIR = "/run/drill"            # the harness's scripts in a guest (tmpfs: n
 DATA_ROOTS = ("/srv/drill", "/boot/drill")
 LATER_ROOT = "/srv/later"           # written after the first backup (point-in-time drill)
 PASSPHRASE = "drill-CANARY-4f9c1e7a"   # must never show up in rescue's logs, layout or state
+# The source's network configuration bound to its NIC's MAC (QEMU's default, MAC): a drill that
+# recovers onto a machine with another NIC (NEW_MAC) must find it moved to that NIC, and the
+# address it gives (NIC_ADDRESS, beside the golden's DHCP) on the recovered machine.
+NEW_MAC = "52:54:00:12:34:57"
+NIC_ADDRESS = "10.0.2.99/24"
+NETWORK_FILE = "/etc/systemd/network/10-drill.network"
+NETWORK_TEXT = ("# the drill's NIC, by its MAC (systemd-networkd takes the first .network file that matches)\n"
+                "[Match]\nMACAddress=%s\n\n[Network]\nDHCP=ipv4\nLinkLocalAddressing=no\nAddress=%s\n" % (MAC, NIC_ADDRESS))
 
 # Paths whose contents a recovered system may have changed, with the reason. Left out of the
 # comparison, and the mtime of the directory holding each is not compared.
@@ -99,7 +108,7 @@ def manifest_command(roots: Sequence[str]) -> str:
 def recipe_key(golden: Golden, rescue_pyz: Path) -> str:
     scripts = [(GUEST_DIR / n).read_text() for n in ("drill-data.py", "manifest.py")]
     return cache.digest(RECIPE_VERSION, golden.path.name, hashlib.sha256(rescue_pyz.read_bytes()).hexdigest(),
-                        scripts, local_conf(), DATA_ROOTS, LATER_ROOT)
+                        scripts, local_conf(), DATA_ROOTS, LATER_ROOT, NETWORK_FILE, NETWORK_TEXT)
 
 
 def get_backup(golden: Golden, rescue_pyz: Path, second: bool = False) -> Backup:
@@ -279,6 +288,7 @@ def _build(golden: Golden, rescue_pyz: Path, out: Path, second: bool = False) ->
             m.run("mkfs.ext4 -q -L {d} /dev/disk/by-id/virtio-{d}".format(d=BACKUP_DISK), check=True)
             mount_backup_disk(m)
             data = m.run("python3 %s/drill-data.py %s" % (DRILL_DIR, " ".join(DATA_ROOTS)), check=True).stdout
+            m.run("printf %%s %s > %s" % (shlex.quote(NETWORK_TEXT), NETWORK_FILE), check=True)
             install_rescue(m, rescue_pyz, out / "local.conf")
         with timer.step("source: rescue mkbackuponly"):
             r = m.run(RESCUE + " mkbackuponly", timeout=1500)

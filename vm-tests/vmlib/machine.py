@@ -41,6 +41,7 @@ log = logging.getLogger("vmlib")
 CPU = "max"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+MAC = "52:54:00:12:34:56"       # QEMU's own default: every guest's NIC unless told otherwise
 # Console output after which a guest will never come up by itself: fail now, not at the timeout.
 FATAL_CONSOLE = re.compile(r"Dropping to a shell|Kernel panic - not syncing|You are in emergency mode"
                            r"|Give root password for maintenance|No bootable device")
@@ -142,7 +143,7 @@ class Machine:
 
     def __init__(self, name: str, workdir: Path, ssh_key: Optional[Path] = None,
                  firmware: str = "bios", ovmf_vars: Optional[Path] = None, memory_mb: int = 1024,
-                 cpus: int = 2, network: bool = True, lifetime: float = 1800):
+                 cpus: int = 2, network: bool = True, lifetime: float = 1800, mac: str = MAC):
         self.name = name
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +152,7 @@ class Machine:
         self.memory_mb = memory_mb
         self.cpus = cpus
         self.network = network
+        self.mac = mac
         self.lifetime = lifetime
         self.disks: List[Disk] = []
         self.kernel_boot: Optional[Sequence] = None
@@ -225,7 +227,7 @@ class Machine:
             argv += disk_args(disk)
         if self.network:
             fwd = ",hostfwd=tcp:127.0.0.1:%d-:22" % self.ssh_port if self.ssh_port else ""
-            argv += ["-netdev", "user,id=net0" + fwd, "-device", "virtio-net-pci,netdev=net0"]
+            argv += ["-netdev", "user,id=net0" + fwd, "-device", "virtio-net-pci,netdev=net0,mac=" + self.mac]
         if self.kernel_boot:
             kernel, initrd, append = self.kernel_boot
             argv += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", append]

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 
 from . import cpio
 from .image import GUEST_DIR, HOST_BUSYBOX, GuestImage, module_load_order
-from .machine import Disk, GuestError, Machine
+from .machine import MAC, Disk, GuestError, Machine
 from .procs import HarnessError
 
 # Enough to reach the tools disk; the rest comes from the tools rootfs (udev or modprobe).
@@ -98,9 +98,10 @@ class StandIn(Machine):
 
     def __init__(self, image: GuestImage, name: str, workdir: Path, firmware: str = "bios",
                  udev: bool = True, network: bool = True, hostname: str = "rescue-standin",
-                 memory_mb: int = 2048, ovmf_vars: Optional[Path] = None, lifetime: float = 1800):
+                 memory_mb: int = 2048, ovmf_vars: Optional[Path] = None, lifetime: float = 1800,
+                 mac: str = MAC):
         super().__init__(name, workdir, ssh_key=image.ssh_key, firmware=firmware, ovmf_vars=ovmf_vars,
-                         memory_mb=memory_mb, network=network, lifetime=lifetime)
+                         memory_mb=memory_mb, network=network, lifetime=lifetime, mac=mac)
         self.image = image
         self.udev = udev
         self.hostname = hostname
