@@ -80,6 +80,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1470,6 +1471,8 @@ SETTINGS = _settings(
     Setting("ISO_VOLID", TEXT, "the ISO's volume label", "RESCUE"),
     Setting("KERNEL_FILE", path_value, "the kernel of the rescue system (empty: /boot/vmlinuz-$(uname -r))"),
     Setting("KERNEL_CMDLINE", TEXT, "more kernel arguments for the rescue system"),
+    Setting("SECURE_BOOT_BOOTLOADER", TEXT, "the signed shim the ISO boots by UEFI with (empty: the host's "
+            "shim and signed GRUB when it has them; no: GRUB unsigned)"),
     Setting("MODULES", LIST, "kernel modules for the rescue system", [], whole=True),
     Setting("MODULES_LOAD", LIST, "kernel modules the rescue system loads at boot (besides those its "
             "storage needs)", [], whole=True),
@@ -1745,10 +1748,10 @@ TOOLS = _tools(
     ("modinfo",           "kmod",            "kmod",              "kmod",            ("mkrescue",)),
     ("depmod",            "kmod",            "kmod",              "kmod",            ("mkrescue",)),
     ("zstd",              "zstd",            "zstd",              "zstd",            ("mkrescue",)),
-    ("grub-mkrescue",     "grub-common (+ grub-pc-bin, grub-efi-amd64-bin)","",                  "",                ("mkrescue",)),
-    ("grub2-mkrescue",    "",                "grub2-tools-extra", "grub2",           ("mkrescue",)),
     ("xorriso",           "xorriso",         "xorriso",           "xorriso",         ("mkrescue",)),
     ("mformat",           "mtools",          "mtools",            "mtools",          ("mkrescue",)),
+    ("mmd",               "mtools",          "mtools",            "mtools",          ("mkrescue",)),
+    ("mcopy",             "mtools",          "mtools",            "mtools",          ("mkrescue",)),
     ("busybox",           "busybox",         "busybox",           "busybox",         ("rescue",)),
     ("sh",                "dash",            "bash",              "bash",            ("rescue",)),
     ("bash",              "bash",            "bash",              "bash",            ("rescue",)),
@@ -8981,6 +8984,7 @@ class Manifest:
     load: List[str] = field(default_factory=list)              # modules /init loads at boot
     firmware: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    boot: Optional["IsoBoot"] = None                          # how the ISO boots (OUTPUT=ISO)
 
     def add(self, item: MediaFile) -> None:
         self.files.setdefault(item.path, item)
@@ -8989,6 +8993,7 @@ class Manifest:
         return {"kernel_release": self.kernel_release, "kernel": self.kernel, "compression": self.compression,
                 "cmdline": self.cmdline, "hostname": self.hostname, "tools": dict(sorted(self.tools.items())),
                 "modules": self.modules, "load": self.load, "firmware": self.firmware, "warnings": self.warnings,
+                "boot": dataclasses.asdict(self.boot) if self.boot else None,
                 "files": [{"path": f.path, "kind": f.kind, "source": f.source, "why": f.why}
                           for f in sorted(self.files.values(), key=lambda f: f.path)]}
 
@@ -8998,6 +9003,8 @@ def manifest_text(manifest: Manifest) -> str:
              f"# kernel {manifest.kernel_release}: {manifest.kernel}; initramfs compressed with {manifest.compression}",
              f"# command line: {manifest.cmdline}",
              f"# {len(manifest.tools)} tools, {len(manifest.modules)} modules, {len(manifest.firmware)} firmware files"]
+    if manifest.boot:
+        lines.append(f"# ISO boot: {manifest.boot.summary()}")
     lines += [f"# warning: {w}" for w in manifest.warnings]
     for f in sorted(manifest.files.values(), key=lambda f: f.path):
         origin = {"file": f" <- {f.source}", "symlink": f" -> {f.source}", "data": " (made by rescue)"}.get(f.kind, "")
@@ -9027,6 +9034,19 @@ class MediaProbe:
                 return handle.read()
         except OSError:
             return None
+
+    def read_bytes(self, path: str, limit: int) -> Optional[bytes]:
+        try:
+            with open(self.host(path), "rb") as handle:
+                return handle.read(limit)
+        except OSError:
+            return None
+
+    def is_file(self, path: str) -> bool:
+        return os.path.isfile(self.host(path))
+
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(self.host(path))
 
     def which(self, program: str, directories: Sequence[str]) -> Optional[str]:
         for directory in directories:
@@ -9278,6 +9298,13 @@ class ManifestBuilder:
         self.modules()
         self.rescue_files()
         self.secrets_policy_files()
+        if self.config.setting("OUTPUT") == "ISO":
+            self.m.boot, warnings = iso_boot(self.probe, self.config.setting("SECURE_BOOT_BOOTLOADER"),
+                                             self.layout.boot.family)
+            self.m.warnings += warnings
+            if self.m.boot.shim and pe_signed(self.probe.read_bytes(self.kernel, 4096) or b"") is False:
+                self.m.warnings.append(f"the kernel {self.kernel} is not signed: with Secure Boot on, shim refuses to "
+                                       "boot it (set KERNEL_FILE to a signed kernel, or boot with Secure Boot off)")
         return self.m
 
     # -- files and their symlinks ----------------------------------------------------------------
@@ -9657,6 +9684,137 @@ def stdlib_file(probe: MediaProbe, stdlib: str, dynload: str, suffix: str, parts
     return []
 
 
+# -- how the ISO boots ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShimChain:
+    """Where a distribution keeps its signed shim and the signed GRUB shim loads."""
+    shims: Tuple[str, ...]             # in order of preference
+    grubs: Tuple[str, ...]             # the signed GRUB: the first that is there
+    grub_name: str                     # the name shim loads it by, from its own directory
+    mok_managers: Tuple[str, ...] = ()
+
+
+SHIM_CHAINS = (
+    # Debian, Ubuntu (shim-signed, grub-efi-amd64-signed): the CD GRUB first, as their ISOs use
+    ShimChain(("/usr/lib/shim/shimx64.efi.signed.latest", "/usr/lib/shim/shimx64.efi.signed"),
+              ("/usr/lib/grub/x86_64-efi-signed/gcdx64.efi.signed", "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"),
+              "grubx64.efi", ("/usr/lib/shim/mmx64.efi.signed",)),
+    # SUSE (shim, grub2-x86_64-efi): its shim loads grub.efi
+    ShimChain(("/usr/share/efi/x86_64/shim.efi",), ("/usr/share/efi/x86_64/grub.efi",), "grub.efi",
+              ("/usr/share/efi/x86_64/MokManager.efi",)),
+) + tuple(
+    # RHEL, Alma, Rocky, CentOS, Fedora, Oracle (shim-x64, grub2-efi-x64): on the ESP
+    ShimChain((f"/boot/efi/EFI/{vendor}/shimx64.efi",), (f"/boot/efi/EFI/{vendor}/grubx64.efi",), "grubx64.efi",
+              (f"/boot/efi/EFI/{vendor}/mmx64.efi",)) for vendor in ("redhat", "almalinux", "rocky", "centos", "fedora", "ol"))
+GRUB_PLATFORMS = {"bios": "i386-pc", "efi": "x86_64-efi"}
+GRUB_MODULE_DIRS = ("/usr/lib/grub", "/usr/share/grub2")      # Debian, RHEL, SUSE: /usr/lib/grub; old SUSE
+# What the ISO's own GRUB images hold (no modules are read from the ISO): the boot menu's commands.
+GRUB_IMAGE_MODULES = ("normal", "configfile", "linux", "search", "search_fs_file", "echo", "test", "serial",
+                      "terminal", "iso9660", "part_msdos", "part_gpt", "fat", "ls", "cat", "sleep", "reboot", "halt")
+GRUB_PLATFORM_MODULES = {"bios": ("biosdisk",), "efi": ("all_video",)}
+
+
+@dataclass(frozen=True)
+class IsoBoot:
+    """How the ISO boots, from what the host has: GRUB made here for BIOS (its modules'
+    directory) and for UEFI (unsigned), or for UEFI the host's signed shim chain. Paths are
+    the files' paths here (MediaProbe.host)."""
+    bios_modules: str = ""             # host directory of GRUB's i386-pc modules ("": no BIOS boot)
+    efi_modules: str = ""              # … of its x86_64-efi modules (UEFI without a shim chain)
+    shim: str = ""                     # host path of the signed shim ("": no Secure Boot chain)
+    grub: str = ""                     # the signed GRUB it loads
+    grub_name: str = "grubx64.efi"
+    mok_manager: str = ""
+    vendor_dirs: Tuple[str, ...] = ()  # \EFI\<dir>: where a signed GRUB may read its grub.cfg
+
+    @property
+    def bootable(self) -> bool:
+        return bool(self.bios_modules or self.efi_modules or self.shim)
+
+    def summary(self) -> str:
+        bios = "BIOS (GRUB)" if self.bios_modules else "no BIOS"
+        uefi = (f"UEFI with Secure Boot (shim {self.shim}, GRUB {self.grub})" if self.shim else
+                "UEFI (GRUB, unsigned: Secure Boot must be off)" if self.efi_modules else "no UEFI")
+        return f"{bios}, {uefi}"
+
+
+def pe_signed(data: bytes) -> Optional[bool]:
+    """Whether a PE/COFF image (an EFI binary, a kernel with its EFI stub) carries an
+    Authenticode signature: its certificate table (data directory 4) is not empty. None when
+    data is not the start of a PE image."""
+    if len(data) < 0x40 or data[:2] != b"MZ":
+        return None
+    pe = struct.unpack_from("<I", data, 0x3C)[0]
+    if len(data) < pe + 24 + 2 or data[pe:pe + 4] != b"PE\0\0":
+        return None
+    optional = pe + 24
+    magic = struct.unpack_from("<H", data, optional)[0]
+    directories = optional + (112 if magic == 0x20B else 96)      # PE32+ | PE32
+    if len(data) < directories + 5 * 8:
+        return None
+    size = struct.unpack_from("<II", data, directories + 4 * 8)[1]
+    return size > 0
+
+
+def efi_prefix_dirs(image: bytes) -> Set[str]:
+    """The \\EFI\\<dir> names a GRUB EFI image has built in as its prefix (/EFI/debian)."""
+    return {m.decode() for m in re.findall(rb"\0/EFI/([A-Za-z0-9_.-]{1,32})\0", image) if m.upper() != b"BOOT"}
+
+
+def grub_modules_dir(probe: MediaProbe, platform: str) -> str:
+    name = GRUB_PLATFORMS[platform]
+    return next((f"{d}/{name}" for d in GRUB_MODULE_DIRS if probe.is_file(f"{d}/{name}/moddep.lst")), "")
+
+
+def iso_boot(probe: MediaProbe, setting: str, family: str) -> Tuple[IsoBoot, List[str]]:
+    """The ISO's boot equipment and the warnings about what it lacks (mkrescue refuses an ISO
+    that boots neither way: IsoBoot.bootable). setting:
+    SECURE_BOOT_BOOTLOADER: a shim's path (its GRUB beside it), "no" (GRUB made here,
+    unsigned), or empty (the host's shim chain when it has one); family: the host's
+    distribution family (FAMILIES)."""
+    warnings = []
+    bios, efi = grub_modules_dir(probe, "bios"), grub_modules_dir(probe, "efi")
+    shim = grub = mok = ""
+    grub_name = "grubx64.efi"
+    if setting and setting.lower() not in FALSE_WORDS - {""}:
+        if not probe.is_file(setting):
+            raise RescueError(f"SECURE_BOOT_BOOTLOADER={setting}: there is no such file",
+                              "name the signed shim (e.g. /boot/efi/EFI/redhat/shimx64.efi), or leave it empty")
+        directory = posixpath.dirname(setting)
+        names = sorted(n for n in os.listdir(probe.host(directory)) if re.fullmatch(r"(?i)grub.*\.efi", n))
+        if not names:
+            raise RescueError(f"SECURE_BOOT_BOOTLOADER={setting}: no signed GRUB (grub*.efi) beside it in {directory}",
+                              "install the distribution's signed GRUB (grub2-efi-x64, grub-efi-amd64-signed)")
+        shim, grub_name = setting, next((n for n in names if n.lower() == "grubx64.efi"), names[0])
+        grub = f"{directory}/{grub_name}"
+        mok = next((f"{directory}/{n}" for n in ("mmx64.efi", "MokManager.efi") if probe.is_file(f"{directory}/{n}")), "")
+    elif not setting:
+        for chain in SHIM_CHAINS:
+            found = next((p for p in chain.shims if probe.is_file(p)), "")
+            signed = next((p for p in chain.grubs if probe.is_file(p)), "")
+            if found and signed:
+                shim, grub, grub_name = found, signed, chain.grub_name
+                mok = next((p for p in chain.mok_managers if probe.is_file(p)), "")
+                break
+    if not bios:
+        warnings.append("GRUB's i386-pc modules are not on this host (grub-pc-bin, grub2-pc-modules): "
+                        "the ISO does not boot by BIOS")
+    if not shim and not efi:
+        warnings.append("neither a signed shim with its GRUB nor GRUB's x86_64-efi modules are on this host "
+                        "(shim-signed, grub-efi-amd64-bin, grub2-efi-x64-modules): the ISO does not boot by UEFI")
+    vendors = set()
+    if shim:    # where the signed GRUB reads grub.cfg: its built-in prefix (/EFI/debian), else its own
+        # directory on an ESP (/boot/efi/EFI/redhat), else the family's
+        parent, name = posixpath.split(posixpath.dirname(grub))
+        vendors = (efi_prefix_dirs(probe.read_bytes(grub, 64 << 20) or b"")
+                   or ({name} if posixpath.basename(parent) == "EFI" and name.upper() != "BOOT" else set())
+                   or set(FAMILIES[family].efi_ids if family in FAMILIES else ()))
+    host = lambda path: probe.host(path) if path else ""                  # noqa: E731
+    return IsoBoot(host(bios), "" if shim else host(efi), host(shim), host(grub), grub_name, host(mok),
+                   tuple(sorted(v for v in vendors if v))), warnings
+
+
 def build_manifest(probe: MediaProbe, config: Config, layout: Layout, pyz: Path) -> Manifest:
     return ManifestBuilder(probe, config, layout, pyz).build()
 
@@ -9666,8 +9824,9 @@ def build_manifest(probe: MediaProbe, config: Config, layout: Layout, pyz: Path)
 #
 # The manifest made real: a staged tree (modules.dep regenerated for what was copied, a self-test
 # run inside it with chroot), rescue's own cpio newc writer (reproducible: sorted, mtime 0,
-# owner root), compression the kernel unpacks, and the ISO (grub-mkrescue: BIOS and UEFI in
-# one hybrid image that also works written to a USB stick).
+# owner root), compression the kernel unpacks, and the ISO (xorriso: BIOS and UEFI in one hybrid
+# image that also works written to a USB stick; GRUB images made here with every module they use
+# built in, or for UEFI the host's signed shim chain).
 # =============================================================================================
 
 @dataclass(frozen=True)
@@ -9844,20 +10003,84 @@ def grub_config(manifest: Manifest) -> str:
             .replace("@CMDLINE@", manifest.cmdline))
 
 
+ISO_EPOCH = "0"                     # SOURCE_DATE_EPOCH of the ISO and its FAT image: the same bytes every build
+
+
+def grub_search_config(marker: str, then_menu: bool) -> str:
+    """GRUB finds the ISO by its marker file wherever it booted from (CD, USB stick, the
+    El Torito FAT image) and reads the menu there."""
+    text = f"search --no-floppy --file --set=root {marker}\nset prefix=($root)/boot/grub\n"
+    return text + ("configfile $prefix/grub.cfg\n" if then_menu else "")
+
+
+def grub_image(ctx: Context, platform: str, modules_dir: str, config: Path, out: Path) -> None:
+    """A GRUB image that needs nothing from the ISO but its menu: every module it uses built in."""
+    program = next((p for p in ("grub-mkimage", "grub2-mkimage") if shutil.which(p)), "grub-mkimage")
+    fmt = "i386-pc-eltorito" if platform == "bios" else "x86_64-efi"
+    ctx.runner.run([program, "-O", fmt, "-d", modules_dir, "-p", "/boot/grub", "-c", str(config), "-o", str(out),
+                    *GRUB_IMAGE_MODULES, *GRUB_PLATFORM_MODULES[platform]], timeout=300)
+
+
+def fat_image(ctx: Context, files: Sequence[Tuple[str, Path]], out: Path) -> None:
+    """A FAT image (the ISO's El Torito UEFI image and EFI system partition) holding files
+    ((path in the image, source)); its size is what they need."""
+    mib = 1 << 20
+    size = sum(source.stat().st_size for _, source in files)
+    sectors = (-(-(size * 105 // 100 + mib) // mib) + 1) * 2048
+    env = {"SOURCE_DATE_EPOCH": ISO_EPOCH, "MTOOLS_SKIP_CHECK": "1"}
+    ctx.runner.run(["mformat", "-i", str(out), "-C", "-T", str(sectors), "-h", "64", "-s", "32", "-N", "0", "::"],
+                   env=env, timeout=60)
+    directories = sorted({posixpath.dirname(p) for p, _ in files} - {""})
+    wanted = sorted({"/".join(d.split("/")[:n]) for d in directories for n in range(1, d.count("/") + 2)})
+    ctx.runner.run(["mmd", "-i", str(out)] + [f"::/{d}" for d in wanted], env=env, timeout=60)
+    for path, source in files:
+        ctx.runner.run(["mcopy", "-i", str(out), str(source), f"::/{path}"], env=env, timeout=60)
+
+
 def make_iso(ctx: Context, manifest: Manifest, kernel: Path, initrd: Path, iso: Path, work: Path) -> None:
+    """The hybrid ISO (xorriso): BIOS boots GRUB's El Torito image, UEFI the FAT image (also the
+    EFI system partition when the ISO is written to a USB stick) with the host's signed shim
+    chain or a GRUB made here; both find the ISO by its marker and show one menu."""
+    boot = manifest.boot or IsoBoot()
     tree = work / "iso"
     (tree / "boot" / "grub").mkdir(parents=True)
+    (tree / ".disk").mkdir()
     shutil.copyfile(str(kernel), str(tree / "boot" / "kernel"))
     shutil.copyfile(str(initrd), str(tree / "boot" / "initrd.cgz"))
     (tree / "boot" / "grub" / "grub.cfg").write_text(grub_config(manifest))
-    program = next((p for p in ("grub-mkrescue", "grub2-mkrescue") if shutil.which(p)), "grub-mkrescue")
+    marker = f"/.disk/rescue-{hashlib.sha256(initrd.read_bytes()).hexdigest()[:16]}"
+    (tree / marker.lstrip("/")).write_text(f"rescue {__version__}: rescue system of {manifest.hostname}\n")
+    # Debian's signed CD GRUB finds its medium by /.disk/info when its own prefix is not there.
+    (tree / ".disk" / "info").write_text(f"rescue {__version__}: rescue system of {manifest.hostname}\n")
+    embedded = work / "grub-embedded.cfg"
+    embedded.write_text(grub_search_config(marker, then_menu=False))
     partial = iso.with_name(f".{iso.name}.partial")
-    # Without GRUB's fonts, translations and themes (a serial or text console needs none).
-    # grub-mkrescue 2.06 fails with --compress=xz and with --install-modules ("cannot copy
-    # ext2.mod / terminal.mod: File exists"), which would have cut more.
-    ctx.runner.run([program, "-o", str(partial), "--fonts=", "--locales=", "--themes=",
-                    str(tree), "--", "-volid", ctx.config.setting("ISO_VOLID")],
-                   env={"SOURCE_DATE_EPOCH": "0"}, timeout=600)
+    argv = ["xorriso", "-as", "mkisofs", "-quiet", "-o", str(partial), "-R", "-V", ctx.config.setting("ISO_VOLID")]
+    if boot.bios_modules:
+        grub_image(ctx, "bios", boot.bios_modules, embedded, tree / "boot" / "grub" / "bios.img")
+        argv += ["-b", "boot/grub/bios.img", "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table",
+                 "--grub2-boot-info", "--grub2-mbr", f"{boot.bios_modules}/boot_hybrid.img"]
+    files: List[Tuple[str, Path]] = []
+    if boot.shim:
+        stub = work / "grub-stub.cfg"
+        stub.write_text(grub_search_config(marker, then_menu=True))
+        files = [(REMOVABLE_LOADER, Path(boot.shim)),
+                 (f"EFI/BOOT/{boot.grub_name}", Path(boot.grub)), ("EFI/BOOT/grub.cfg", stub)]
+        mok = posixpath.basename(boot.mok_manager)
+        files += [(f"EFI/BOOT/{mok[:-len('.signed')] if mok.endswith('.signed') else mok}",
+                   Path(boot.mok_manager))] if boot.mok_manager else []
+        files += [(f"EFI/{vendor}/grub.cfg", stub) for vendor in boot.vendor_dirs]
+    elif boot.efi_modules:
+        loader = work / "BOOTX64.EFI"
+        grub_image(ctx, "efi", boot.efi_modules, embedded, loader)
+        files = [(REMOVABLE_LOADER, loader)]
+    if files:
+        fat_image(ctx, files, tree / "boot" / "efi.img")
+        argv += ["--efi-boot", "boot/efi.img", "-efi-boot-part", "--efi-boot-image"]
+    argv += ["--protective-msdos-label", str(tree)]
+    for path in [tree, *tree.rglob("*")]:          # xorriso records them (SOURCE_DATE_EPOCH sets the rest)
+        os.utime(str(path), (int(ISO_EPOCH), int(ISO_EPOCH)), follow_symlinks=False)
+    ctx.runner.run(argv, env={"SOURCE_DATE_EPOCH": ISO_EPOCH}, timeout=600)
     os.replace(str(partial), str(iso))
 
 
@@ -10192,6 +10415,9 @@ def mkrescue(ctx: Context) -> int:
     if ctx.args.manifest:
         print(json.dumps(manifest.as_dict(), indent=2) if ctx.args.json else manifest_text(manifest), end="")
         return 0
+    if manifest.boot and not manifest.boot.bootable:
+        raise RescueError("this host has no GRUB to make a bootable ISO with",
+                          "install GRUB's modules (grub-pc-bin, grub-efi-amd64-bin; grub2-pc-modules), or set OUTPUT=RAMDISK")
     for warning in manifest.warnings:
         ctx.log.warn(warning)
     if ctx.config.setting("RESCUE_GPG_PASSPHRASE") and ctx.config.get("BACKUP_DUPLICITY_GPG_ENC_PASSPHRASE"):

@@ -3,6 +3,8 @@ worked out from a host (a fake root here, with recorded ldd output and a real mo
 cpio writer read back by rescue and by a real cpio, and the canary: no secret in the image."""
 
 import gzip
+import hashlib
+import re
 import os
 import shutil
 import stat
@@ -161,7 +163,9 @@ def fake_root(tmp_path, tools=REQUIRED, gnupg_home=None, udev=False):
         write(root / "usr" / "lib" / "udev" / "ata_id", b"\x7fELF", 0o755)
         write(root / "usr" / "lib" / "udev" / "hwdb.bin", b"hardware names")
         write(root / "usr" / "lib" / "udev" / "hwdb.d" / "20-pci.hwdb", b"hardware names")
-    write(root / "usr" / "sbin" / "grub-mkrescue", b"\x7fELF", 0o755)
+    write(root / "usr" / "bin" / "xorriso", b"\x7fELF", 0o755)
+    for platform in ("i386-pc", "x86_64-efi"):
+        write(root / "usr" / "lib" / "grub" / platform / "moddep.lst", "normal: terminal\n")
     write(root / "root" / ".ssh" / "authorized_keys", "ssh-ed25519 AAAAC3 admin@laptop\n")
     write(root / "root" / ".ssh" / "id_ed25519", "-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n", 0o600)
     if gnupg_home is not None:
@@ -220,7 +224,7 @@ def test_the_manifest_of_a_host(tmp_path):
     assert "/root/.gnupg/pubring.kbx" in files and "/root/.ssh/authorized_keys" in files
     assert not any("private-keys" in p or "id_ed25519" in p for p in files)
     # programs only mkrescue runs stay out; udevd with its rules and helpers, without its hwdb
-    assert "grub-mkrescue" not in m.tools and "/usr/sbin/grub-mkrescue" not in files
+    assert "xorriso" not in m.tools and "/usr/bin/xorriso" not in files
     assert m.tools["systemd-udevd"] == "/lib/systemd/systemd-udevd" and not any("udevd" in w for w in m.warnings)
     assert "/usr/lib/udev/rules.d/60-block.rules" in files and "/usr/lib/udev/ata_id" in files
     assert not any("hwdb" in p for p in files)
@@ -501,3 +505,214 @@ def test_a_rear_output_rescue_does_not_make_loads_and_only_mkrescue_refuses_it(c
     proc = run_rescue("-c", conf_dir, "mkrescue")
     assert proc.returncode != 0 and "rescue: error: OUTPUT=USB: rescue makes OUTPUT=ISO" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- how the ISO boots: the host's GRUB, or its signed shim chain ------------------------------------
+
+def pe_image(certificate_size, pe32_plus=True):
+    """The headers of a PE/COFF image (what an EFI binary starts with), its certificate table
+    (data directory 4) of the given size."""
+    data = bytearray(1024)
+    data[:2] = b"MZ"
+    data[0x3C:0x40] = (0x80).to_bytes(4, "little")
+    data[0x80:0x84] = b"PE\0\0"
+    optional = 0x80 + 24
+    data[optional:optional + 2] = (0x20B if pe32_plus else 0x10B).to_bytes(2, "little")
+    directory = optional + (112 if pe32_plus else 96) + 4 * 8
+    data[directory + 4:directory + 8] = certificate_size.to_bytes(4, "little")
+    return bytes(data)
+
+
+def test_a_pe_image_is_signed_when_its_certificate_table_is_not_empty():
+    assert rescue.pe_signed(pe_image(0x5A8)) is True
+    assert rescue.pe_signed(pe_image(0)) is False
+    assert rescue.pe_signed(pe_image(0x5A8, pe32_plus=False)) is True
+    assert rescue.pe_signed(b"\x7fELF" + bytes(100)) is None        # not a PE image at all
+    assert rescue.pe_signed(b"MZ" + bytes(10)) is None              # cut short
+
+
+def efi_probe(tmp_path, files):
+    root = tmp_path / "host"
+    for path, data in files.items():
+        write(root / path.lstrip("/"), data)
+    return rescue.MediaProbe(None, str(root), KVER), root
+
+
+GRUB_MODULES = {"/usr/lib/grub/i386-pc/moddep.lst": "normal: terminal\n",
+                "/usr/lib/grub/x86_64-efi/moddep.lst": "normal: terminal\n"}
+DEBIAN_SHIM = {"/usr/lib/shim/shimx64.efi.signed": pe_image(8),
+               "/usr/lib/shim/mmx64.efi.signed": pe_image(8),
+               "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed": pe_image(8) + b"\0/EFI/debian\0",
+               "/usr/lib/grub/x86_64-efi-signed/gcdx64.efi.signed": pe_image(8) + b"\0/EFI/debian\0/EFI/BOOT\0"}
+
+
+def test_a_debian_host_with_shim_signed_boots_the_iso_through_its_signed_chain(tmp_path):
+    probe, root = efi_probe(tmp_path, dict(GRUB_MODULES, **DEBIAN_SHIM))
+    boot, warnings = rescue.iso_boot(probe, "", "debian")
+    assert warnings == [] and boot.bootable
+    assert boot.bios_modules == str(root / "usr/lib/grub/i386-pc")
+    assert boot.shim == str(root / "usr/lib/shim/shimx64.efi.signed") and boot.efi_modules == ""
+    # the CD GRUB, as Debian's own ISOs; its built-in prefix says where it reads grub.cfg
+    assert boot.grub == str(root / "usr/lib/grub/x86_64-efi-signed/gcdx64.efi.signed")
+    assert (boot.grub_name, boot.vendor_dirs) == ("grubx64.efi", ("debian",))
+    assert boot.mok_manager.endswith("mmx64.efi.signed")
+    assert "Secure Boot" in boot.summary() and boot.summary().startswith("BIOS (GRUB)")
+
+
+def test_a_rhel_host_takes_the_shim_from_its_esp_and_suse_from_usr_share_efi(tmp_path):
+    rhel = {"/boot/efi/EFI/redhat/shimx64.efi": pe_image(8), "/boot/efi/EFI/redhat/grubx64.efi": pe_image(8),
+            "/boot/efi/EFI/redhat/mmx64.efi": pe_image(8), "/usr/lib/grub/i386-pc/moddep.lst": "normal:\n"}
+    probe, root = efi_probe(tmp_path / "rhel", rhel)
+    boot, warnings = rescue.iso_boot(probe, "", "rhel")
+    assert warnings == [] and boot.shim == str(root / "boot/efi/EFI/redhat/shimx64.efi")
+    assert boot.grub.endswith("EFI/redhat/grubx64.efi") and boot.mok_manager.endswith("mmx64.efi")
+    assert boot.vendor_dirs == ("redhat",)       # no prefix in the image: its own directory on the ESP
+    suse = {"/usr/share/efi/x86_64/shim.efi": pe_image(8), "/usr/share/efi/x86_64/grub.efi": pe_image(8),
+            "/usr/share/efi/x86_64/MokManager.efi": pe_image(8)}
+    probe, root = efi_probe(tmp_path / "suse", suse)
+    boot, warnings = rescue.iso_boot(probe, "", "suse")
+    assert boot.grub_name == "grub.efi" and boot.mok_manager.endswith("MokManager.efi")
+    assert boot.bios_modules == "" and boot.bootable          # UEFI only: said so
+    assert boot.vendor_dirs == ("opensuse", "sle_hpc", "sles")
+    assert [w for w in warnings if "BIOS" in w] and "no BIOS" in boot.summary()
+
+
+def test_secure_boot_bootloader_names_a_shim_or_turns_the_chain_off(tmp_path):
+    own = {"/opt/sb/shimx64.efi": pe_image(8), "/opt/sb/grubx64.efi": pe_image(8), "/opt/lonely/shimx64.efi": pe_image(8)}
+    probe, root = efi_probe(tmp_path, dict(GRUB_MODULES, **DEBIAN_SHIM, **own))
+    boot, _ = rescue.iso_boot(probe, "/opt/sb/shimx64.efi", "debian")
+    assert boot.shim == str(root / "opt/sb/shimx64.efi") and boot.grub == str(root / "opt/sb/grubx64.efi")
+    boot, warnings = rescue.iso_boot(probe, "no", "debian")            # GRUB made here, unsigned
+    assert boot.shim == "" and boot.efi_modules == str(root / "usr/lib/grub/x86_64-efi") and warnings == []
+    assert "unsigned" in boot.summary()
+    with pytest.raises(rescue.RescueError, match="no such file"):
+        rescue.iso_boot(probe, "/opt/sb/missing.efi", "debian")
+    with pytest.raises(rescue.RescueError, match="no signed GRUB"):
+        rescue.iso_boot(probe, "/opt/lonely/shimx64.efi", "debian")
+
+
+def test_a_host_without_grub_cannot_make_a_bootable_iso(tmp_path):
+    probe, _ = efi_probe(tmp_path, {"/etc/os-release": "ID=debian\n"})
+    boot, warnings = rescue.iso_boot(probe, "", "debian")
+    assert not boot.bootable and len(warnings) == 2
+    assert "grub-pc-bin" in warnings[0] and "grub-efi-amd64-bin" in warnings[1]
+
+
+def test_the_manifest_warns_when_the_kernel_is_unsigned_but_the_iso_boots_through_shim(tmp_path):
+    m, root = manifest_for(tmp_path, {"OUTPUT": "ISO"})
+    (tmp_path / "rescue.pyz").unlink()
+    assert m.boot and m.boot.shim == "" and "ISO boot: BIOS (GRUB), UEFI (GRUB, unsigned" in rescue.manifest_text(m)
+    for path, data in DEBIAN_SHIM.items():
+        write(root / path.lstrip("/"), data)
+    (root / "boot" / f"vmlinuz-{KVER}").write_bytes(pe_image(0))
+    config = rescue.config_from_values({"HOSTNAME": "host", "OUTPUT": "ISO"})
+    m = rescue.build_manifest(RecordedProbe(root), config, recorded_layout("bios-lvm"), fake_pyz(tmp_path))
+    assert m.boot.shim and any("is not signed" in w for w in m.warnings)
+
+
+HOST_ISO_TOOLS = ("grub-mkimage", "xorriso", "mformat", "mcopy", "mdir")
+
+
+def host_grub(platform):
+    return Path("/usr/lib/grub") / rescue.GRUB_PLATFORMS[platform] / "moddep.lst"
+
+
+@pytest.fixture
+def host_iso_tools():
+    missing = [t for t in HOST_ISO_TOOLS if not shutil.which(t)]
+    missing += [str(host_grub(p)) for p in ("bios", "efi") if not host_grub(p).is_file()]
+    if missing:
+        pytest.skip(f"not on this host: {', '.join(missing)} (.ci/run installs grub-pc-bin, grub-efi-amd64-bin, "
+                    "xorriso, mtools)")
+
+
+def iso_of(tmp_path, boot):
+    m = rescue.Manifest(KVER, "/boot/vmlinuz", "gzip", "console=ttyS0,115200n8", "host")
+    m.boot = boot
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    kernel, initrd = tmp_path / "kernel", tmp_path / "initrd"
+    kernel.write_bytes(b"kernel " * 1000)
+    initrd.write_bytes(b"initrd " * 1000)
+    log = rescue.Log()
+    ctx = rescue.Context(argparse.Namespace(), rescue.config_from_values({"HOSTNAME": "host"}), log, rescue.Runner(log))
+    work, iso = tmp_path / "work", tmp_path / "rescue.iso"
+    work.mkdir()
+    rescue.make_iso(ctx, m, kernel, initrd, iso, work)
+    return iso
+
+
+def el_torito(iso):
+    return subprocess.run(["xorriso", "-indev", str(iso), "-report_el_torito", "plain"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_the_iso_made_with_the_hosts_grub_boots_by_bios_and_uefi_and_is_the_same_every_build(tmp_path, host_iso_tools):
+    probe = rescue.MediaProbe(None, "/", KVER)
+    boot, warnings = rescue.iso_boot(probe, "no", "debian")
+    assert warnings == [] and boot.bios_modules and boot.efi_modules
+    first, second = iso_of(tmp_path / "1", boot), iso_of(tmp_path / "2", boot)
+    assert hashlib.sha256(first.read_bytes()).digest() == hashlib.sha256(second.read_bytes()).digest()
+    report = el_torito(first)
+    assert re.search(r"El Torito boot img :\s+1\s+BIOS\s+y\s+none", report), report
+    assert re.search(r"El Torito boot img :\s+2\s+UEFI\s+y\s+none", report), report
+    assert "/boot/grub/bios.img" in report and "/boot/efi.img" in report
+    # the UEFI image: GRUB made here with the search for the ISO's marker built in
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(first), "-extract", "/", str(out)],
+                   check=True, capture_output=True)
+    listing = subprocess.run(["mdir", "-i", str(out / "boot" / "efi.img"), "-b", "::/EFI/BOOT"],
+                             capture_output=True, text=True, check=True, env=dict(os.environ, MTOOLS_SKIP_CHECK="1")).stdout
+    assert listing.split() == ["::/EFI/BOOT/BOOTX64.EFI"]
+    loader = subprocess.run(["mtype", "-i", str(out / "boot" / "efi.img"), "::/EFI/BOOT/BOOTX64.EFI"],
+                            capture_output=True, check=True, env=dict(os.environ, MTOOLS_SKIP_CHECK="1")).stdout
+    assert rescue.pe_signed(loader) is False
+    marker = [p.name for p in (out / ".disk").iterdir() if p.name.startswith("rescue-")]
+    assert len(marker) == 1 and f"/.disk/{marker[0]}".encode() in loader
+    assert "linux /boot/kernel console=ttyS0,115200n8" in (out / "boot" / "grub" / "grub.cfg").read_text()
+    # hybrid: an MBR that boots GRUB when the ISO is written to a USB stick
+    assert first.read_bytes()[510:512] == b"\x55\xaa"
+
+
+def test_the_shim_iso_carries_the_signed_chain_under_the_names_shim_loads(tmp_path, host_iso_tools):
+    """A shim and GRUB signed here with sbsign (a real Authenticode signature) stand for the
+    distribution's."""
+    for tool in ("sbsign", "openssl"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not on this host (.ci/run installs sbsigntool)")
+    key, cert = tmp_path / "db.key", tmp_path / "db.crt"
+    subprocess.run(["openssl", "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=rescue test/",
+                    "-days", "1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    root = tmp_path / "host"
+    signed_dir = root / "usr" / "lib" / "grub" / "x86_64-efi-signed"
+    shim_dir = root / "usr" / "lib" / "shim"
+    signed_dir.mkdir(parents=True)
+    shim_dir.mkdir(parents=True)
+    for name, target in (("gcdx64.efi", signed_dir / "gcdx64.efi.signed"), ("shimx64.efi", shim_dir / "shimx64.efi.signed"),
+                         ("mmx64.efi", shim_dir / "mmx64.efi.signed")):
+        unsigned = tmp_path / name
+        subprocess.run(["grub-mkimage", "-O", "x86_64-efi", "-p", "/EFI/debian", "-o", str(unsigned), "normal"],
+                       check=True, capture_output=True)
+        assert rescue.pe_signed(unsigned.read_bytes()[:4096]) is False
+        subprocess.run(["sbsign", "--key", str(key), "--cert", str(cert), "--output", str(target), str(unsigned)],
+                       check=True, capture_output=True)
+        assert rescue.pe_signed(target.read_bytes()[:4096]) is True
+    shutil.copytree("/usr/lib/grub/i386-pc", root / "usr" / "lib" / "grub" / "i386-pc")
+    boot, warnings = rescue.iso_boot(rescue.MediaProbe(None, str(root), KVER), "", "debian")
+    assert warnings == [] and boot.vendor_dirs == ("debian",)
+    iso = iso_of(tmp_path / "iso", boot)
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(iso), "-extract", "/boot/efi.img", str(out / "efi.img")],
+                   check=True, capture_output=True)
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    listing = subprocess.run(["mdir", "-i", str(out / "efi.img"), "-/", "-b", "::/"], capture_output=True, text=True,
+                             check=True, env=env).stdout.split()
+    assert {"::/EFI/BOOT/BOOTX64.EFI", "::/EFI/BOOT/grubx64.efi", "::/EFI/BOOT/mmx64.efi", "::/EFI/BOOT/grub.cfg",
+            "::/EFI/debian/grub.cfg"} <= set(listing), listing
+    shim = subprocess.run(["mtype", "-i", str(out / "efi.img"), "::/EFI/BOOT/BOOTX64.EFI"], capture_output=True,
+                          check=True, env=env).stdout
+    assert shim == (shim_dir / "shimx64.efi.signed").read_bytes()
+    stub = subprocess.run(["mtype", "-i", str(out / "efi.img"), "::/EFI/debian/grub.cfg"], capture_output=True,
+                          text=True, check=True, env=env).stdout
+    assert stub.startswith("search --no-floppy --file --set=root /.disk/rescue-") and "configfile $prefix/grub.cfg" in stub
