@@ -1748,6 +1748,8 @@ TOOLS = _tools(
     ("modinfo",           "kmod",            "kmod",              "kmod",            ("mkrescue",)),
     ("depmod",            "kmod",            "kmod",              "kmod",            ("mkrescue",)),
     ("zstd",              "zstd",            "zstd",              "zstd",            ("mkrescue",)),
+    ("grub-mkimage",      "grub-common",     "",                  "",                ("mkrescue",)),
+    ("grub2-mkimage",     "",                "grub2-tools",       "grub2",           ("mkrescue",)),
     ("xorriso",           "xorriso",         "xorriso",           "xorriso",         ("mkrescue",)),
     ("mformat",           "mtools",          "mtools",            "mtools",          ("mkrescue",)),
     ("mmd",               "mtools",          "mtools",            "mtools",          ("mkrescue",)),
@@ -9045,9 +9047,6 @@ class MediaProbe:
     def is_file(self, path: str) -> bool:
         return os.path.isfile(self.host(path))
 
-    def is_dir(self, path: str) -> bool:
-        return os.path.isdir(self.host(path))
-
     def which(self, program: str, directories: Sequence[str]) -> Optional[str]:
         for directory in directories:
             path = posixpath.join(directory, program)
@@ -9706,7 +9705,7 @@ SHIM_CHAINS = (
 ) + tuple(
     # RHEL, Alma, Rocky, CentOS, Fedora, Oracle (shim-x64, grub2-efi-x64): on the ESP
     ShimChain((f"/boot/efi/EFI/{vendor}/shimx64.efi",), (f"/boot/efi/EFI/{vendor}/grubx64.efi",), "grubx64.efi",
-              (f"/boot/efi/EFI/{vendor}/mmx64.efi",)) for vendor in ("redhat", "almalinux", "rocky", "centos", "fedora", "ol"))
+              (f"/boot/efi/EFI/{vendor}/mmx64.efi",)) for vendor in FAMILIES["rhel"].efi_ids)
 GRUB_PLATFORMS = {"bios": "i386-pc", "efi": "x86_64-efi"}
 GRUB_MODULE_DIRS = ("/usr/lib/grub", "/usr/share/grub2")      # Debian, RHEL, SUSE: /usr/lib/grub; old SUSE
 # What the ISO's own GRUB images hold (no modules are read from the ISO): the boot menu's commands.
@@ -10049,9 +10048,9 @@ def make_iso(ctx: Context, manifest: Manifest, kernel: Path, initrd: Path, iso: 
     shutil.copyfile(str(initrd), str(tree / "boot" / "initrd.cgz"))
     (tree / "boot" / "grub" / "grub.cfg").write_text(grub_config(manifest))
     marker = f"/.disk/rescue-{hashlib.sha256(initrd.read_bytes()).hexdigest()[:16]}"
-    (tree / marker.lstrip("/")).write_text(f"rescue {__version__}: rescue system of {manifest.hostname}\n")
     # Debian's signed CD GRUB finds its medium by /.disk/info when its own prefix is not there.
-    (tree / ".disk" / "info").write_text(f"rescue {__version__}: rescue system of {manifest.hostname}\n")
+    for name in (marker, "/.disk/info"):
+        (tree / name.lstrip("/")).write_text(f"rescue {__version__}: rescue system of {manifest.hostname}\n")
     embedded = work / "grub-embedded.cfg"
     embedded.write_text(grub_search_config(marker, then_menu=False))
     partial = iso.with_name(f".{iso.name}.partial")
@@ -10067,8 +10066,7 @@ def make_iso(ctx: Context, manifest: Manifest, kernel: Path, initrd: Path, iso: 
         files = [(REMOVABLE_LOADER, Path(boot.shim)),
                  (f"EFI/BOOT/{boot.grub_name}", Path(boot.grub)), ("EFI/BOOT/grub.cfg", stub)]
         mok = posixpath.basename(boot.mok_manager)
-        files += [(f"EFI/BOOT/{mok[:-len('.signed')] if mok.endswith('.signed') else mok}",
-                   Path(boot.mok_manager))] if boot.mok_manager else []
+        files += [(f"EFI/BOOT/{mok.removesuffix('.signed')}", Path(boot.mok_manager))] if boot.mok_manager else []
         files += [(f"EFI/{vendor}/grub.cfg", stub) for vendor in boot.vendor_dirs]
     elif boot.efi_modules:
         loader = work / "BOOTX64.EFI"
