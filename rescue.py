@@ -1469,7 +1469,9 @@ SETTINGS = _settings(
     Setting("ISO_DIR", path_value, "where mkrescue writes the rescue media", "/var/lib/rescue/output"),
     Setting("ISO_PREFIX", name_value, "the rescue media's file names start with this", "rescue-$HOSTNAME"),
     Setting("ISO_VOLID", TEXT, "the ISO's volume label", "RESCUE"),
-    Setting("KERNEL_FILE", path_value, "the kernel of the rescue system (empty: /boot/vmlinuz-$(uname -r))"),
+    Setting("KERNEL_FILE", path_value, "the kernel of the rescue system (empty: /boot/vmlinuz-$KERNEL_VERSION)"),
+    Setting("KERNEL_VERSION", TEXT, "the release whose kernel and modules the rescue system gets (empty: "
+            "KERNEL_FILE's own, else $(uname -r))"),
     Setting("KERNEL_CMDLINE", TEXT, "more kernel arguments for the rescue system"),
     Setting("SECURE_BOOT_BOOTLOADER", TEXT, "the signed shim the ISO boots by UEFI with (empty: the host's "
             "shim and signed GRUB when it has them; no: GRUB unsigned)"),
@@ -9249,8 +9251,11 @@ TOOL_DATA = {"grub-install": ("/usr/lib/grub", "/usr/share/grub"), "grub2-instal
              "systemd-udevd": ("/lib/udev", "/usr/lib/udev", "/etc/udev"), "udevd": ("/lib/udev", "/etc/udev"),
              "lvm": ("/etc/lvm/lvm.conf",), "mdadm": ("/etc/mdadm",), "sshd": ("/etc/ssh/moduli",)}
 # Left out of tools' data directories: udev's hardware database (device names, 20 MB),
-# GRUB's prebuilt monolithic EFI images (grub-install builds its own from the modules).
-MEDIA_EXCLUDE = re.compile(r"/udev/hwdb\.(bin|d)$|/grub/[^/]+/monolithic$|/__pycache__$")
+# GRUB's prebuilt monolithic EFI images (grub-install builds its own from the modules), and of
+# Debian's signed ones those for CDs and network boot (grub-install --uefi-secure-boot copies
+# only grubx64.efi.signed; 11 MiB).
+MEDIA_EXCLUDE = re.compile(r"/udev/hwdb\.(bin|d)$|/grub/[^/]+/monolithic$|/grub/[^/]+-signed/(gcd|grubnet)[^/]*$"
+                           r"|/__pycache__$")
 GNUPG_PUBLIC = ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "gpg.conf", "tofu.db")
 GNUPG_PRIVATE = ("private-keys-v1.d", "secring.gpg")
 IMAGE_CONFIG_DIR = "/etc/rescue"
@@ -9271,6 +9276,32 @@ def rescue_pyz() -> Path:
                       "run mkrescue from dist/rescue.pyz, or build it: python3 build_zipapp.py")
 
 
+def bzimage_release(image: bytes) -> str:
+    """The release (uname -r) an x86 kernel image says it is, from its setup header's
+    kernel_version string ("" when image is not the start of a bzImage)."""
+    if len(image) < 0x210 or image[0x202:0x206] != b"HdrS":
+        return ""
+    start = struct.unpack_from("<H", image, 0x20E)[0] + 0x200
+    words = image[start:image.find(b"\0", start, start + 256)].decode("ascii", "replace").split()
+    return words[0] if start > 0x200 and words else ""
+
+
+def rescue_kernel(probe: MediaProbe, config: Config) -> Tuple[str, str]:
+    """The rescue system's kernel and the release whose modules go with it, as ReaR chooses:
+    KERNEL_VERSION (empty: the running kernel's) names /boot/vmlinuz-VERSION; KERNEL_FILE names
+    another image, whose release its header says unless KERNEL_VERSION does."""
+    version, kernel = config.setting("KERNEL_VERSION"), config.setting("KERNEL_FILE")
+    if not kernel:
+        release = version or probe.kernel_release()
+        return f"/boot/vmlinuz-{release}", release
+    own = bzimage_release(probe.read_bytes(kernel, 1 << 16) or b"")
+    if version and own and own != version:
+        raise RescueError(f"KERNEL_FILE={kernel} is the kernel {own}, not KERNEL_VERSION={version}: "
+                          "the rescue system's modules would not load in it",
+                          "leave KERNEL_VERSION empty (the file's own release is used), or name that kernel's file")
+    return kernel, version or own or probe.kernel_release()
+
+
 class ManifestBuilder:
     """Collects the rescue system's files into a Manifest, one kind of content per method."""
 
@@ -9279,8 +9310,7 @@ class ManifestBuilder:
         self.config = config
         self.layout = layout
         self.pyz = pyz
-        self.release = probe.kernel_release()
-        self.kernel = config.setting("KERNEL_FILE") or f"/boot/vmlinuz-{self.release}"
+        self.kernel, self.release = rescue_kernel(probe, config)
         self.m = Manifest(self.release, self.kernel, "", "", backup_host(config))
         self.libraries_done: Set[str] = set()
         self.pending: Dict[str, str] = {}        # programs whose libraries are still to add -> why

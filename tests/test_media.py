@@ -8,6 +8,7 @@ import re
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import argparse
@@ -416,6 +417,60 @@ def test_two_builds_of_the_same_host_are_the_same_bytes(tmp_path):
         result = rescue.make_rescue_media(ctx, m, selftest=False)
         images.append(gzip.decompress(result.files[1].read_bytes()))
     assert images[0] == images[1]
+
+
+def bzimage(release):
+    """The start of an x86 bzImage as the boot protocol lays it out: the setup header's magic
+    and its pointer (less 0x200) to the version string."""
+    image = bytearray(0x4000)
+    image[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", image, 0x20E, 0x3000 - 0x200)
+    text = f"{release} (debian-kernel@lists.debian.org) #1 SMP PREEMPT_DYNAMIC Debian 6.1.176-1\0".encode()
+    image[0x3000:0x3000 + len(text)] = text
+    return bytes(image)
+
+
+def test_bzimage_release_reads_the_setup_header():
+    assert rescue.bzimage_release(bzimage("6.1.0-50-cloud-amd64")) == "6.1.0-50-cloud-amd64"
+    assert rescue.bzimage_release(b"\x7fkernel image") == ""
+    assert rescue.bzimage_release(bytes(0x4000)) == ""
+
+
+def test_kernel_file_of_another_release_brings_that_releases_modules(tmp_path):
+    """KERNEL_FILE names an installed kernel that is not the running one: its modules and its
+    config go with it (the running kernel's would not load in it); KERNEL_VERSION that
+    contradicts the file is an error before anything is built."""
+    other = "6.1.0-99-cloud-amd64"
+    root = fake_root(tmp_path)
+    write(root / "boot" / f"vmlinuz-{other}", bzimage(other))
+    write(root / "boot" / f"config-{other}", "CONFIG_RD_XZ=y\n")
+    shutil.copytree(root / "usr" / "lib" / "modules" / KVER, root / "usr" / "lib" / "modules" / other)
+    shutil.rmtree(root / "usr" / "lib" / "modules" / KVER)
+
+    def manifest(values):
+        config = rescue.config_from_values(dict({"HOSTNAME": "host"}, **values))
+        return rescue.build_manifest(RecordedProbe(root), config, recorded_layout("bios-lvm"), fake_pyz(tmp_path))
+
+    m = manifest({"KERNEL_FILE": f"/boot/vmlinuz-{other}"})
+    assert m.kernel_release == other and m.compression == "xz" and m.kernel == str(root / "boot" / f"vmlinuz-{other}")
+    assert f"/usr/lib/modules/{other}/kernel/fs/xfs/xfs.ko" in m.files and "xfs" in m.modules
+    assert not any("modules.dep" in w for w in m.warnings)
+    assert manifest({"KERNEL_VERSION": other}).kernel == str(root / "boot" / f"vmlinuz-{other}")
+    with pytest.raises(rescue.RescueError, match=f"is the kernel {other}, not KERNEL_VERSION={KVER}"):
+        manifest({"KERNEL_FILE": f"/boot/vmlinuz-{other}", "KERNEL_VERSION": KVER})
+
+
+def test_grub_installs_data_goes_in_without_the_prebuilt_images_it_never_uses(tmp_path):
+    root = fake_root(tmp_path)
+    signed = root / "usr" / "lib" / "grub" / "x86_64-efi-signed"
+    for name in ("grubx64.efi.signed", "gcdx64.efi.signed", "grubnetx64.efi.signed", "grubnetx64-installer.efi.signed"):
+        write(signed / name, b"MZ signed GRUB")
+    write(root / "usr" / "lib" / "grub" / "x86_64-efi" / "monolithic" / "grubx64.efi", b"MZ GRUB")
+    config = rescue.config_from_values({"HOSTNAME": "host"})
+    m = rescue.build_manifest(RecordedProbe(root), config, recorded_layout("bios-lvm"), fake_pyz(tmp_path))
+    grub = sorted(p for p in m.files if p.startswith("/usr/lib/grub/"))
+    assert "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed" in grub and "/usr/lib/grub/i386-pc/moddep.lst" in grub
+    assert not any("gcd" in p or "grubnet" in p or "monolithic" in p for p in grub), grub
 
 
 def test_init_is_a_valid_shell_script_and_the_boot_menu_gets_the_command_line():
