@@ -12,7 +12,10 @@ import struct
 import subprocess
 import sys
 import argparse
+import ast
 import json
+import sysconfig
+import warnings
 from pathlib import Path
 
 import pytest
@@ -471,6 +474,63 @@ def test_grub_installs_data_goes_in_without_the_prebuilt_images_it_never_uses(tm
     grub = sorted(p for p in m.files if p.startswith("/usr/lib/grub/"))
     assert "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed" in grub and "/usr/lib/grub/i386-pc/moddep.lst" in grub
     assert not any("gcd" in p or "grubnet" in p or "monolithic" in p for p in grub), grub
+
+
+IMPORT_FORMS = """\
+\"\"\"A module. Import rules: from the start, import nothing.\"\"\"
+import os, sys as system
+from json import (decoder,
+                  encoder)
+from email.mime \\
+    import text
+from . import sibling
+from ..up import thing
+if True: import tomllib
+value = 1; import zlib
+def later():
+    try:
+        import lzma
+    except ImportError:
+        from gzip import open as gzopen
+"""
+
+
+def test_imported_names_finds_every_form_of_import_statement():
+    assert rescue.imported_names(IMPORT_FORMS, "pkg.sub") == {
+        "os", "sys", "json", "json.decoder", "json.encoder", "email.mime", "email.mime.text",
+        "pkg.sub", "pkg.sub.sibling", "pkg.up", "pkg.up.thing", "tomllib", "zlib", "lzma", "gzip", "gzip.open"}
+
+
+def whole_module_imports(source, package):
+    """The reference: every Import/ImportFrom node of the whole parsed module."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")         # old modules' invalid escapes
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return set()
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".") if node.level else []
+            parts = parts[:len(parts) - node.level + 1] if node.level > 1 else parts
+            base = ".".join(parts + ([node.module] if node.module else []))
+            if base:
+                names.add(base)
+                names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return names
+
+
+def test_imported_names_misses_nothing_a_whole_parse_finds_in_the_standard_library_and_rescue():
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in sorted(stdlib.rglob("*.py")) if "site-packages" not in p.parts] + [Path(rescue.__file__)]
+    assert len(files) > 500
+    for path in files:
+        source = path.read_text(encoding="utf-8", errors="surrogateescape")
+        missing = whole_module_imports(source, "pkg.sub") - rescue.imported_names(source, "pkg.sub")
+        assert not missing, f"{path}: {sorted(missing)}"
 
 
 def test_init_is_a_valid_shell_script_and_the_boot_menu_gets_the_command_line():
