@@ -9,10 +9,14 @@ network up, and `rescue --version` answers at the shell and over ssh; with SeaBI
 --plan` plans the recreation onto a blank disk and `rescue recover --plan` the whole recovery.
 """
 
+import argparse
+import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 import pytest
 
@@ -20,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import rescue  # noqa: E402
-from vmlib import create_disk_image, drill  # noqa: E402
+from vmlib import cache, create_disk_image, drill, image, procs  # noqa: E402
 
 CANARY = "canary-Vm-Passphrase-51c0ffee-never-in-media"
 OUT = "/var/lib/rescue/output"
@@ -39,7 +43,8 @@ def unpacked(initrd: bytes) -> bytes:
     return b"\0".join(e.name.encode() + b"\0" + e.data for e in rescue.read_cpio(data))
 
 
-def boot_rescue_iso(make_machine, iso: Path, firmware: str, record_property, plan: bool = False) -> None:
+def boot_rescue_iso(make_machine, iso: Path, firmware: str, record_property, plan: bool = False) -> str:
+    """Boot the ISO to the rescue prompt and use it; its console text."""
     machine = make_machine(None, name="rescue-" + firmware, firmware=firmware, network=True)
     machine.add_cdrom(iso)
     if plan:
@@ -73,6 +78,7 @@ def boot_rescue_iso(make_machine, iso: Path, firmware: str, record_property, pla
         assert "the rescue system's copy" in r.stdout + r.stderr and "vg0" in r.stdout
         assert "restore the backup at file:///var/backup" in r.stdout and "finalize in the restored system" in r.stdout
     machine.kill()
+    return machine.console_text()
 
 
 @pytest.mark.vm
@@ -110,6 +116,92 @@ def test_mkrescue_in_the_guest_and_its_iso_boots(make_machine, tmp_path, record_
 
     boot_rescue_iso(make_machine, iso, "bios", record_property, plan=True)
     boot_rescue_iso(make_machine, iso, "uefi", record_property)
+
+
+# Debian's Secure Boot chain (shim signed by Microsoft's UEFI CA, GRUB by Debian): what a host
+# with shim has. Not in the guest image: installing grub-efi-amd64-signed would replace grub-pc.
+SIGNED_BOOT_PACKAGES = ("shim-signed", "shim-helpers-amd64-signed", "grub-efi-amd64-signed")
+
+
+def signed_boot_debs() -> List[Path]:
+    """Debian's signed shim and GRUB packages from the host's mirror (apt-get download), cached."""
+    def download(out: Path) -> None:
+        procs.run(["apt-get", "download"] + list(SIGNED_BOOT_PACKAGES), timeout=600, cwd=out,
+                  log_file=out / "download.log")
+    name = cache.entry_name("secureboot", cache.digest(image.SUITE, SIGNED_BOOT_PACKAGES))
+    debs = sorted(cache.build_once(cache.cache_dir(), name, download).glob("*.deb"))
+    assert len(debs) == len(SIGNED_BOOT_PACKAGES), debs
+    return debs
+
+
+def mtype(fat_image: Path, path: str) -> bytes:
+    return subprocess.run(["mtype", "-i", str(fat_image), "::" + path], capture_output=True, check=True,
+                          env=dict(os.environ, MTOOLS_SKIP_CHECK="1")).stdout
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_on_a_host_with_debians_signed_shim_the_iso_boots_with_secure_boot_on(make_machine, tmp_path,
+                                                                             record_property):
+    """Debian's shim-signed and grub-efi-amd64-signed unpacked into the guest (dpkg-deb -x): its
+    mkrescue puts that chain into the ISO unchanged, and the ISO boots to the rescue prompt under
+    OVMF with Microsoft's keys and Secure Boot on: shim checks GRUB, GRUB (through shim) checks
+    the guest's signed kernel. The same kernel and initramfs behind GRUB made here (unsigned) are
+    refused by that firmware: the check is real."""
+    debs = signed_boot_debs()
+    pyz = build_pyz(tmp_path)
+    guest = make_machine("bios-lvm")
+    guest.start()
+    assert guest.wait_booted() == "running"
+    guest.put(pyz, "/root/rescue.pyz")
+    for deb in debs:
+        guest.put(deb, "/root/" + deb.name)
+        guest.run(["dpkg-deb", "-x", "/root/" + deb.name, "/"], check=True)
+    started = time.monotonic()
+    r = guest.run(["python3", "/root/rescue.pyz", "mkrescue"], timeout=1200)
+    seconds = time.monotonic() - started
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "is not signed" not in r.stdout + r.stderr
+    manifest = guest.run(["python3", "/root/rescue.pyz", "mkrescue", "--manifest"], timeout=600, check=True).stdout
+    assert "UEFI with Secure Boot (shim /usr/lib/shim/shimx64.efi.signed, GRUB /usr/lib/grub/x86_64-efi-signed/" \
+        in manifest, manifest
+    names = ("rescue-bios-lvm.iso", "rescue-bios-lvm-initrd.cgz", "rescue-bios-lvm-kernel")
+    for name in names:
+        guest.get(f"{OUT}/{name}", tmp_path / name)
+    guest.get("/usr/lib/shim/shimx64.efi.signed", tmp_path / "shimx64.efi.signed")
+    guest.shutdown()
+    iso, initrd, kernel = (tmp_path / name for name in names)
+    (tmp_path / "timings.txt").write_text(f"mkrescue in the guest (shim chain): {seconds:.1f} s; "
+                                          f"ISO {iso.stat().st_size} B\n")
+    subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(iso), "-extract", "/boot/efi.img",
+                    str(tmp_path / "efi.img")], check=True, capture_output=True)
+    assert mtype(tmp_path / "efi.img", "/EFI/BOOT/BOOTX64.EFI") == (tmp_path / "shimx64.efi.signed").read_bytes()
+    assert rescue.pe_signed(mtype(tmp_path / "efi.img", "/EFI/BOOT/grubx64.efi")[:4096]) is True
+    assert rescue.pe_signed(kernel.read_bytes()[:4096]) is True
+
+    console = boot_rescue_iso(make_machine, iso, "uefi-secboot", record_property)
+    assert re.search(r"Secure Boot is enabled|Secure boot enabled", console), console[-3000:]
+
+    # the same kernel and initramfs, UEFI by GRUB made here (the host's x86_64-efi modules): refused
+    boot, _ = rescue.iso_boot(rescue.MediaProbe(None, "/", ""), "no", "debian")
+    if not boot.efi_modules:
+        pytest.skip("the host has no GRUB x86_64-efi modules for the unsigned ISO (grub-efi-amd64-bin)")
+    work = tmp_path / "unsigned"
+    work.mkdir()
+    m = rescue.Manifest("", "/boot/vmlinuz", "zstd", "console=ttyS0,115200n8", "bios-lvm")
+    m.boot = rescue.IsoBoot(efi_modules=boot.efi_modules)
+    log = rescue.Log()
+    ctx = rescue.Context(argparse.Namespace(), rescue.config_from_values({"HOSTNAME": "bios-lvm"}), log,
+                         rescue.Runner(log))
+    unsigned = work / "unsigned.iso"
+    rescue.make_iso(ctx, m, kernel, initrd, unsigned, work)
+    refused = make_machine(None, name="unsigned-secboot", firmware="uefi-secboot", network=False)
+    refused.add_cdrom(unsigned)
+    refused.start()
+    refused.wait_console(r"Access Denied|Security Violation", timeout=300)
+    time.sleep(5)
+    refused.kill()
+    assert "RESCUE SYSTEM" not in refused.console_text() and "GRUB" not in refused.console_text()
 
 
 def mkrescue_for_the_drill(make_machine, backup, rescue_pyz, tmp_path) -> Path:

@@ -116,6 +116,18 @@ def test_qemu_argv_uefi_with_ssh(tmp_path):
     m.close()
 
 
+def test_qemu_argv_uefi_secboot_is_q35_with_smm_and_microsofts_keys(tmp_path):
+    m = Machine("t", tmp_path, firmware="uefi-secboot", network=False)
+    argv = m.qemu_argv()
+    assert argv[argv.index("-machine") + 1] == "q35,smm=on"
+    assert "driver=cfi.pflash01,property=secure,value=on" in argv
+    assert "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd" in argv
+    assert (tmp_path / "OVMF_VARS.fd").read_bytes() == Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd").read_bytes()
+    m.close()
+    with pytest.raises(procs.HarnessError, match="firmware must be one of bios, uefi, uefi-secboot"):
+        Machine("t", tmp_path, firmware="coreboot")
+
+
 def test_module_load_order_puts_dependencies_first(tmp_path):
     moddir = tmp_path / "lib/modules/6.1.0-x"
     moddir.mkdir(parents=True)

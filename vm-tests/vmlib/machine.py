@@ -41,6 +41,12 @@ log = logging.getLogger("vmlib")
 CPU = "max"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# firmware "uefi-secboot": OVMF built with Secure Boot (its variables in SMM, hence q35 with
+# smm=on and a secure flash), its VARS with Microsoft's keys enrolled and Secure Boot on, as on
+# a PC from the shop: only loaders signed by Microsoft's UEFI CA (shim) start.
+OVMF_SECBOOT_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_SECBOOT_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+FIRMWARES = ("bios", "uefi", "uefi-secboot")
 MAC = "52:54:00:12:34:56"       # QEMU's own default: every guest's NIC unless told otherwise
 # Console output after which a guest will never come up by itself: fail now, not at the timeout.
 FATAL_CONSOLE = re.compile(r"Dropping to a shell|Kernel panic - not syncing|You are in emergency mode"
@@ -166,11 +172,11 @@ class Machine:
         # removed by close(), or at garbage collection / interpreter exit if close() never ran
         self._remove_sockdir = weakref.finalize(self, shutil.rmtree, str(self._sockdir), True)
         self._vars = None
-        if firmware == "uefi":
+        if firmware not in FIRMWARES:
+            raise HarnessError("firmware must be one of %s, not %r" % (", ".join(FIRMWARES), firmware))
+        if firmware != "bios":
             self._vars = self.workdir / "OVMF_VARS.fd"
-            shutil.copyfile(ovmf_vars or OVMF_VARS, self._vars)
-        elif firmware != "bios":
-            raise HarnessError("firmware must be bios or uefi, not %r" % firmware)
+            shutil.copyfile(ovmf_vars or (OVMF_VARS if firmware == "uefi" else OVMF_SECBOOT_VARS), self._vars)
         self._proc: Optional[subprocess.Popen] = None
         self._console_file = None
         self._ssh_master: Optional[subprocess.Popen] = None
@@ -212,14 +218,18 @@ class Machine:
                              bootindex=bootindex)
 
     def qemu_argv(self) -> List[str]:
+        secboot = self.firmware == "uefi-secboot"
         argv = ["qemu-system-x86_64", "-name", self.name, "-accel", "tcg,thread=multi",
-                "-cpu", CPU, "-machine", "pc", "-m", str(self.memory_mb), "-smp", str(self.cpus),
+                "-cpu", CPU, "-machine", "q35,smm=on" if secboot else "pc", "-m", str(self.memory_mb), "-smp", str(self.cpus),
                 "-nodefaults", "-display", "none", "-no-reboot", "-rtc", "base=utc",
                 "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
                 "-qmp", "unix:%s,server=on,wait=off" % self._qmp_path,
                 "-device", "virtio-rng-pci"]
-        if self.firmware == "uefi":
-            argv += ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=%s" % OVMF_CODE,
+        if secboot:
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+        if self.firmware != "bios":
+            argv += ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=%s"
+                     % (OVMF_SECBOOT_CODE if secboot else OVMF_CODE),
                      "-drive", "if=pflash,format=raw,unit=1,file=%s" % self._vars]
         if any(d.bus == "scsi" for d in self.disks):
             argv += ["-device", "virtio-scsi-pci,id=scsi0"]
