@@ -9282,8 +9282,9 @@ def bzimage_release(image: bytes) -> str:
     if len(image) < 0x210 or image[0x202:0x206] != b"HdrS":
         return ""
     start = struct.unpack_from("<H", image, 0x20E)[0] + 0x200
-    words = image[start:image.find(b"\0", start, start + 256)].decode("ascii", "replace").split()
-    return words[0] if start > 0x200 and words else ""
+    end = image.find(b"\0", start, start + 256)
+    words = image[start:end].decode("ascii", "replace").split() if start > 0x200 and end > start else []
+    return words[0] if words else ""
 
 
 def rescue_kernel(probe: MediaProbe, config: Config) -> Tuple[str, str]:

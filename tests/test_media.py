@@ -437,6 +437,7 @@ def test_bzimage_release_reads_the_setup_header():
     assert rescue.bzimage_release(bzimage("6.1.0-50-cloud-amd64")) == "6.1.0-50-cloud-amd64"
     assert rescue.bzimage_release(b"\x7fkernel image") == ""
     assert rescue.bzimage_release(bytes(0x4000)) == ""
+    assert rescue.bzimage_release(bzimage("6.1.0-50-cloud-amd64")[:0x3010]) == ""     # cut before its end
 
 
 def test_kernel_file_of_another_release_brings_that_releases_modules(tmp_path):
