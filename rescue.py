@@ -9669,18 +9669,25 @@ def imported_names(source: str, package: str = "") -> Set[str]:
         except (SyntaxError, ValueError):
             continue
         for node in body:
-            if isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = package.split(".") if package else []
-                    parts = parts[:len(parts) - node.level + 1] if node.level > 1 else parts
-                    base = ".".join(parts + ([node.module] if node.module else []))
-                if base:
-                    names.add(base)
-                    names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+            names |= import_node_names(node, package)
     return names
+
+
+def import_node_names(node: "ast.AST", package: str) -> Set[str]:
+    """The absolute names one Import/ImportFrom node mentions (relative ones resolved against
+    package); nothing for any other node."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if not isinstance(node, ast.ImportFrom):
+        return set()
+    base = node.module or ""
+    if node.level:
+        parts = package.split(".") if package else []
+        parts = parts[:len(parts) - node.level + 1] if node.level > 1 else parts
+        base = ".".join(parts + ([node.module] if node.module else []))
+    if not base:
+        return set()
+    return {base} | {f"{base}.{alias.name}" for alias in node.names if alias.name != "*"}
 
 
 def stdlib_closure(probe: MediaProbe, paths: Dict[str, str], sources: Dict[str, str]) -> List[str]:

@@ -503,25 +503,14 @@ def test_imported_names_finds_every_form_of_import_statement():
 
 
 def whole_module_imports(source, package):
-    """The reference: every Import/ImportFrom node of the whole parsed module."""
+    """The reference: every Import/ImportFrom node of the whole parsed module (ast.walk)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")         # old modules' invalid escapes
             tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return set()
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            parts = package.split(".") if node.level else []
-            parts = parts[:len(parts) - node.level + 1] if node.level > 1 else parts
-            base = ".".join(parts + ([node.module] if node.module else []))
-            if base:
-                names.add(base)
-                names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
-    return names
+    return set().union(*(rescue.import_node_names(node, package) for node in ast.walk(tree)))
 
 
 def test_imported_names_misses_nothing_a_whole_parse_finds_in_the_standard_library_and_rescue():
